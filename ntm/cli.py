@@ -1,0 +1,223 @@
+"""The ``ntm`` command line: a thin typed layer over the library (train, sample, eval, bench)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import NTMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Normalizing Trajectory Models: exact-likelihood few-step generators.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json and .md).")
+app.add_typer(bench_app, name="bench")
+
+
+class UsageProblem(NTMError):
+    """A bad combination of command-line options (exit code 2)."""
+
+
+# Typer vendors click in recent releases; find its exception base classes without importing click.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class Mode(str, Enum):
+    e2e = "e2e"
+    pairwise = "pairwise"
+
+
+def _fresh_output_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageProblem(f"output folder {path} exists and is not empty; use --resume or a new folder")
+
+
+def _fresh_output_file(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageProblem(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise UsageProblem(f"folder {path.parent} does not exist")
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="toy name (checkerboard, 8gaussians, moons, pinwheel, 2spirals) or a .npy/.csv file of shape (n, 2)"),
+    out: Path = typer.Option(..., help="run directory for checkpoints and logs"),
+    preset: str = typer.Option("toy", help="named preset (see `ntm presets`)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
+    seed: int = typer.Option(0, help="random seed"),
+    mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Train an NTM on a 2-D toy or a user file."""
+    from .config import PRESETS, ModelConfig
+    from .data import open_source
+    from .errors import ConfigError
+    from .training import train as run_training
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    if resume:
+        if not out.exists():
+            raise UsageProblem(f"--resume: no run at {out}")
+    else:
+        _fresh_output_dir(out)
+    source = open_source(data)
+    model_cfg = ModelConfig(data=source.spec(), trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
+    train_cfg = replace(p.train, seed=seed, mode=mode.value, steps=steps or p.train.steps,
+                        batch_size=batch_size or p.train.batch_size)
+    summary = run_training(model_cfg, train_cfg, source, out, resume=resume, progress=progress)
+    state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
+    typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, "
+               f"final loss {summary['final_loss']:.4f} nats/dim, {summary['skipped']} non-finite steps skipped; run: {out}")
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
+    n: int = typer.Option(..., min=1, help="number of samples"),
+    out: Path = typer.Option(..., help="output .npy file"),
+    steps: Optional[int] = typer.Option(None, min=1, help="trajectory steps T (default: the trained T)"),
+    seed: int = typer.Option(0, help="random seed"),
+    png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
+    class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
+    guidance: float = typer.Option(0.0, help="product-rule guidance scale w (needs --class)"),
+    t_min: Optional[float] = typer.Option(None, help="final trajectory time t_0 (default: the model's)"),
+    overwrite: bool = typer.Option(False, help="replace existing output files"),
+):
+    """Draw samples in T predictor steps and one transporter inverse."""
+    import numpy as np
+    import torch
+
+    from .model import NTM
+
+    if not out.name.endswith(".npy"):
+        raise UsageProblem("--out must be a .npy file")
+    _fresh_output_file(out, overwrite)
+    if png is not None:
+        _fresh_output_file(png, overwrite)
+    if guidance != 0.0 and class_label is None:
+        raise UsageProblem("--guidance needs --class")
+    model = NTM.from_pretrained(run)
+    y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
+    x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=torch.Generator().manual_seed(seed))
+    arr = x.cpu().numpy()
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, arr)
+    tmp.replace(out)
+    typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")
+    if png is not None:
+        from .plotting import scatter_with_data
+        scatter_with_data(arr, model.spec.name, png, title=f"{steps or model.config.trajectory.T}-step NTM samples")
+        typer.echo(f"wrote {png}")
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
+    data: str = typer.Option(..., help="toy name (held-out samples) or a .npy/.csv file"),
+    n: int = typer.Option(5000, min=1, help="held-out toy points to evaluate"),
+    trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
+    seed: int = typer.Option(0, help="random seed"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Likelihood: the NLL bound of x_0 and the exact trajectory NLL, in nats per sample."""
+    import torch
+
+    from .data import ENTROPY_FLOOR, open_source
+    from .errors import DataError
+    from .model import NTM
+
+    model = NTM.from_pretrained(run)
+    source = open_source(data)
+    x, y = source.held_out(n, seed=12345)
+    if tuple(x.shape[1:]) != tuple(model.spec.shape):
+        raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
+    g = torch.Generator().manual_seed(seed)
+    elbo = model.nll_bound(x, num_trajectories=trajectories, generator=g)
+    iw = model.nll_bound(x, num_trajectories=trajectories, importance_weighted=True, generator=g)
+    traj = model.trajectory_nll(x, generator=g)
+    m = x.shape[0]
+    res = {"data": data, "n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(m)),
+           "iw_bound_nats": float(iw.mean()), "iw_bound_se": float(iw.std() / math.sqrt(m)),
+           "trajectory_nll_nats": float(traj.mean()), "trajectories": trajectories,
+           "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy else None}
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f} ± {res['nll_bound_se']:.4f} nats/sample  (ELBO, {trajectories} trajectories)")
+    typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f} ± {res['iw_bound_se']:.4f} nats/sample")
+    typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({model.config.trajectory.T} steps)")
+    if res["entropy_floor_nats"] is not None:
+        floor = res["entropy_floor_nats"]
+        typer.echo(f"entropy floor:         {floor:.4f} nats/sample  (bound gap {res['nll_bound_nats'] - floor:+.4f})")
+
+
+@app.command()
+def presets():
+    """List the named presets."""
+    from .config import PRESETS
+
+    for name, p in PRESETS.items():
+        typer.echo(f"{name:18s} {p.description}")
+
+
+@bench_app.command("toy")
+def bench_toy(
+    preset: str = typer.Option("toy", help="preset of the trained models"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
+    data: str = typer.Option("checkerboard,8gaussians,moons", help="comma-separated toys"),
+    out: Optional[Path] = typer.Option(None, help="results JSON (default results/<preset>.json)"),
+    n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
+    n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
+    seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
+    from .benchmarks import markdown_table, run_toy_bench
+
+    out = out or Path("results") / f"{preset}.json"
+    res = run_toy_bench(out, preset=preset, data=tuple(d.strip() for d in data.split(",") if d.strip()), steps=steps,
+                        n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress)
+    typer.echo(markdown_table(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns every user-facing error into one line and exit code 1 or 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="ntm", standalone_mode=False)
+    except _ClickException as exc:
+        print(f"ntm: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except UsageProblem as exc:
+        print(f"ntm: error: {exc}", file=sys.stderr)
+        return 2
+    except (NTMError, ValueError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        print(f"ntm: error: {msg}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("ntm: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:  # typer/click Exit and Abort are RuntimeErrors in recent releases
+        if type(exc).__name__ == "Exit":
+            return int(getattr(exc, "exit_code", 0))
+        if type(exc).__name__ == "Abort":
+            print("ntm: interrupted", file=sys.stderr)
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

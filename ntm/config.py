@@ -1,0 +1,171 @@
+"""Frozen configuration dataclasses, saved as JSON beside every checkpoint, and the named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_type_hints
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How raw samples of shape ``shape`` become tokens (N, D), and how they are standardised.
+
+    For vectors (kind "vector"), a sample (d,) becomes d tokens of 1 channel. ``mean`` and ``std`` are
+    per raw feature; the model works on (x - mean) / std and reports likelihoods in raw units.
+    """
+
+    name: str = "data"
+    kind: str = "vector"
+    shape: tuple[int, ...] = (2,)
+    mean: tuple[float, ...] = (0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0)
+    num_classes: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[0]
+
+    @property
+    def token_dim(self) -> int:
+        return 1
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """The time grid. ``shift`` None means mu from the sequence length (App. C.4)."""
+
+    T: int = 4
+    shift: float | None = None
+    t_min_low: float = 0.0
+    t_min_high: float = 0.05
+    sample_t_min: float = 0.02
+
+
+@dataclass(frozen=True)
+class TransporterConfig:
+    """f_T: ``blocks`` causal affine blocks of ``layers`` transformer layers each.
+
+    ``log_scale_clip`` soft-clips each block's log sigma to (-c, c). ``enabled`` False makes f_T the
+    identity (every reverse step a diagonal Gaussian).
+    """
+
+    enabled: bool = True
+    blocks: int = 2
+    layers: int = 2
+    width: int = 64
+    heads: int = 4
+    log_scale_clip: float = 4.0
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """f_P: a bidirectional transformer over the N tokens of one level u_t.
+
+    ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
+    """
+
+    layers: int = 4
+    width: int = 128
+    heads: int = 4
+    log_var_clip: float = 8.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    data: DataSpec = field(default_factory=DataSpec)
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    transporter: TransporterConfig = field(default_factory=TransporterConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    class_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation: AdamW, linear warmup then cosine decay to ``min_lr``, EMA, clipping."""
+
+    steps: int = 6000
+    batch_size: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 200
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mode: str = "e2e"
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+
+@dataclass(frozen=True)
+class Preset:
+    trajectory: TrajectoryConfig
+    transporter: TransporterConfig
+    predictor: PredictorConfig
+    train: TrainConfig
+    description: str = ""
+
+
+_TOY_TRANSPORTER = TransporterConfig(blocks=2, layers=2, width=32, heads=4)
+_TOY_PREDICTOR = PredictorConfig(layers=4, width=64, heads=4)
+_TOY_TRAIN = TrainConfig(steps=5000, batch_size=256)
+
+PRESETS: dict[str, Preset] = {
+    "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
+                  "default 2-D preset: T=4, time shift -1, 2 blocks x 2 layers transporter, 4-layer predictor"),
+    "toy-t8": Preset(TrajectoryConfig(T=8, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
+                     "the toy preset with an 8-step trajectory"),
+    "toy-paper-shift": Preset(TrajectoryConfig(T=4, shift=None), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
+                              "the toy preset with the paper's length-dependent time shift"),
+    "tiny": Preset(
+        TrajectoryConfig(T=4, shift=-1.0),
+        TransporterConfig(blocks=2, layers=1, width=16, heads=2),
+        PredictorConfig(layers=1, width=32, heads=2),
+        TrainConfig(steps=40, batch_size=64, warmup=5, checkpoint_every=20, log_every=5),
+        "a few-second smoke-test preset",
+    ),
+}
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def _build(cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if is_dataclass(hint):
+            value = _build(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    return _build(ModelConfig, data)
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    return _build(TrainConfig, data)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True)

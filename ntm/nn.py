@@ -1,0 +1,170 @@
+"""Transformer pieces shared by the transporter and the predictor.
+
+Activations may run in low precision (bf16 autocast on CUDA); LayerNorm and attention softmax run in
+fp32. The key/value cache used for autoregressive decoding is an explicit object passed by the
+caller; no module stores sampling state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
+    """Sinusoidal embedding of times in [0, 1]. t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of t followed by a two-layer MLP. (B,) -> (B, width)."""
+
+    def __init__(self, width: int, freq_dim: int = 64):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer for token-by-token decoding.
+
+    keys, values: (layers, B, heads, N_max, head_dim). ``length`` is the number of filled positions.
+    Created by :meth:`Transformer.new_cache`; advanced by the caller, never by a module.
+    """
+
+    keys: Tensor
+    values: Tensor
+    length: int = 0
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    """Softmax attention, q: (B, H, n, d), k, v: (B, H, m, d); ``mask`` (n, m) True = keep.
+
+    Short sequences use an explicit fp32 softmax (much faster than the fused kernel on CPU for a
+    handful of tokens); long ones use ``scaled_dot_product_attention``.
+    """
+    n, m = q.shape[-2], k.shape[-2]
+    if causal and mask is None:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+    if n * m > 1024:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    tiny = m <= 8  # broadcasting beats many tiny batched matmuls
+    if tiny:
+        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
+    else:
+        scores = q @ k.transpose(-1, -2)
+    scores = scores.float() * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    if tiny:
+        return (probs.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    return probs @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        assert width % heads == 0, "width must be divisible by heads"
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, N, W = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def forward(self, x: Tensor, causal: bool) -> Tensor:
+        """Full-sequence attention. x: (B, N, W)."""
+        q, k, v = self._split(x)
+        out = attend(q, k, v, causal=causal)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+    def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Attention of new positions x: (B, n, W) to all cached positions plus themselves (causally).
+
+        Writes the new keys/values into ``cache`` at positions [length, length + n).
+        """
+        q, k, v = self._split(x)
+        start, n = cache.length, x.shape[1]
+        cache.keys[layer, :, :, start:start + n] = k.to(cache.keys.dtype)
+        cache.values[layer, :, :, start:start + n] = v.to(cache.values.dtype)
+        keys = cache.keys[layer, :, :, :start + n].to(q.dtype)
+        values = cache.values[layer, :, :, :start + n].to(q.dtype)
+        out = attend(q, keys, values, causal=n > 1)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1 = LayerNorm32(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = LayerNorm32(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: Tensor, causal: bool) -> Tensor:
+        x = x + self.attn(self.norm1(x), causal)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        x = x + self.attn.forward_cached(self.norm1(x), cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of layers with a final norm. Causal or bidirectional over the token axis."""
+
+    def __init__(self, width: int, depth: int, heads: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.heads = heads
+        self.width = width
+        self.layers = nn.ModuleList(Layer(width, heads) for _ in range(depth))
+        self.norm = LayerNorm32(width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, N, W) -> (B, N, W)."""
+        for layer in self.layers:
+            h = layer(h, self.causal)
+        return self.norm(h)
+
+    def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
+        shape = (len(self.layers), batch, self.heads, max_len, self.width // self.heads)
+        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward_cached(self, h: Tensor, cache: KVCache) -> Tensor:
+        """Process the next positions h: (B, n, W) given ``cache``; advances ``cache.length`` by n."""
+        assert self.causal, "cached decoding needs a causal transformer"
+        for i, layer in enumerate(self.layers):
+            h = layer.forward_cached(h, cache, i)
+        cache.length += h.shape[1]
+        return self.norm(h)
+
+
+def soft_clip(x: Tensor, bound: float) -> Tensor:
+    """Smoothly limit x to (-bound, bound): bound * tanh(x / bound)."""
+    return bound * torch.tanh(x / bound)

@@ -1,0 +1,107 @@
+"""The Markov forward trajectory and its Gaussian algebra (paper §2.2, App. A.4, A.6, C.4).
+
+Notation: t = 0 is clean data, t = 1 is pure noise. A trajectory lives on an ascending grid
+``t_0 = t_min < t_1 < ... < t_T = 1``; a reverse step is p(x_s | x_t) with s < t consecutive.
+
+Marginals are q(x_t | x_0) = N((1 - t) x_0, t^2 I) and consecutive levels are linked by the Markov
+transition x_t = alpha(s, t) x_s + sigma(s, t) eps (Proposition 1). All arithmetic here is fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def shift_for_length(num_tokens: int) -> float:
+    """Resolution-dependent time shift mu = 0.5 + 0.65 (L - 256) / 3840 (paper App. C.4)."""
+    return 0.5 + 0.65 * (num_tokens - 256) / (4096 - 256)
+
+
+def time_grid(T: int, t_min: Tensor | float, shift: float, batch: int | None = None) -> Tensor:
+    """Ascending trajectory times (t_min, t_1, ..., t_T = 1).
+
+    The base grid k / T, k = 1..T, is warped by t = e^mu / (e^mu + 1 / t_base - 1). ``t_min`` is a
+    float or a per-sample tensor of shape (B,). Returns (B, T + 1), or (T + 1,) when ``t_min`` is a
+    float and ``batch`` is None.
+    """
+    base = torch.arange(1, T + 1, dtype=torch.float32) / T
+    em = math.exp(shift)
+    upper = em / (em + 1.0 / base - 1.0)
+    upper[-1] = 1.0
+    if isinstance(t_min, Tensor):
+        t_min = t_min.to(torch.float32).reshape(-1, 1)
+        upper = upper.to(t_min.device).expand(t_min.shape[0], T)
+        return torch.cat([t_min, upper], dim=1)
+    grid = torch.cat([torch.tensor([float(t_min)]), upper])
+    if batch is not None:
+        grid = grid.expand(batch, T + 1).clone()
+    return grid
+
+
+def markov_coefficients(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha, sigma of the transition x_t = alpha x_s + sigma eps (Eq. 2.3), for s < t."""
+    alpha = (1 - t) / (1 - s)
+    var = t**2 - alpha**2 * s**2
+    return alpha, var.clamp_min(0).sqrt()
+
+
+def posterior_coefficients(t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A, B, C of the Gaussian reverse posterior q(x_s | x_t, x_0) = N(A x_t + B x_0, C^2 I).
+
+    Eqs. A.10-A.12: A = s^2 (1-t) / (t^2 (1-s)), B = (t-s)(t+s-2ts) / (t^2 (1-s)),
+    C^2 = s^2 (t-s)(t+s-2ts) / (t^2 (1-s)^2). Valid for 0 <= s < t <= 1.
+    """
+    d = (t - s) * (t + s - 2 * t * s)
+    A = s**2 * (1 - t) / (t**2 * (1 - s))
+    B = d / (t**2 * (1 - s))
+    C = (s**2 * d).clamp_min(0).sqrt() / (t * (1 - s))
+    return A, B, C
+
+
+def trajectory_covariance(t: Tensor) -> Tensor:
+    """S_ij = Cov(x_{t_i}, x_{t_j} | x_0) per dimension = min^2 (1 - max) / (1 - min) (Prop. 3).
+
+    ``t``: (..., K) ascending with t < 1 except possibly the last entry (= 1). Returns (..., K, K).
+    Rows and columns of a t = 1 level are zero except S_KK = 1.
+    """
+    ti = t.unsqueeze(-1)
+    tj = t.unsqueeze(-2)
+    lo = torch.minimum(ti, tj)
+    hi = torch.maximum(ti, tj)
+    one_minus_lo = 1 - lo
+    S = lo**2 * (1 - hi) / torch.where(one_minus_lo > 0, one_minus_lo, torch.ones_like(lo))
+    at_one = (lo >= 1)
+    return torch.where(at_one, torch.ones_like(S), S)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape per-sample values (B,) to broadcast against (B, ...)."""
+    return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
+
+
+def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Sample the Markov trajectory (x_{t_0}, ..., x_{t_T}) given clean data (Algorithm 1, lines 1-5).
+
+    x0: (B, N, D); t: (B, T + 1) ascending. Returns (B, T + 1, N, D) in fp32, with
+    x_{t_0} = (1 - t_0) x0 + t_0 eps_0 and x_{t_{k+1}} = alpha x_{t_k} + sigma eps_k.
+    """
+    x0 = x0.float()
+    B, K = t.shape
+    noise = torch.randn((B, K) + x0.shape[1:], generator=generator, device=x0.device)
+    levels = [_bcast(1 - t[:, 0], x0) * x0 + _bcast(t[:, 0], x0) * noise[:, 0]]
+    for k in range(K - 1):
+        alpha, sigma = markov_coefficients(t[:, k], t[:, k + 1])
+        levels.append(_bcast(alpha, x0) * levels[-1] + _bcast(sigma, x0) * noise[:, k + 1])
+    return torch.stack(levels, dim=1)
+
+
+def transition_log_prob(x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    """log q(x_t | x_s) of the forward Markov transition, summed over all but the batch dim. (B,)"""
+    alpha, sigma = markov_coefficients(s, t)
+    mean = _bcast(alpha, x_s) * x_s
+    sig = _bcast(sigma, x_s)
+    z = (x_t - mean) / sig
+    per = -0.5 * z**2 - torch.log(sig) - 0.5 * math.log(2 * math.pi)
+    return per.flatten(1).sum(1)

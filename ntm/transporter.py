@@ -1,0 +1,124 @@
+"""The transporter f_T: a shallow stack of causal autoregressive affine flow blocks (paper §3.1, A.1).
+
+Each block maps one trajectory level x (B, N, D) to u (B, N, D), token by token in its scan order:
+
+    u_n = (x_n - mu_n(x_{<n}, t)) * exp(-a_n(x_{<n}, t)),    log|det J| = -sum_{n, c} a_n,c
+
+The parameters of token n come from a causal transformer whose input at position n is token n - 1
+(position 0 holds a learned start token), so every token is transformed and the Jacobian is
+triangular. Blocks alternate scan direction. The output layer is zero-initialised, so a new
+transporter is the identity; at t = 1 the transporter is skipped (identity) by definition.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import TransporterConfig
+from .nn import TimeEmbedding, Transformer, soft_clip
+
+
+class AffineARBlock(nn.Module):
+    """One causal affine block over N tokens of D channels, conditioned on the level time t."""
+
+    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool):
+        super().__init__()
+        W = cfg.width
+        self.flip = flip
+        self.clip = cfg.log_scale_clip
+        self.token_dim = token_dim
+        self.proj_in = nn.Linear(token_dim, W)
+        self.start = nn.Parameter(torch.randn(1, 1, W) * 0.02)
+        self.pos = nn.Parameter(torch.randn(num_tokens, W) * 0.02)
+        self.time = TimeEmbedding(W)
+        self.net = Transformer(W, cfg.layers, cfg.heads, causal=True)
+        self.proj_out = nn.Linear(W, 2 * token_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def _order(self, x: Tensor) -> Tensor:
+        return x.flip(1) if self.flip else x
+
+    def _affine(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Network features (B, n, W) -> fp32 (log_scale, shift), each (B, n, D)."""
+        out = self.proj_out(h).float()
+        log_scale, shift = out.split(self.token_dim, dim=-1)
+        return soft_clip(log_scale, self.clip), shift
+
+    def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int) -> Tensor:
+        """Input features for positions [start, start + n): token n - 1 (or the start token at 0)."""
+        h = self.proj_in(prev.to(self.proj_in.weight.dtype))
+        if start == 0:
+            h = torch.cat([self.start.expand(prev.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
+        n = h.shape[1]
+        return h + self.pos[start:start + n] + temb[:, None]
+
+    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, N, D), t: (B,) -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
+        xs = self._order(x.float())
+        temb = self.time(t)
+        h = self.net(self._embed_inputs(xs, temb, 0))
+        log_scale, shift = self._affine(h)
+        u = (xs - shift) * torch.exp(-log_scale)
+        return self._order(u), -log_scale.flatten(1).sum(1)
+
+    def inverse(self, u: Tensor, t: Tensor, use_cache: bool = True) -> Tensor:
+        """Decode x from u token by token. u: (B, N, D), t: (B,) -> x: (B, N, D) fp32.
+
+        With ``use_cache`` a preallocated KV cache is created here and passed explicitly to the
+        transformer at every step; without it each step recomputes the whole prefix (reference path).
+        """
+        us = self._order(u.float())
+        B, N, _ = us.shape
+        temb = self.time(t)
+        xs = torch.zeros_like(us)
+        cache = self.net.new_cache(B, N, us.device) if use_cache else None
+        for n in range(N):
+            if cache is not None:
+                prev = self.start.expand(B, 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
+                h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
+            else:
+                h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0))[:, n:n + 1]
+            log_scale, shift = self._affine(h)
+            xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
+        return self._order(xs)
+
+
+class Transporter(nn.Module):
+    """f_T(x, t): L alternating-direction affine blocks shared across levels; identity at t = 1.
+
+    With ``cfg.enabled`` False it is the identity everywhere (log-det 0).
+    """
+
+    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int):
+        super().__init__()
+        self.enabled = cfg.enabled
+        n_blocks = cfg.blocks if cfg.enabled else 0
+        self.blocks = nn.ModuleList(
+            AffineARBlock(cfg, num_tokens, token_dim, flip=bool(i % 2)) for i in range(n_blocks)
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """u = f_T(x, t). x: (B, N, D), t: (B,) -> (u (B, N, D), log|det df_T/dx| (B,)), both fp32."""
+        x = x.float()
+        logdet = torch.zeros(x.shape[0], device=x.device)
+        u = x
+        for block in self.blocks:
+            u, ld = block(u, t)
+            logdet = logdet + ld
+        skip = t >= 1
+        if skip.any():
+            u = torch.where(skip[:, None, None], x, u)
+            logdet = torch.where(skip, torch.zeros_like(logdet), logdet)
+        return u, logdet
+
+    def inverse(self, u: Tensor, t: Tensor, use_cache: bool = True) -> Tensor:
+        """x = f_T^{-1}(u, t), decoding each block autoregressively in reverse block order."""
+        u = u.float()
+        x = u
+        for block in reversed(self.blocks):
+            x = block.inverse(x, t, use_cache=use_cache)
+        skip = t >= 1
+        if skip.any():
+            x = torch.where(skip[:, None, None], u, x)
+        return x
