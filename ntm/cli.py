@@ -53,7 +53,7 @@ def train(
     seed: int = typer.Option(0, help="random seed"),
     mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
-    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM on a 2-D toy or a user file."""
@@ -65,16 +65,19 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
+    source = open_source(data)
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
+        summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
+                               resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
-    source = open_source(data)
-    model_cfg = ModelConfig(data=source.spec(), trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
-    train_cfg = replace(p.train, seed=seed, mode=mode.value, steps=steps or p.train.steps,
-                        batch_size=batch_size or p.train.batch_size)
-    summary = run_training(model_cfg, train_cfg, source, out, resume=resume, progress=progress)
+        model_cfg = ModelConfig(data=source.spec(), trajectory=p.trajectory, transporter=p.transporter,
+                                predictor=p.predictor)
+        train_cfg = replace(p.train, seed=seed, mode=mode.value, steps=steps or p.train.steps,
+                            batch_size=batch_size or p.train.batch_size)
+        summary = run_training(model_cfg, train_cfg, source, out, progress=progress)
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, "
                f"final loss {summary['final_loss']:.4f} nats/dim, {summary['skipped']} non-finite steps skipped; run: {out}")

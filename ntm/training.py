@@ -68,21 +68,32 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig, source: DataSource, out_dir: str | Path,
-          resume: bool = False, progress: bool = True, device: torch.device | str | None = None,
-          batch_hook=None) -> dict:
-    """Train an NTM; returns a summary dict. ``batch_hook(step, x)`` may alter a raw batch (tests)."""
+def train(model_config: ModelConfig | None, train_config: TrainConfig | None, source: DataSource,
+          out_dir: str | Path, resume: bool = False, progress: bool = True,
+          device: torch.device | str | None = None, batch_hook=None) -> dict:
+    """Train an NTM into ``out_dir``; returns a summary dict.
+
+    With ``resume`` the configs stored in the run's last checkpoint are used (a ``train_config``
+    passed here may only repeat the same number of steps) and training continues exactly where the
+    checkpoint left off. ``batch_hook(step, x)`` may alter a raw batch (used by tests).
+    """
     out_dir = Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
-    cfg = train_config
-    if cfg.mode not in ("e2e", "pairwise"):
-        raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
     state = None
     if resume:
-        ckpt, meta, model_config, saved_cfg, state = load_training(out_dir)
-        if cfg.steps != saved_cfg.steps:
-            saved_cfg = replace(saved_cfg, steps=cfg.steps) if cfg.steps > meta["step"] else saved_cfg
-        cfg = saved_cfg
+        ckpt, meta, model_config, cfg, state = load_training(out_dir)
+        if train_config is not None and train_config.steps != cfg.steps:
+            raise ConfigError(f"this run was configured for {cfg.steps} steps; resume continues to that "
+                              f"(start a new run to train for {train_config.steps})")
+        if tuple(source.spec().shape) != tuple(model_config.data.shape):
+            raise ConfigError(f"the run was trained on samples of shape {model_config.data.shape}, "
+                              f"the data have {source.spec().shape}")
+    else:
+        if model_config is None or train_config is None:
+            raise ConfigError("a new run needs a model and a training config")
+        cfg = train_config
+    if cfg.mode not in ("e2e", "pairwise"):
+        raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
     torch.manual_seed(cfg.seed)
     model = NTM(model_config).to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)

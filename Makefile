@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (train the default 2-D NTM, sample in 4 steps, report its likelihood)
+# and `make test` (the test suite). Both create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NTM := $(VENV)/bin/ntm
+DEMO_DATA ?= checkerboard
+DEMO_DIR ?= runs/demo-$(DEMO_DATA)
+
+.PHONY: demo test install bench-toy
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: install
+	@if [ -e "$(DEMO_DIR)/checkpoints/latest" ]; then \
+		$(NTM) train --data $(DEMO_DATA) --out $(DEMO_DIR) --resume; \
+	else \
+		$(NTM) train --data $(DEMO_DATA) --out $(DEMO_DIR); \
+	fi
+	$(NTM) sample $(DEMO_DIR) --n 5000 --steps 4 --out $(DEMO_DIR)/samples.npy --png $(DEMO_DIR)/samples.png --overwrite
+	$(NTM) eval $(DEMO_DIR) --data $(DEMO_DATA)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench-toy: install
+	$(NTM) bench toy

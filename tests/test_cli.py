@@ -1,0 +1,153 @@
+"""The CLI end to end on a tiny budget, and every bad input ending in one error line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntm.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code, err, fragment):
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ntm: error:") and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "cb"
+    assert main(["train", "--data", "checkerboard", "--preset", "tiny", "--out", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_train_sample_eval_end_to_end(tiny_run, tmp_path, capsys):
+    code, out, _ = run(capsys, "sample", str(tiny_run), "--n", "300", "--out", str(tmp_path / "s.npy"),
+                       "--png", str(tmp_path / "s.png"), "--seed", "3")
+    assert code == 0
+    x = np.load(tmp_path / "s.npy")
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--trajectories", "2", "--json")
+    assert code == 0
+    res = json.loads(out)
+    for key in ("nll_bound_nats", "nll_bound_se", "trajectory_nll_nats", "iw_bound_nats"):
+        assert np.isfinite(res[key])
+    assert res["nll_bound_nats"] > res["entropy_floor_nats"]
+    code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--trajectories", "2")
+    assert code == 0 and "NLL bound" in out
+
+
+def test_sample_at_other_step_counts(tiny_run, tmp_path, capsys):
+    code, _, _ = run(capsys, "sample", str(tiny_run), "--n", "50", "--steps", "8", "--out", str(tmp_path / "s8.npy"))
+    assert code == 0 and np.load(tmp_path / "s8.npy").shape == (50, 2)
+
+
+def test_user_files_npy_and_csv(tmp_path, capsys):
+    pts = np.random.default_rng(0).normal(size=(500, 2)).astype(np.float32)
+    np.save(tmp_path / "pts.npy", pts)
+    np.savetxt(tmp_path / "pts.csv", pts, delimiter=",", header="x,y", comments="")
+    for f in ("pts.npy", "pts.csv"):
+        out = tmp_path / f"run-{f}"
+        code, _, err = run(capsys, "train", "--data", str(tmp_path / f), "--preset", "tiny", "--steps", "5",
+                           "--out", str(out), "--no-progress")
+        assert code == 0, err
+        code, o, _ = run(capsys, "eval", str(out), "--data", str(tmp_path / f), "--trajectories", "2", "--json")
+        assert code == 0 and json.loads(o)["n"] == 500
+
+
+def test_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ntm", "presets"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "toy" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ntm", "train", "--data", "nope", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True)
+    assert_one_error_line(proc.returncode, proc.stderr, "unknown data set")
+
+
+def test_bad_inputs_give_one_error_line(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "missing.npy"), "--out", out)
+    assert_one_error_line(code, err, "not found")
+    np.save(tmp_path / "wide.npy", np.zeros((10, 3)))
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "wide.npy"), "--out", out)
+    assert_one_error_line(code, err, "shape (n, 2)")
+    bad = np.zeros((10, 2))
+    bad[3, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "nan.npy"), "--out", out)
+    assert_one_error_line(code, err, "NaN")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "junk.npy"), "--out", out)
+    assert_one_error_line(code, err, "could not read")
+    code, _, err = run(capsys, "train", "--data", "checkerboard", "--preset", "huge", "--out", out)
+    assert_one_error_line(code, err, "unknown preset")
+    code, _, err = run(capsys, "train", "--data", "spirals3", "--out", out)
+    assert_one_error_line(code, err, "unknown data set")
+    code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", out, "--steps", "0")
+    assert_one_error_line(code, err, "steps")
+    code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tiny_run))
+    assert_one_error_line(code, err, "not empty")
+    code, _, err = run(capsys, "sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "a.npy"))
+    assert_one_error_line(code, err, "no such run")
+    code, _, err = run(capsys, "eval", str(tiny_run), "--data", str(tmp_path / "wide.npy"))
+    assert_one_error_line(code, err, "shape")
+    code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--out", str(tmp_path / "a.npy"), "--class", "1")
+    assert_one_error_line(code, err, "unconditional")
+
+
+def test_outputs_are_never_overwritten(tiny_run, tmp_path, capsys):
+    target = tmp_path / "mine.npy"
+    target.write_bytes(b"precious")
+    code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--out", str(target))
+    assert_one_error_line(code, err, "exists")
+    assert target.read_bytes() == b"precious"
+    code, _, _ = run(capsys, "sample", str(tiny_run), "--n", "5", "--out", str(target), "--overwrite")
+    assert code == 0 and np.load(target).shape == (5, 2)
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    ckpt = dst / "checkpoints" / (dst / "checkpoints" / "latest").read_text().strip()
+    return ckpt
+
+
+def test_corrupt_and_foreign_checkpoints(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "s.npy")
+    ckpt = _copy_run(tiny_run, tmp_path / "trunc")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "sample", str(tmp_path / "trunc"), "--n", "5", "--out", out)
+    assert_one_error_line(code, err, "corrupt")
+
+    ckpt = _copy_run(tiny_run, tmp_path / "foreign")
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = run(capsys, "sample", str(tmp_path / "foreign"), "--n", "5", "--out", out)
+    assert_one_error_line(code, err, "not an ntm checkpoint")
+
+    ckpt = _copy_run(tiny_run, tmp_path / "garbled")
+    (ckpt / "config.json").write_text("{ not json")
+    code, _, err = run(capsys, "eval", str(tmp_path / "garbled"), "--data", "checkerboard")
+    assert_one_error_line(code, err, "unreadable")
+
+    ckpt = _copy_run(tiny_run, tmp_path / "mismatch")
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["predictor"]["width"] = 64
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "sample", str(tmp_path / "mismatch"), "--n", "5", "--out", out)
+    assert_one_error_line(code, err, "do not match")
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, _, err = run(capsys, "sample", str(plain), "--n", "5", "--out", out)
+    assert_one_error_line(code, err, "not an ntm run")

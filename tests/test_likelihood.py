@@ -1,0 +1,117 @@
+"""Exactness of the per-step density, the trajectory NLL and the bound on -log p(x_0)."""
+import math
+
+import pytest
+import torch
+
+from ntm.config import DataSpec, ModelConfig, PredictorConfig, TrajectoryConfig, TransporterConfig
+from ntm.data import sample_toy, to_tokens, toy_log_density
+from ntm.model import NTM
+from ntm.predictor import GaussianDataPosterior
+from ntm.trajectory import forward_trajectory
+
+
+def test_each_reverse_step_integrates_to_one(small_config):
+    """Integrate exp(log p(x_s | x_t)) over a fine 2-D grid for a random non-identity model."""
+    from conftest import randomize
+
+    torch.manual_seed(0)
+    model = NTM(small_config)
+    randomize(model, 0.15)  # large random weights give tails beyond any affordable grid
+    model.eval()
+    n = 480
+    lin = torch.linspace(-16, 16, n)
+    cell = float((lin[1] - lin[0]) ** 2)
+    gx, gy = torch.meshgrid(lin, lin, indexing="ij")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)[:, :, None]  # (n^2, 2, 1)
+    for (s, t) in [(0.3, 0.6), (0.55, 0.85), (0.7, 1.0)]:
+        x_t = torch.tensor([[[0.4], [-0.8]]]).expand(grid.shape[0], 2, 1)
+        with torch.no_grad():
+            logp = model.step_log_prob(grid, x_t, torch.full((grid.shape[0],), s), torch.full((grid.shape[0],), t))
+        mass = float(torch.exp(logp.double()).sum() * cell)
+        assert mass == pytest.approx(1.0, abs=0.01)
+        u, ld = model.transporter(grid[:10], torch.full((10,), s))
+        assert ld.abs().max() > 1e-3  # the transporter is really non-identity here
+
+
+def test_batched_trajectory_log_probs_equal_step_by_step(random_model):
+    model = random_model
+    x0 = torch.randn(5, 2, 1)
+    t = model.grid(5, torch.tensor([0.0, 0.01, 0.02, 0.03, 0.05]))
+    X = forward_trajectory(x0, t, generator=torch.Generator().manual_seed(0))
+    y = None
+    with torch.no_grad():
+        batched = model.trajectory_log_probs(X, t, y)
+        for k in range(1, t.shape[1]):
+            single = model.step_log_prob(X[:, k - 1], X[:, k], t[:, k - 1], t[:, k], y)
+            assert torch.allclose(batched[:, k - 1], single, atol=1e-5)
+            pair = model.pair_log_prob(X, t, torch.full((5,), k), y)
+            assert torch.allclose(pair, single, atol=1e-5)
+
+
+def test_pairwise_loss_is_unbiased_for_e2e(random_model):
+    torch.manual_seed(0)
+    x0 = torch.randn(256, 2, 1)
+    with torch.no_grad():
+        e2e = torch.stack([random_model.loss(x0, mode="e2e", generator=torch.Generator().manual_seed(i)) for i in range(20)])
+        pw = torch.stack([random_model.loss(x0, mode="pairwise", generator=torch.Generator().manual_seed(100 + i)) for i in range(200)])
+    assert abs(float(pw.mean() - e2e.mean())) < 4 * float(pw.std()) / math.sqrt(200) + 4 * float(e2e.std()) / math.sqrt(20)
+
+
+@pytest.mark.parametrize("std", [(1.0, 1.0), (2.0, 0.5)])
+def test_bound_is_exact_for_gaussian_data_with_true_kernel(std):
+    """With p(x_s | x_t) the true reverse kernel of N(m, v) data, every trajectory's weight is p(x_0)."""
+    m = torch.tensor([[0.5], [-1.0]])
+    v = torch.tensor([[0.3], [2.0]])
+    spec = DataSpec(shape=(2,), mean=(0.0, 0.0), std=std)
+    cfg = ModelConfig(data=spec, trajectory=TrajectoryConfig(T=4, shift=-1.0), transporter=TransporterConfig(enabled=False))
+    model = NTM(cfg, predictor=GaussianDataPosterior(m, v))
+    x = torch.randn(64, 2) * 1.5
+    bound = model.nll_bound(x, num_trajectories=3, generator=torch.Generator().manual_seed(0))
+    iw = model.nll_bound(x, num_trajectories=3, importance_weighted=True, generator=torch.Generator().manual_seed(1))
+    z = to_tokens(x, spec)[:, :, 0]
+    sd = torch.tensor(std)
+    exact = -(-0.5 * (z - m.T) ** 2 / v.T - 0.5 * torch.log(2 * math.pi * v.T)).sum(1) + torch.log(sd).sum()
+    assert (bound - exact).abs().max() < 5e-5
+    assert (iw - exact).abs().max() < 5e-5
+
+
+def test_trained_bound_is_above_true_nll():
+    """A briefly trained model's bounds on 8gaussians are >= the exact NLL minus Monte Carlo error."""
+    from ntm.config import TrainConfig
+    from ntm.data import DataSource
+    from ntm.training import train
+    import tempfile
+
+    src = DataSource("8gaussians")
+    cfg = ModelConfig(data=src.spec(), trajectory=TrajectoryConfig(T=4, shift=-1.0),
+                      transporter=TransporterConfig(blocks=2, layers=1, width=16, heads=2),
+                      predictor=PredictorConfig(layers=2, width=32, heads=2))
+    with tempfile.TemporaryDirectory() as d:
+        train(cfg, TrainConfig(steps=150, batch_size=256, warmup=10, lr=2e-3, checkpoint_every=1000), src, d, progress=False, device="cpu")
+        model = NTM.from_pretrained(d)
+    x = sample_toy("8gaussians", 2000, torch.Generator().manual_seed(5))
+    true_nll = -toy_log_density("8gaussians", x).float()
+    g = torch.Generator().manual_seed(0)
+    for iw in (False, True):
+        bound = model.nll_bound(x, num_trajectories=8, importance_weighted=iw, generator=g)
+        diff = bound - true_nll
+        assert float(diff.mean()) >= -3 * float(diff.std()) / math.sqrt(len(diff))
+    elbo = model.nll_bound(x, num_trajectories=8, generator=torch.Generator().manual_seed(3))
+    iwb = model.nll_bound(x, num_trajectories=8, importance_weighted=True, generator=torch.Generator().manual_seed(3))
+    assert float(iwb.mean()) <= float(elbo.mean()) + 1e-6  # same trajectories: IWAE is tighter
+
+
+def test_sampling_is_seeded_and_guidance_runs(small_config):
+    from dataclasses import replace
+    cfg = replace(small_config, data=replace(small_config.data, num_classes=3))
+    torch.manual_seed(0)
+    model = NTM(cfg).eval()
+    a = model.sample(16, generator=torch.Generator().manual_seed(7))
+    b = model.sample(16, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and a.shape == (16, 2)
+    y = torch.full((16,), 2)
+    g = model.sample(16, y=y, guidance=2.0, steps=8, generator=torch.Generator().manual_seed(7))
+    assert g.shape == (16, 2) and torch.isfinite(g).all()
+    with pytest.raises(ValueError):
+        model.sample(16, y=torch.full((16,), 3))
