@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import PRESETS, ModelConfig
+from .checkpoint import read_meta, resolve
+from .config import PRESETS, ModelConfig, model_config_from_dict
 from .data import ENTROPY_FLOOR, open_source, to_tokens
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .metrics import energy_distance, low_density_fraction, off_support_fraction
 from .model import NTM
 from .predictor import EmpiricalPosterior
 from .training import train
 
 TOY_BENCH_DATA = ("checkerboard", "8gaussians", "moons")
+BENCH_MODELS = ("ntm", "ntm-no-transporter", "gaussian-ceiling")
 
 
 def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds: tuple[int, ...],
@@ -75,10 +77,14 @@ def noise_floor(name: str, n: int, seeds: tuple[int, ...]) -> float:
 def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = TOY_BENCH_DATA,
                   steps: int | None = None, n_eval: int = 5000, n_samples: int = 5000,
                   seeds: tuple[int, ...] = (0, 1, 2), num_trajectories: int = 8, n_reference: int = 20_000,
-                  work_dir: str | Path | None = None, progress: bool = True) -> dict:
+                  work_dir: str | Path | None = None, progress: bool = True,
+                  models: tuple[str, ...] = BENCH_MODELS) -> dict:
     """Train and evaluate the three samplers on each toy; write ``out`` (JSON) and return it."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    unknown = set(models) - set(BENCH_MODELS)
+    if unknown:
+        raise ConfigError(f"unknown bench model(s) {', '.join(sorted(unknown))} (known: {', '.join(BENCH_MODELS)})")
     p = PRESETS[preset]
     train_cfg = p.train if steps is None else replace(p.train, steps=steps)
     work = Path(work_dir) if work_dir else Path(out).with_suffix("") / "runs"
@@ -95,15 +101,21 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
         base = ModelConfig(data=spec, trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
         variants = {"ntm": base, "ntm-no-transporter": replace(base, transporter=replace(p.transporter, enabled=False))}
         for label, cfg in variants.items():
+            if label not in models:
+                continue
             run_dir = work / name / label
-            shutil.rmtree(run_dir, ignore_errors=True)
-            summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+            summary = _finished_run(run_dir, cfg, train_cfg)
+            if summary is None:  # train afresh (an unfinished or different run is replaced)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
             model = NTM.from_pretrained(run_dir)
             row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories)
             row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"])
             _finish_row(row, name, floor_ed)
             results["rows"].append(row)
             _write(out, results)
+        if "gaussian-ceiling" not in models:
+            continue
         reference = to_tokens(src.held_out(n_reference, seed=50_000)[0], spec)
         oracle_cfg = replace(base, transporter=replace(p.transporter, enabled=False))
         oracle = NTM(oracle_cfg, predictor=EmpiricalPosterior(reference)).eval()
@@ -113,6 +125,23 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
         results["rows"].append(row)
         _write(out, results)
     return results
+
+
+def _finished_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> dict | None:
+    """The summary of a finished run with the same configs in ``run_dir``, else None (so an
+    interrupted bench re-run skips the trainings it already completed)."""
+    try:
+        ckpt = resolve(run_dir)
+        meta = read_meta(ckpt)
+        same = model_config_from_dict(meta["model"]) == model_cfg and meta["step"] == train_cfg.steps \
+            and {k: v for k, v in meta["train"].items() if k in ("steps", "batch_size", "lr", "seed", "mode")} \
+            == {k: getattr(train_cfg, k) for k in ("steps", "batch_size", "lr", "seed", "mode")}
+        if not same:
+            return None
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        return {"seconds": float(state.get("elapsed", float("nan"))), "skipped": int(state.get("skipped", 0))}
+    except (CheckpointError, KeyError, OSError, ValueError, TypeError):
+        return None
 
 
 def _finish_row(row: dict, name: str, floor_ed: float) -> None:

@@ -50,14 +50,18 @@ def _write_bytes(path: Path, payload: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def _state_dict(weights: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+def save_checkpoint(run_dir: str | Path, step: int, model, ema,
                     model_config: ModelConfig, train_config: TrainConfig | None,
                     state: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it. Returns its folder."""
+    """Write checkpoint ``step`` atomically and point ``latest`` at it. Returns its folder.
+
+    ``model`` and ``ema`` are modules or full state dicts (raw training and EMA weights).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"

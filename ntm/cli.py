@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from enum import Enum
@@ -54,9 +55,12 @@ def train(
     mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
+    fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (meant for CUDA; untested on GPU here)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
-    """Train an NTM on a 2-D toy or a user file."""
+    """Train an NTM on a 2-D toy or a user file (multi-process: torchrun --nproc_per_node K -m ntm train ...)."""
     from .config import PRESETS, ModelConfig
     from .data import open_source
     from .errors import ConfigError
@@ -76,8 +80,11 @@ def train(
         model_cfg = ModelConfig(data=source.spec(), trajectory=p.trajectory, transporter=p.transporter,
                                 predictor=p.predictor)
         train_cfg = replace(p.train, seed=seed, mode=mode.value, steps=steps or p.train.steps,
-                            batch_size=batch_size or p.train.batch_size)
+                            batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
+                            checkpoint_every=checkpoint_every or p.train.checkpoint_every)
         summary = run_training(model_cfg, train_cfg, source, out, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, "
                f"final loss {summary['final_loss']:.4f} nats/dim, {summary['skipped']} non-finite steps skipped; run: {out}")
@@ -182,6 +189,7 @@ def bench_toy(
     n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
     n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
     seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
+    models: str = typer.Option("ntm,ntm-no-transporter,gaussian-ceiling", help="comma-separated samplers to compare"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
@@ -189,7 +197,8 @@ def bench_toy(
 
     out = out or Path("results") / f"{preset}.json"
     res = run_toy_bench(out, preset=preset, data=tuple(d.strip() for d in data.split(",") if d.strip()), steps=steps,
-                        n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress)
+                        n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress,
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()))
     typer.echo(markdown_table(res))
     typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 

@@ -40,9 +40,14 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrajectoryConfig:
-    """The time grid. ``shift`` None means mu from the sequence length (App. C.4)."""
+    """The time grid. ``shift`` None means mu from the sequence length (App. C.4).
+
+    ``T`` is the default number of steps. A non-empty ``train_Ts`` (e.g. (4, 8, 16)) trains one model
+    over several trajectory lengths, drawing T per sample; both networks then receive T as an input.
+    """
 
     T: int = 4
+    train_Ts: tuple[int, ...] = ()
     shift: float | None = None
     t_min_low: float = 0.0
     t_min_high: float = 0.05
@@ -102,6 +107,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     mode: str = "e2e"
     seed: int = 0
+    fsdp: bool = False
+    compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 25
 
@@ -126,6 +133,8 @@ PRESETS: dict[str, Preset] = {
                      "the toy preset with an 8-step trajectory"),
     "toy-paper-shift": Preset(TrajectoryConfig(T=4, shift=None), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
                               "the toy preset with the paper's length-dependent time shift"),
+    "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
+                          _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

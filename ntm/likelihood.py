@@ -31,24 +31,25 @@ def _prepare(model, x: Tensor, y: Tensor | None):
 
 @torch.no_grad()
 def trajectory_nll(model, x: Tensor, y: Tensor | None = None, t_min: float | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
     """-log p(x_{t_0}, ..., x_{t_{T-1}} | x_{t_T}) of a sampled trajectory of raw x (B, ...). -> (B,)
 
     t_min defaults to the sampling t_min; each of the T modelled levels is counted in raw units.
     """
     x0, y = _prepare(model, x, y)
     t_min = model.config.trajectory.sample_t_min if t_min is None else t_min
-    t = model.grid(x0.shape[0], t_min)
+    t = model.grid(x0.shape[0], t_min, T=steps)
     X = forward_trajectory(x0, t, generator=generator)
     nll = -model.trajectory_log_probs(X, t, y).sum(1)
     return nll + (t.shape[1] - 1) * log_scale_correction(model.spec)
 
 
 @torch.no_grad()
-def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
+def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
+               steps: int | None = None) -> Tensor:
     """log p(x_{0:T}) - log q(x_{1:T} | x_0) of one trajectory per sample, standardised x0 (B, N, D)."""
     B = x0.shape[0]
-    t = model.grid(B, 0.0)
+    t = model.grid(B, 0.0, T=steps)
     X = forward_trajectory(x0, t, generator=generator)
     log_p = model.trajectory_log_probs(X, t, y).sum(1)
     log_p = log_p + gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
@@ -59,14 +60,14 @@ def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator |
 @torch.no_grad()
 def nll_bound(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
               importance_weighted: bool = False, generator: torch.Generator | None = None,
-              batch_size: int = 4096) -> Tensor:
+              batch_size: int = 4096, steps: int | None = None) -> Tensor:
     """Per-sample upper bound on -log p(x_0) in nats, raw units. x: raw (B, ...). -> (B,)"""
     x0, y = _prepare(model, x, y)
     out = []
     for lo in range(0, x0.shape[0], batch_size):
         xb = x0[lo:lo + batch_size]
         yb = None if y is None else y[lo:lo + batch_size]
-        w = torch.stack([elbo_terms(model, xb, yb, generator) for _ in range(num_trajectories)])  # (K, b)
+        w = torch.stack([elbo_terms(model, xb, yb, generator, steps) for _ in range(num_trajectories)])  # (K, b)
         if importance_weighted:
             out.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
         else:

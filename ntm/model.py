@@ -10,6 +10,7 @@ reported likelihoods are converted back to raw data units.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,25 +24,55 @@ from .trajectory import forward_trajectory, shift_for_length, time_grid
 from .transporter import Transporter
 
 
+@dataclass
+class TrainingNoise:
+    """All randomness of one training batch, drawn up front so it can be split across processes.
+
+    t_min (B,), T (B,) long trajectory lengths, drop (B,) bool label dropout, eps (B, T_max + 1, N, D)
+    trajectory noise (sample i uses its first T_i + 1 levels), k_unif (B,) in [0, 1) picking the step
+    scored in pairwise mode.
+    """
+
+    t_min: Tensor
+    T: Tensor
+    drop: Tensor
+    eps: Tensor
+    k_unif: Tensor
+
+    def shard(self, lo: int, hi: int) -> "TrainingNoise":
+        return TrainingNoise(*(v[lo:hi] for v in (self.t_min, self.T, self.drop, self.eps, self.k_unif)))
+
+
 class NTM(nn.Module):
     """A Normalizing Trajectory Model.
 
     ``predictor`` may be replaced by any module with the signature
-    ``(u_t (B, N, D), t (B,), s (B,), y (B,) | None) -> (mu, sigma)`` (e.g. a closed-form reference).
+    ``(u_t (B, N, D), t (B,), s (B,), y (B,) | None, T (B,) | None) -> (mu, sigma)`` (e.g. a
+    closed-form reference). ``forward`` is the training loss, so wrappers such as DDP see it.
     """
 
     def __init__(self, config: ModelConfig, predictor: nn.Module | None = None):
         super().__init__()
         self.config = config
         spec = config.data
-        self.transporter = Transporter(config.transporter, spec.num_tokens, spec.token_dim)
+        multi_T = self.multi_T
+        self.transporter = Transporter(config.transporter, spec.num_tokens, spec.token_dim, multi_T=multi_T)
         self.predictor = predictor if predictor is not None else Predictor(
-            config.predictor, spec.num_tokens, spec.token_dim, spec.num_classes)
+            config.predictor, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)
 
     # ----------------------------------------------------------------------------------- helpers
     @property
     def spec(self):
         return self.config.data
+
+    @property
+    def multi_T(self) -> bool:
+        return len(self.config.trajectory.train_Ts) > 0
+
+    @property
+    def train_Ts(self) -> tuple[int, ...]:
+        tc = self.config.trajectory
+        return tuple(tc.train_Ts) if tc.train_Ts else (tc.T,)
 
     @property
     def device(self) -> torch.device:
@@ -59,8 +90,14 @@ class NTM(nn.Module):
     def grid(self, batch: int, t_min: Tensor | float, T: int | None = None) -> Tensor:
         """Trajectory times (B, T + 1), ascending from t_min to 1."""
         T = T or self.config.trajectory.T
+        if T < 1:
+            raise ValueError("the number of steps T must be at least 1")
         t = time_grid(T, t_min, self.time_shift, batch=batch)
         return t.to(self.device)
+
+    def steps_tensor(self, batch: int, T: int) -> Tensor | None:
+        """The T input of multi-T networks, (B,) float; None for single-T models."""
+        return torch.full((batch,), float(T), device=self.device) if self.multi_T else None
 
     def to_tokens(self, x: Tensor) -> Tensor:
         return data_mod.to_tokens(x.to(self.device), self.spec)
@@ -80,20 +117,28 @@ class NTM(nn.Module):
         return y
 
     # ---------------------------------------------------------------------------------- density
-    def predict(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, guidance: float = 0.0):
+    def predict(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, guidance: float = 0.0,
+                T: Tensor | None = None):
         """(mu_P, sigma_P) of u_s, with product-rule guidance of scale ``guidance`` when y is given."""
         if y is None or guidance == 0.0:
-            return self.predictor(u_t, t, s, y)
+            return self.predictor(u_t, t, s, y, T)
         B = u_t.shape[0]
         null = torch.full_like(y, self.spec.num_classes)
-        mu, sigma = self.predictor(torch.cat([u_t, u_t]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([y, null]))
+        TT = None if T is None else torch.cat([T, T])
+        mu, sigma = self.predictor(torch.cat([u_t, u_t]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([y, null]), TT)
         return product_rule(mu[:B], sigma[:B], mu[B:], sigma[B:], guidance)
 
-    def step_log_prob(self, x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Exact log p(x_s | x_t, y) for standardised tokens x_s, x_t: (B, N, D); s, t: (B,). -> (B,)"""
-        u_s, logdet = self.transporter(x_s, s)
-        u_t, _ = self.transporter(x_t, t)
-        mu, sigma = self.predictor(u_t, t, s, y)
+    def step_log_prob(self, x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None,
+                      T: Tensor | None = None) -> Tensor:
+        """Exact log p(x_s | x_t, y) for standardised tokens x_s, x_t: (B, N, D); s, t: (B,). -> (B,)
+
+        T (B,) is the trajectory length, needed only by multi-T models.
+        """
+        if T is None and self.multi_T:
+            T = self.steps_tensor(x_s.shape[0], self.config.trajectory.T)
+        u_s, logdet = self.transporter(x_s, s, T)
+        u_t, _ = self.transporter(x_t, t, T)
+        mu, sigma = self.predictor(u_t, t, s, y, T)
         return gaussian_log_prob(u_s, mu, sigma) + logdet
 
     def trajectory_log_probs(self, X: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -106,59 +151,85 @@ class NTM(nn.Module):
         B, K = t.shape
         T = K - 1
         shape = X.shape[2:]
-        U, logdet = self.transporter(X[:, :T].reshape((B * T,) + shape), t[:, :T].reshape(-1))
+        TT = self.steps_tensor(B * T, T)
+        U, logdet = self.transporter(X[:, :T].reshape((B * T,) + shape), t[:, :T].reshape(-1), TT)
         U = U.reshape((B, T) + shape)
         inputs = torch.cat([U[:, 1:], X[:, T:].float()], dim=1)  # u_{t_k}, k = 1..T
         yk = None if y is None else y.repeat_interleave(T)
-        mu, sigma = self.predictor(inputs.reshape((B * T,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk)
+        mu, sigma = self.predictor(inputs.reshape((B * T,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
         logp = gaussian_log_prob(U.reshape((B * T,) + shape), mu, sigma) + logdet
         return logp.reshape(B, T)
 
     def pair_log_prob(self, X: Tensor, t: Tensor, k: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_{t_{k-1}} | x_{t_k}, y) for one step k (B,) in 1..T per sample. -> (B,)"""
         rows = torch.arange(X.shape[0], device=X.device)
-        return self.step_log_prob(X[rows, k - 1], X[rows, k], t[rows, k - 1], t[rows, k], y)
+        TT = self.steps_tensor(X.shape[0], t.shape[1] - 1)
+        return self.step_log_prob(X[rows, k - 1], X[rows, k], t[rows, k - 1], t[rows, k], y, TT)
 
     # ------------------------------------------------------------------------------------ train
+    def draw_training_noise(self, batch: int, generator: torch.Generator | None = None,
+                            device: torch.device | None = None) -> TrainingNoise:
+        """Draw every random choice of a training batch (see :class:`TrainingNoise`)."""
+        tc = self.config.trajectory
+        dev = device or self.device
+        Ts = torch.tensor(self.train_Ts, device=dev)
+        t_min = tc.t_min_low + (tc.t_min_high - tc.t_min_low) * torch.rand(batch, generator=generator, device=dev)
+        T = Ts[torch.randint(0, len(Ts), (batch,), generator=generator, device=dev)] if len(Ts) > 1 \
+            else Ts.expand(batch).clone()
+        drop = torch.rand(batch, generator=generator, device=dev) < self.config.class_dropout
+        eps = torch.randn((batch, int(Ts.max()) + 1, self.spec.num_tokens, self.spec.token_dim),
+                          generator=generator, device=dev)
+        k_unif = torch.rand(batch, generator=generator, device=dev)
+        return TrainingNoise(t_min, T, drop, eps, k_unif)
+
+    def forward(self, x0: Tensor, y: Tensor | None = None, noise: TrainingNoise | None = None,
+                mode: str = "e2e") -> Tensor:
+        """The training loss; see :meth:`loss`."""
+        return self.loss(x0, y, mode=mode, noise=noise)
+
     def loss(self, x0: Tensor, y: Tensor | None = None, mode: str = "e2e",
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, noise: TrainingNoise | None = None) -> Tensor:
         """Training loss: trajectory NLL per sample and dimension (nats), standardised tokens x0 (B, N, D).
 
         ``e2e`` sums all T step NLLs of each sampled trajectory; ``pairwise`` scores one uniformly drawn
-        step per sample, scaled by T (an unbiased estimate of the same sum).
+        step per sample, scaled by T (an unbiased estimate of the same sum). Multi-T models draw T per
+        sample. Randomness comes from ``noise`` or, if None, is drawn from ``generator``.
         """
-        B = x0.shape[0]
-        tc = self.config.trajectory
-        dev = x0.device
-        t_min = tc.t_min_low + (tc.t_min_high - tc.t_min_low) * torch.rand(B, generator=generator, device=dev)
-        t = self.grid(B, t_min)
-        if y is not None and self.spec.num_classes > 0 and self.config.class_dropout > 0:
-            drop = torch.rand(B, generator=generator, device=dev) < self.config.class_dropout
-            y = torch.where(drop, torch.full_like(y, self.spec.num_classes), y)
-        X = forward_trajectory(x0, t, generator=generator)
-        if mode == "e2e":
-            nll = -self.trajectory_log_probs(X, t, y).sum(1)
-        elif mode == "pairwise":
-            T = t.shape[1] - 1
-            k = torch.randint(1, T + 1, (B,), generator=generator, device=dev)
-            nll = -T * self.pair_log_prob(X, t, k, y)
-        else:
+        if mode not in ("e2e", "pairwise"):
             raise ValueError(f"unknown training mode '{mode}' (use 'e2e' or 'pairwise')")
+        B = x0.shape[0]
+        if noise is None:
+            noise = self.draw_training_noise(B, generator, x0.device)
+        if y is not None and self.spec.num_classes > 0 and self.config.class_dropout > 0:
+            y = torch.where(noise.drop, torch.full_like(y, self.spec.num_classes), y)
+        nll = torch.zeros(B, device=x0.device)
+        for T in torch.unique(noise.T).tolist():
+            idx = (noise.T == T).nonzero().squeeze(1)
+            yi = None if y is None else y[idx]
+            t = self.grid(len(idx), noise.t_min[idx], T=T)
+            X = forward_trajectory(x0[idx], t, noise=noise.eps[idx, : T + 1])
+            if mode == "e2e":
+                part = -self.trajectory_log_probs(X, t, yi).sum(1)
+            else:
+                k = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
+                part = -T * self.pair_log_prob(X, t, k, yi)
+            nll = nll.index_put((idx,), part)
         return nll.mean() / self.spec.dim
 
     # ----------------------------------------------------------------------- public conveniences
     def trajectory_nll(self, x: Tensor, y: Tensor | None = None, t_min: float | None = None,
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
         """Exact NLL (nats, raw data units) of one sampled forward trajectory per sample. x: raw (B, ...)."""
         from .likelihood import trajectory_nll
-        return trajectory_nll(self, x, y=y, t_min=t_min, generator=generator)
+        return trajectory_nll(self, x, y=y, t_min=t_min, generator=generator, steps=steps)
 
     def nll_bound(self, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
-                  importance_weighted: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Upper bound on -log p(x_0) in nats (raw data units), per sample (B,)."""
+                  importance_weighted: bool = False, generator: torch.Generator | None = None,
+                  steps: int | None = None) -> Tensor:
+        """Upper bound on -log p(x_0) in nats (raw data units), per sample (B,), with T = ``steps``."""
         from .likelihood import nll_bound
         return nll_bound(self, x, y=y, num_trajectories=num_trajectories,
-                         importance_weighted=importance_weighted, generator=generator)
+                         importance_weighted=importance_weighted, generator=generator, steps=steps)
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                t_min: float | None = None, generator: torch.Generator | None = None) -> Tensor:

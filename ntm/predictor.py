@@ -42,7 +42,8 @@ def gaussian_step(u_t: Tensor, t: Tensor, s: Tensor, x0_mean: Tensor, x0_var: Te
 class Predictor(nn.Module):
     """f_P(u_t, t, s, y) -> (mu_P, sigma_P), each (B, N, D) fp32. Label ``num_classes`` is the null label."""
 
-    def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0):
+    def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0,
+                 multi_T: bool = False):
         super().__init__()
         W = cfg.width
         self.clip = cfg.log_var_clip
@@ -52,6 +53,7 @@ class Predictor(nn.Module):
         self.pos = nn.Parameter(torch.randn(num_tokens, W) * 0.02)
         self.time_t = TimeEmbedding(W)
         self.time_s = TimeEmbedding(W)
+        self.steps = TimeEmbedding(W) if multi_T else None  # embeds 1/T when trained over several T
         self.label = nn.Embedding(num_classes + 1, W)
         nn.init.normal_(self.label.weight, std=0.02)
         self.net = Transformer(W, cfg.layers, cfg.heads, causal=False)
@@ -59,13 +61,19 @@ class Predictor(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """u_t: (B, N, D); t, s: (B,); y: (B,) int labels or None (null) -> (mu, sigma) (B, N, D)."""
+    def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
+                T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u_t: (B, N, D); t, s: (B,); y: (B,) int labels or None (null); T: (B,) trajectory length
+        (multi-T models only) -> (mu, sigma), each (B, N, D)."""
         B = u_t.shape[0]
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=u_t.device)
         u_t = u_t.float()
         cond = self.time_t(t) + self.time_s(s) + self.label(y)
+        if self.steps is not None:
+            if T is None:
+                raise ValueError("this predictor was trained over several T; pass T")
+            cond = cond + self.steps(1.0 / T.float())
         h = self.proj_in(u_t.to(self.proj_in.weight.dtype)) + self.pos + cond[:, None]
         out = self.proj_out(self.net(h)).float()
         f_mu, f_sigma = out.split(self.token_dim, dim=-1)
@@ -85,7 +93,7 @@ class GaussianDataPosterior(nn.Module):
         self.register_buffer("m", mean.float())
         self.register_buffer("v", var.float())
 
-    def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, T: Tensor | None = None):
         tt = _col(t)
         a = 1 - tt
         # x_t = a x_0 + t eps  =>  x_0 | x_t is Gaussian with precision 1/v + a^2 / t^2
@@ -123,7 +131,7 @@ class EmpiricalPosterior(nn.Module):
         shape = x_t.shape
         return torch.cat(means).reshape(shape).float(), torch.cat(variances).reshape(shape).float()
 
-    def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, T: Tensor | None = None):
         m, v = self.moments(x_t, t)
         return gaussian_step(x_t, t, s, m, v)
 

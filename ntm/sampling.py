@@ -21,12 +21,16 @@ def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float 
     spec = model.spec
     t_min = model.config.trajectory.sample_t_min if t_min is None else t_min
     t = model.grid(n, t_min, T=steps)
+    T = t.shape[1] - 1
+    if model.multi_T and T not in model.train_Ts:
+        raise ValueError(f"this model was trained for T in {list(model.train_Ts)}; got {T} steps")
+    TT = model.steps_tensor(n, T)
     dev = t.device
     shape = (n, spec.num_tokens, spec.token_dim)
     u = torch.randn(shape, generator=generator, device=dev)
     levels = [u]
     for k in range(t.shape[1] - 1, 0, -1):
-        mu, sigma = model.predict(u, t[:, k], t[:, k - 1], y, guidance)
+        mu, sigma = model.predict(u, t[:, k], t[:, k - 1], y, guidance, TT)
         u = mu + sigma * torch.randn(shape, generator=generator, device=dev)
         levels.append(u)
     return torch.stack(levels[::-1], dim=1), t
@@ -42,6 +46,6 @@ def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps:
     if y is not None and y.shape[0] != n:
         raise ValueError(f"got {y.shape[0]} labels for {n} samples")
     U, t = sample_u_trajectory(model, n, y, guidance, steps, t_min, generator)
-    x_t0 = model.transporter.inverse(U[:, 0], t[:, 0])
+    x_t0 = model.transporter.inverse(U[:, 0], t[:, 0], model.steps_tensor(n, t.shape[1] - 1))
     x0 = x_t0 / (1 - t[:, 0]).reshape(-1, 1, 1)
     return model.from_tokens(x0)

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoint import load_into, load_training, save_checkpoint
+from .checkpoint import load_training, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DataSource, to_tokens
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .model import NTM
+from .nn import Layer
 
 
 def default_device() -> torch.device:
@@ -43,6 +48,40 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
                                CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warmup), eta_min=cfg.min_lr)],
                          milestones=[warmup])
     return opt, sched
+
+
+class EMA:
+    """Exponential moving average of a model's parameters: ema <- decay * ema + (1 - decay) * p.
+
+    Kept as plain tensors shadowing ``model.parameters()`` so it works unchanged on FSDP2-sharded
+    (DTensor) parameters, where ``torch.optim.swa_utils.AveragedModel``'s deep copy does not.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded CPU copies (a collective under FSDP: call on every rank)."""
+        out = {}
+        for name, t in zip(self.names, self.shadow):
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            out[name] = full.detach().cpu()
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, (name, t) in enumerate(zip(self.names, self.shadow)):
+            full = state[name].to(device=t.device, dtype=t.dtype)
+            if hasattr(t, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+                full = distribute_tensor(full, t.device_mesh, t.placements)
+            self.shadow[i] = full.clone()
 
 
 class _StopFlag:
@@ -68,17 +107,89 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class _Dist:
+    """Process-group facts for ``torchrun`` (DDP over gloo on CPU, NCCL on CUDA); trivial otherwise."""
+
+    def __init__(self, device: torch.device | str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.active = self.world > 1
+        self.owns_group = False
+        if device is not None:
+            self.device = torch.device(device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank if self.active else 0)
+        else:
+            self.device = torch.device("cpu")
+        if self.active and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0.5)
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def _wrap(model: NTM, cfg: TrainConfig, ctx: _Dist) -> torch.nn.Module:
+    """The module the loss is called through: DDP or FSDP2 under torchrun, optionally compiled."""
+    net: torch.nn.Module = model
+    if ctx.active and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, Layer):
+                fully_shard(module)
+        fully_shard(model)
+    elif ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return net
+
+
 def train(model_config: ModelConfig | None, train_config: TrainConfig | None, source: DataSource,
           out_dir: str | Path, resume: bool = False, progress: bool = True,
           device: torch.device | str | None = None, batch_hook=None) -> dict:
     """Train an NTM into ``out_dir``; returns a summary dict.
 
-    With ``resume`` the configs stored in the run's last checkpoint are used (a ``train_config``
-    passed here may only repeat the same number of steps) and training continues exactly where the
-    checkpoint left off. ``batch_hook(step, x)`` may alter a raw batch (used by tests).
+    Under ``torchrun`` each of the W processes trains on its 1/W share of every global batch (same
+    data and noise stream on all ranks, sliced by rank) and rank 0 alone logs and checkpoints, so the
+    result matches one process with the whole batch. With ``resume`` the configs stored in the run's
+    last checkpoint are used (a ``train_config`` passed here may only repeat the same number of steps)
+    and training continues exactly where the checkpoint left off. ``batch_hook(step, x)`` may alter a
+    raw batch (used by tests).
     """
     out_dir = Path(out_dir)
-    device = torch.device(device) if device is not None else default_device()
     state = None
     if resume:
         ckpt, meta, model_config, cfg, state = load_training(out_dir)
@@ -94,34 +205,62 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
         cfg = train_config
     if cfg.mode not in ("e2e", "pairwise"):
         raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
+    ctx = _Dist(device)
+    try:
+        return _train_loop(model_config, cfg, source, out_dir, state, ckpt if resume else None, ctx,
+                           progress and ctx.is_main, batch_hook)
+    finally:
+        ctx.close()
+
+
+def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource, out_dir: Path, state, ckpt,
+                ctx: _Dist, progress: bool, batch_hook) -> dict:
+    if cfg.batch_size % ctx.world:
+        raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {ctx.world} processes")
+    local = cfg.batch_size // ctx.world
+    lo, hi = ctx.rank * local, (ctx.rank + 1) * local
+    device = ctx.device
     torch.manual_seed(cfg.seed)
     model = NTM(model_config).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    net = _wrap(model, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
     g_noise = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     step, skipped, elapsed = 0, 0, 0.0
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if state is not None:
-        load_into(model, ckpt / "train.safetensors")
-        load_into(ema.module, ckpt / "model.safetensors")
-        opt.load_state_dict(state["optimizer"])
+        try:
+            set_model_state_dict(model, load_file(str(ckpt / "train.safetensors")), options=full)
+            ema.load_full_state_dict(load_file(str(ckpt / "model.safetensors")))
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=full)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt}: cannot resume ({str(exc).splitlines()[0]})") from None
         sched.load_state_dict(state["scheduler"])
         g_data.set_state(state["data_rng"])
         g_noise.set_state(state["noise_rng"])
-        ema.n_averaged.fill_(state["ema_n_averaged"])
         step, skipped, elapsed = state["step"], state["skipped"], state.get("elapsed", 0.0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(out_dir / "metrics.jsonl", "a")
+    log_file = None
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(out_dir / "metrics.jsonl", "a")
     spec = model_config.data
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+        else torch.autocast("cpu", enabled=False)
 
     def checkpoint(at: int) -> None:
-        save_checkpoint(out_dir, at, model, ema.module, model_config, cfg, {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "data_rng": g_data.get_state(),
-            "noise_rng": g_noise.get_state(), "ema_n_averaged": int(ema.n_averaged), "step": at,
-            "skipped": skipped, "elapsed": elapsed})
+        # collectives first (every rank), then rank 0 writes
+        weights = get_model_state_dict(model, options=full)
+        averaged = ema.full_state_dict()
+        optim_state = get_optimizer_state_dict(model, opt, options=full)
+        if ctx.is_main:
+            save_checkpoint(out_dir, at, weights, averaged, model_config, cfg, {
+                "optimizer": optim_state, "scheduler": sched.state_dict(), "data_rng": g_data.get_state(),
+                "noise_rng": g_noise.get_state(), "step": at, "skipped": skipped, "elapsed": elapsed,
+                "world_size": ctx.world})
+        ctx.barrier()
 
-    model.train()
+    net.train()
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     last_loss = math.nan
@@ -129,40 +268,43 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
     with _StopFlag() as stop:
         while step < cfg.steps:
             x, y = source.sample(cfg.batch_size, g_data)
+            noise = model.draw_training_noise(cfg.batch_size, g_noise, device)
             if batch_hook is not None:
                 x = batch_hook(step, x)
-            x0 = to_tokens(x, spec).to(device)
-            y = None if y is None else y.to(device)
+            x0 = to_tokens(x[lo:hi], spec).to(device)
+            y = None if y is None else y[lo:hi].to(device)
             with autocast:
-                loss = model.loss(x0, y, mode=cfg.mode, generator=g_noise)
+                loss = net(x0, y, noise.shard(lo, hi), cfg.mode)
             opt.zero_grad(set_to_none=True)
-            ok = bool(torch.isfinite(loss))
+            ok = ctx.all_true(bool(torch.isfinite(loss)))
             if ok:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                ok = bool(torch.isfinite(grad_norm))
+                ok = ctx.all_true(bool(torch.isfinite(grad_norm)))
             if ok:
                 opt.step()
-                ema.update_parameters(model)
-                last_loss = float(loss.detach())
+                ema.update(model)
+                last_loss = ctx.mean(float(loss.detach()))
             else:
                 skipped += 1
                 opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
             elapsed = time.perf_counter() - t_start
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if log_file is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 rec = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0], "skipped": skipped,
                        "seconds": round(elapsed, 2)}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}", skipped=skipped)
             bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+            stopping = ctx.any_true(stop.requested)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 checkpoint(step)
-            if stop.requested:
+            if stopping:
                 break
     bar.close()
-    log_file.close()
+    if log_file is not None:
+        log_file.close()
     return {"steps": step, "skipped": skipped, "seconds": elapsed, "stopped": step < cfg.steps,
             "steps_this_run": step - start_step, "final_loss": last_loss}

@@ -81,15 +81,18 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
 
 
-def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None = None,
+                       noise: Tensor | None = None) -> Tensor:
     """Sample the Markov trajectory (x_{t_0}, ..., x_{t_T}) given clean data (Algorithm 1, lines 1-5).
 
-    x0: (B, N, D); t: (B, T + 1) ascending. Returns (B, T + 1, N, D) in fp32, with
-    x_{t_0} = (1 - t_0) x0 + t_0 eps_0 and x_{t_{k+1}} = alpha x_{t_k} + sigma eps_k.
+    x0: (B, N, D); t: (B, T + 1) ascending; ``noise`` (B, T + 1, N, D) standard normal, drawn from
+    ``generator`` when not given. Returns (B, T + 1, N, D) in fp32, with
+    x_{t_0} = (1 - t_0) x0 + t_0 eps_0 and x_{t_{k+1}} = alpha x_{t_k} + sigma eps_{k+1}.
     """
     x0 = x0.float()
     B, K = t.shape
-    noise = torch.randn((B, K) + x0.shape[1:], generator=generator, device=x0.device)
+    if noise is None:
+        noise = torch.randn((B, K) + x0.shape[1:], generator=generator, device=x0.device)
     levels = [_bcast(1 - t[:, 0], x0) * x0 + _bcast(t[:, 0], x0) * noise[:, 0]]
     for k in range(K - 1):
         alpha, sigma = markov_coefficients(t[:, k], t[:, k + 1])

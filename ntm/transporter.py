@@ -21,7 +21,7 @@ from .nn import TimeEmbedding, Transformer, soft_clip
 class AffineARBlock(nn.Module):
     """One causal affine block over N tokens of D channels, conditioned on the level time t."""
 
-    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool):
+    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool, multi_T: bool = False):
         super().__init__()
         W = cfg.width
         self.flip = flip
@@ -31,10 +31,19 @@ class AffineARBlock(nn.Module):
         self.start = nn.Parameter(torch.randn(1, 1, W) * 0.02)
         self.pos = nn.Parameter(torch.randn(num_tokens, W) * 0.02)
         self.time = TimeEmbedding(W)
+        self.steps = TimeEmbedding(W) if multi_T else None  # embeds 1/T when trained over several T
         self.net = Transformer(W, cfg.layers, cfg.heads, causal=True)
         self.proj_out = nn.Linear(W, 2 * token_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+
+    def _cond(self, t: Tensor, T: Tensor | None) -> Tensor:
+        emb = self.time(t)
+        if self.steps is not None:
+            if T is None:
+                raise ValueError("this transporter was trained over several T; pass T")
+            emb = emb + self.steps(1.0 / T.float())
+        return emb
 
     def _order(self, x: Tensor) -> Tensor:
         return x.flip(1) if self.flip else x
@@ -53,16 +62,16 @@ class AffineARBlock(nn.Module):
         n = h.shape[1]
         return h + self.pos[start:start + n] + temb[:, None]
 
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, N, D), t: (B,) -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
+    def forward(self, x: Tensor, t: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, N, D), t: (B,), T: (B,) or None -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
         xs = self._order(x.float())
-        temb = self.time(t)
+        temb = self._cond(t, T)
         h = self.net(self._embed_inputs(xs, temb, 0))
         log_scale, shift = self._affine(h)
         u = (xs - shift) * torch.exp(-log_scale)
         return self._order(u), -log_scale.flatten(1).sum(1)
 
-    def inverse(self, u: Tensor, t: Tensor, use_cache: bool = True) -> Tensor:
+    def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
         """Decode x from u token by token. u: (B, N, D), t: (B,) -> x: (B, N, D) fp32.
 
         With ``use_cache`` a preallocated KV cache is created here and passed explicitly to the
@@ -70,7 +79,7 @@ class AffineARBlock(nn.Module):
         """
         us = self._order(u.float())
         B, N, _ = us.shape
-        temb = self.time(t)
+        temb = self._cond(t, T)
         xs = torch.zeros_like(us)
         cache = self.net.new_cache(B, N, us.device) if use_cache else None
         for n in range(N):
@@ -90,21 +99,22 @@ class Transporter(nn.Module):
     With ``cfg.enabled`` False it is the identity everywhere (log-det 0).
     """
 
-    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int):
+    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, multi_T: bool = False):
         super().__init__()
         self.enabled = cfg.enabled
         n_blocks = cfg.blocks if cfg.enabled else 0
         self.blocks = nn.ModuleList(
-            AffineARBlock(cfg, num_tokens, token_dim, flip=bool(i % 2)) for i in range(n_blocks)
+            AffineARBlock(cfg, num_tokens, token_dim, flip=bool(i % 2), multi_T=multi_T) for i in range(n_blocks)
         )
 
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """u = f_T(x, t). x: (B, N, D), t: (B,) -> (u (B, N, D), log|det df_T/dx| (B,)), both fp32."""
+    def forward(self, x: Tensor, t: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u = f_T(x, t). x: (B, N, D), t: (B,), T: (B,) trajectory length (multi-T models only)
+        -> (u (B, N, D), log|det df_T/dx| (B,)), both fp32."""
         x = x.float()
         logdet = torch.zeros(x.shape[0], device=x.device)
         u = x
         for block in self.blocks:
-            u, ld = block(u, t)
+            u, ld = block(u, t, T)
             logdet = logdet + ld
         skip = t >= 1
         if skip.any():
@@ -112,12 +122,12 @@ class Transporter(nn.Module):
             logdet = torch.where(skip, torch.zeros_like(logdet), logdet)
         return u, logdet
 
-    def inverse(self, u: Tensor, t: Tensor, use_cache: bool = True) -> Tensor:
+    def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
         """x = f_T^{-1}(u, t), decoding each block autoregressively in reverse block order."""
         u = u.float()
         x = u
         for block in reversed(self.blocks):
-            x = block.inverse(x, t, use_cache=use_cache)
+            x = block.inverse(x, t, T, use_cache=use_cache)
         skip = t >= 1
         if skip.any():
             x = torch.where(skip[:, None, None], u, x)
