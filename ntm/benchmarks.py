@@ -38,18 +38,19 @@ BENCH_MODELS = ("ntm", "ntm-no-transporter", "gaussian-ceiling")
 
 
 def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds: tuple[int, ...],
-                 num_trajectories: int) -> dict:
-    """Bounds, energy distances and low-density fractions of one model on one toy."""
+                 num_trajectories: int, steps: int | None = None) -> dict:
+    """Bounds, energy distances and low-density fractions of one model on one toy, at T = ``steps``."""
     g = torch.Generator().manual_seed(2024)
     t0 = time.perf_counter()
-    elbo = model.nll_bound(held_out, num_trajectories=num_trajectories, generator=g)
-    iw = model.nll_bound(held_out, num_trajectories=num_trajectories, importance_weighted=True, generator=g)
+    elbo = model.nll_bound(held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
+    iw = model.nll_bound(held_out, num_trajectories=num_trajectories, importance_weighted=True, generator=g,
+                         steps=steps)
     eval_seconds = time.perf_counter() - t0
     eds, lows, samples_seconds = [], [], 0.0
     for seed in seeds:
         ref = open_source(name).held_out(n_samples, seed=10_000 + seed)[0]
         t0 = time.perf_counter()
-        xs = model.sample(n_samples, generator=torch.Generator().manual_seed(seed))
+        xs = model.sample(n_samples, steps=steps, generator=torch.Generator().manual_seed(seed))
         samples_seconds += time.perf_counter() - t0
         eds.append(energy_distance(xs, ref))
         if name == "checkerboard":
@@ -127,6 +128,45 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
     return results
 
 
+def run_multi_t_bench(out: str | Path, data: str = "checkerboard", Ts: tuple[int, ...] = (4, 8, 16),
+                      steps: int | None = None, n_eval: int = 5000, n_samples: int = 5000,
+                      seeds: tuple[int, ...] = (0, 1, 2), num_trajectories: int = 8,
+                      work_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """One model trained over T in ``Ts`` against one single-T model per T, same step budget.
+
+    Rows: ``ntm-multi-t`` evaluated at each T, and ``ntm`` trained at that T alone.
+    """
+    p = PRESETS["toy"]
+    train_cfg = p.train if steps is None else replace(p.train, steps=steps)
+    work = Path(work_dir) if work_dir else Path(out).with_suffix("") / "runs"
+    src = open_source(data)
+    spec = src.spec()
+    held_out = src.held_out(n_eval, seed=40_000)[0]
+    floor_ed = noise_floor(data, n_samples, seeds)
+    results = {"config": {"bench": "multi-t", "data": data, "Ts": list(Ts), "steps": train_cfg.steps,
+                          "batch_size": train_cfg.batch_size, "n_eval": n_eval, "n_samples": n_samples,
+                          "seeds": list(seeds), "num_trajectories": num_trajectories,
+                          "torch_threads": torch.get_num_threads()}, "rows": []}
+    variants = [("ntm-multi-t", replace(p.trajectory, T=Ts[0], train_Ts=tuple(Ts)), Ts)]
+    variants += [("ntm", replace(p.trajectory, T=T, train_Ts=()), (T,)) for T in Ts]
+    for label, traj, eval_Ts in variants:
+        cfg = ModelConfig(data=spec, trajectory=traj, transporter=p.transporter, predictor=p.predictor)
+        run_dir = work / (label if label != "ntm" else f"ntm-T{traj.T}")
+        summary = _finished_run(run_dir, cfg, train_cfg)
+        if summary is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+        model = NTM.from_pretrained(run_dir)
+        for T in eval_Ts:
+            row = evaluate_toy(model, data, held_out, n_samples, seeds, num_trajectories, steps=T)
+            row.update(model=label, data=data, steps=T, train_seconds=summary["seconds"],
+                       skipped_steps=summary["skipped"])
+            _finish_row(row, data, floor_ed)
+            results["rows"].append(row)
+            _write(out, results)
+    return results
+
+
 def _finished_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> dict | None:
     """The summary of a finished run with the same configs in ``run_dir``, else None (so an
     interrupted bench re-run skips the trainings it already completed)."""
@@ -164,12 +204,17 @@ def _write(out: str | Path, results: dict) -> None:
 
 def markdown_table(results: dict) -> str:
     """The bench results as a markdown table."""
-    lines = ["| data | model | NLL bound (gap to floor) | IW bound (gap) | energy dist. / noise floor | low-density frac. | train s | samples/s |",
-             "|---|---|---|---|---|---|---|---|"]
+    with_steps = any("steps" in r for r in results["rows"])
+    if with_steps:
+        lines = ["| data | model | T | NLL bound (gap to floor) | IW bound (gap) | energy dist. / noise floor | low-density frac. | train s | samples/s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| data | model | NLL bound (gap to floor) | IW bound (gap) | energy dist. / noise floor | low-density frac. | train s | samples/s |",
+                 "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         low = "n/a" if r["low_density_fraction"] is None else f"{100 * r['low_density_fraction']:.1f}%"
         lines.append(
-            f"| {r['data']} | {r['model']} | {r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f} ({r['bound_gap']:+.3f}) "
+            f"| {r['data']} | {r['model']} | " + (f"{r['steps']} | " if with_steps else "") + f"{r['nll_bound']:.3f} ± {r['nll_bound_se']:.3f} ({r['bound_gap']:+.3f}) "
             f"| {r['iw_bound']:.3f} ({r['iw_gap']:+.3f}) | {r['energy_distance']:.5f} / {r['ed_noise_floor']:.5f} "
             f"= {r['ed_ratio']:.2f}× | {low} | {r['train_seconds']:.0f} | {r['samples_per_s']:.0f} |")
     return "\n".join(lines) + "\n"

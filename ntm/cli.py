@@ -136,6 +136,7 @@ def evaluate(
     data: str = typer.Option(..., help="toy name (held-out samples) or a .npy/.csv file"),
     n: int = typer.Option(5000, min=1, help="held-out toy points to evaluate"),
     trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
+    steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
     seed: int = typer.Option(0, help="random seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -152,20 +153,23 @@ def evaluate(
     if tuple(x.shape[1:]) != tuple(model.spec.shape):
         raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
     g = torch.Generator().manual_seed(seed)
-    elbo = model.nll_bound(x, num_trajectories=trajectories, generator=g)
-    iw = model.nll_bound(x, num_trajectories=trajectories, importance_weighted=True, generator=g)
-    traj = model.trajectory_nll(x, generator=g)
+    if steps is not None and model.multi_T and steps not in model.train_Ts:
+        raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
+    elbo = model.nll_bound(x, num_trajectories=trajectories, generator=g, steps=steps)
+    iw = model.nll_bound(x, num_trajectories=trajectories, importance_weighted=True, generator=g, steps=steps)
+    traj = model.trajectory_nll(x, generator=g, steps=steps)
     m = x.shape[0]
     res = {"data": data, "n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(m)),
            "iw_bound_nats": float(iw.mean()), "iw_bound_se": float(iw.std() / math.sqrt(m)),
            "trajectory_nll_nats": float(traj.mean()), "trajectories": trajectories,
+           "steps": steps or model.config.trajectory.T,
            "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy else None}
     if as_json:
         typer.echo(json.dumps(res))
         return
     typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f} ± {res['nll_bound_se']:.4f} nats/sample  (ELBO, {trajectories} trajectories)")
     typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f} ± {res['iw_bound_se']:.4f} nats/sample")
-    typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({model.config.trajectory.T} steps)")
+    typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({res['steps']} steps)")
     if res["entropy_floor_nats"] is not None:
         floor = res["entropy_floor_nats"]
         typer.echo(f"entropy floor:         {floor:.4f} nats/sample  (bound gap {res['nll_bound_nats'] - floor:+.4f})")
@@ -199,6 +203,36 @@ def bench_toy(
     res = run_toy_bench(out, preset=preset, data=tuple(d.strip() for d in data.split(",") if d.strip()), steps=steps,
                         n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress,
                         models=tuple(m.strip() for m in models.split(",") if m.strip()))
+    typer.echo(markdown_table(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+@bench_app.command("multi-t")
+def bench_multi_t(
+    data: str = typer.Option("checkerboard", help="toy to train on"),
+    Ts: str = typer.Option("4,8,16", "--Ts", help="comma-separated trajectory lengths"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps per model (default: the toy preset's)"),
+    out: Optional[Path] = typer.Option(None, help="results JSON (default results/multi-t.json)"),
+    n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
+    n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
+    seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """One model trained over several T against single-T models of the same budget."""
+    from .benchmarks import markdown_table, run_multi_t_bench
+    from .data import TOY_NAMES
+
+    if data not in TOY_NAMES:
+        raise UsageProblem(f"unknown toy '{data}' (known: {', '.join(TOY_NAMES)})")
+    try:
+        t_list = tuple(int(v) for v in Ts.split(",") if v.strip())
+    except ValueError:
+        raise UsageProblem(f"--Ts must be comma-separated integers, got '{Ts}'") from None
+    if not t_list or min(t_list) < 1:
+        raise UsageProblem("--Ts needs at least one length >= 1")
+    out = out or Path("results") / "multi-t.json"
+    res = run_multi_t_bench(out, data=data, Ts=t_list, steps=steps, n_eval=n_eval, n_samples=n_samples,
+                            seeds=tuple(range(seeds)), progress=progress)
     typer.echo(markdown_table(res))
     typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 

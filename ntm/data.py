@@ -11,6 +11,7 @@ distribution in the limit but makes two finite sets independent.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +184,9 @@ def _load_csv(path: Path) -> np.ndarray:
         skip = 0
     except ValueError:
         skip = 1
-    arr = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
-    return arr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an empty table is reported by the shape check instead
+        return np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
 
 
 def open_source(name_or_path: str) -> DataSource:
