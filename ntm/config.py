@@ -133,6 +133,8 @@ PRESETS: dict[str, Preset] = {
                      "the toy preset with an 8-step trajectory"),
     "toy-paper-shift": Preset(TrajectoryConfig(T=4, shift=None), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
                               "the toy preset with the paper's length-dependent time shift"),
+    "toy-deep": Preset(TrajectoryConfig(T=4, shift=-1.0), TransporterConfig(blocks=4, layers=2, width=32, heads=4),
+                       _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a 4-block transporter"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "tiny": Preset(
