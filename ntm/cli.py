@@ -54,6 +54,7 @@ def train(
     seed: int = typer.Option(0, help="random seed"),
     mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
+    conditional: bool = typer.Option(False, help="toys only: train class-conditional on the square/component/moon/arm label"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
     fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
@@ -69,7 +70,10 @@ def train(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
-    source = open_source(data)
+    if resume:
+        from .checkpoint import load_training
+        conditional = load_training(out)[2].data.num_classes > 0 if out.exists() else conditional
+    source = open_source(data, conditional=conditional)
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
@@ -143,27 +147,28 @@ def evaluate(
     """Likelihood: the NLL bound of x_0 and the exact trajectory NLL, in nats per sample."""
     import torch
 
-    from .data import ENTROPY_FLOOR, open_source
+    from .data import ENTROPY_FLOOR, TOY_NAMES, open_source
     from .errors import DataError
     from .model import NTM
 
     model = NTM.from_pretrained(run)
-    source = open_source(data)
+    source = open_source(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
     x, y = source.held_out(n, seed=12345)
     if tuple(x.shape[1:]) != tuple(model.spec.shape):
         raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
     g = torch.Generator().manual_seed(seed)
     if steps is not None and model.multi_T and steps not in model.train_Ts:
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
-    elbo = model.nll_bound(x, num_trajectories=trajectories, generator=g, steps=steps)
-    iw = model.nll_bound(x, num_trajectories=trajectories, importance_weighted=True, generator=g, steps=steps)
-    traj = model.trajectory_nll(x, generator=g, steps=steps)
+    elbo = model.nll_bound(x, y=y, num_trajectories=trajectories, generator=g, steps=steps)
+    iw = model.nll_bound(x, y=y, num_trajectories=trajectories, importance_weighted=True, generator=g, steps=steps)
+    traj = model.trajectory_nll(x, y=y, generator=g, steps=steps)
     m = x.shape[0]
     res = {"data": data, "n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(m)),
            "iw_bound_nats": float(iw.mean()), "iw_bound_se": float(iw.std() / math.sqrt(m)),
            "trajectory_nll_nats": float(traj.mean()), "trajectories": trajectories,
            "steps": steps or model.config.trajectory.T,
-           "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy else None}
+           "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy and y is None else None,
+           "conditional": y is not None}
     if as_json:
         typer.echo(json.dumps(res))
         return

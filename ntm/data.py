@@ -27,11 +27,17 @@ TOY_NAMES = ("checkerboard", "8gaussians", "moons", "pinwheel", "2spirals")
 ENTROPY_FLOOR = {"checkerboard": math.log(32.0), "8gaussians": 2.831, "moons": 2.394, "pinwheel": 2.318, "2spirals": 2.642}
 
 
-def _checkerboard(n: int, g: torch.Generator) -> Tensor:
+# Each generator returns (points (n, 2), labels (n,)): the square, component, moon, arm or spiral of
+# every point, which class-conditional toy models use; the labels cost no extra random draws.
+
+
+def _checkerboard(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     x1 = torch.rand(n, generator=g) * 4 - 2
     x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
     x2 = x2 + torch.remainder(torch.floor(x1), 2)
-    return torch.stack([x1, x2], 1) * 2
+    x = torch.stack([x1, x2], 1) * 2
+    cell = (torch.floor(x / 2) + 2).long().clamp(0, 3)
+    return x, cell[:, 0] * 2 + cell[:, 1] // 2
 
 
 EIGHT_CENTERS = torch.tensor(
@@ -41,20 +47,21 @@ EIGHT_CENTERS = torch.tensor(
 EIGHT_STD = 0.5 / 1.414
 
 
-def _eight_gaussians(n: int, g: torch.Generator) -> Tensor:
+def _eight_gaussians(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     idx = torch.randint(0, 8, (n,), generator=g)
-    return EIGHT_CENTERS[idx] + torch.randn(n, 2, generator=g) * EIGHT_STD
+    return EIGHT_CENTERS[idx] + torch.randn(n, 2, generator=g) * EIGHT_STD, idx
 
 
-def _moons(n: int, g: torch.Generator) -> Tensor:
+def _moons(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     n_out = n // 2
     theta = torch.rand(n, generator=g) * math.pi
     outer = torch.stack([torch.cos(theta), torch.sin(theta)], 1)
     inner = torch.stack([1 - torch.cos(theta), 1 - torch.sin(theta) - 0.5], 1)
     pts = torch.cat([outer[:n_out], inner[n_out:]])
+    labels = torch.cat([torch.zeros(n_out, dtype=torch.long), torch.ones(n - n_out, dtype=torch.long)])
     pts = pts + torch.randn(n, 2, generator=g) * 0.1
-    pts = pts[torch.randperm(n, generator=g)]
-    return pts * 2 + torch.tensor([-1.0, -0.2])
+    perm = torch.randperm(n, generator=g)
+    return pts[perm] * 2 + torch.tensor([-1.0, -0.2]), labels[perm]
 
 
 def _pinwheel(n: int, g: torch.Generator) -> Tensor:
@@ -66,31 +73,40 @@ def _pinwheel(n: int, g: torch.Generator) -> Tensor:
     angles = rads[labels] + rate * torch.exp(feats[:, 0])
     c, s = torch.cos(angles), torch.sin(angles)
     rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (n, 2, 2)
-    return 2 * torch.einsum("ni,nij->nj", feats, rot)
+    return 2 * torch.einsum("ni,nij->nj", feats, rot), labels
 
 
-def _two_spirals(n: int, g: torch.Generator) -> Tensor:
+def _two_spirals(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     half = n // 2
     r = torch.sqrt(torch.rand(half, 1, generator=g)) * 540 * (2 * math.pi) / 360
     d1x = -torch.cos(r) * r + torch.rand(half, 1, generator=g) * 0.5
     d1y = torch.sin(r) * r + torch.rand(half, 1, generator=g) * 0.5
     arm = torch.cat([d1x, d1y], 1)
     x = torch.cat([arm, -arm]) / 3
-    x = torch.cat([x, x[: n - x.shape[0]]]) if x.shape[0] < n else x
+    labels = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(half, dtype=torch.long)])
+    if x.shape[0] < n:
+        x, labels = torch.cat([x, x[: n - x.shape[0]]]), torch.cat([labels, labels[: n - labels.shape[0]]])
     x = x + torch.randn(n, 2, generator=g) * 0.1
-    return x[torch.randperm(n, generator=g)]
+    perm = torch.randperm(n, generator=g)
+    return x[perm], labels[perm]
 
 
 _TOYS = {"checkerboard": _checkerboard, "8gaussians": _eight_gaussians, "moons": _moons,
          "pinwheel": _pinwheel, "2spirals": _two_spirals}
+TOY_CLASSES = {"checkerboard": 8, "8gaussians": 8, "moons": 2, "pinwheel": 5, "2spirals": 2}
 
 
-def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """n points (n, 2) of a named 2-D toy distribution."""
+def sample_toy_labeled(name: str, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """n points (n, 2) of a named 2-D toy and their class labels (n,) (see ``TOY_CLASSES``)."""
     if name not in _TOYS:
         raise DataError(f"unknown data set '{name}' (known: {', '.join(TOY_NAMES)}, or a .npy/.csv file)")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     return _TOYS[name](n, g)
+
+
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n points (n, 2) of a named 2-D toy distribution."""
+    return sample_toy_labeled(name, n, generator)[0]
 
 
 def toy_log_density(name: str, x: Tensor) -> Tensor:
@@ -112,10 +128,12 @@ class DataSource:
     ``sample(n, generator)`` returns (raw (n, *shape), labels (n,) or None).
     """
 
-    def __init__(self, name: str, array: Tensor | None = None, labels: Tensor | None = None):
+    def __init__(self, name: str, array: Tensor | None = None, labels: Tensor | None = None,
+                 conditional: bool = False):
         self.name = name
         self.array = array
         self.labels = labels
+        self.conditional = conditional and array is None  # toys: also yield class labels
 
     @property
     def is_toy(self) -> bool:
@@ -123,14 +141,16 @@ class DataSource:
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         if self.array is None:
-            return sample_toy(self.name, n, generator), None
+            x, y = sample_toy_labeled(self.name, n, generator)
+            return x, (y if self.conditional else None)
         idx = torch.randint(0, self.array.shape[0], (n,), generator=generator)
         return self.array[idx], None if self.labels is None else self.labels[idx]
 
     def held_out(self, n: int, seed: int = 12345) -> tuple[Tensor, Tensor | None]:
         """An evaluation set: fresh toy samples from a fixed seed far from training, or the whole file."""
         if self.array is None:
-            return sample_toy(self.name, n, torch.Generator().manual_seed(seed)), None
+            x, y = sample_toy_labeled(self.name, n, torch.Generator().manual_seed(seed))
+            return x, (y if self.conditional else None)
         return self.array, self.labels
 
     def spec(self, n_stats: int = 100_000) -> DataSpec:
@@ -138,7 +158,10 @@ class DataSource:
         x = self.array if self.array is not None else sample_toy(self.name, n_stats, torch.Generator().manual_seed(777))
         mean = x.double().mean(0)
         std = x.double().std(0).clamp_min(1e-6)
-        num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
+        if self.array is None:
+            num_classes = TOY_CLASSES[self.name] if self.conditional else 0
+        else:
+            num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
         return DataSpec(name=self.name, kind="vector", shape=tuple(x.shape[1:]),
                         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), num_classes=num_classes)
 
@@ -189,10 +212,12 @@ def _load_csv(path: Path) -> np.ndarray:
         return np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
 
 
-def open_source(name_or_path: str) -> DataSource:
-    """A toy by name, or a user's .npy/.csv file of 2-D points."""
+def open_source(name_or_path: str, conditional: bool = False) -> DataSource:
+    """A toy by name (with class labels if ``conditional``), or a user's .npy/.csv file of 2-D points."""
     if name_or_path in _TOYS:
-        return DataSource(name_or_path)
+        return DataSource(name_or_path, conditional=conditional)
+    if conditional:
+        raise DataError("--conditional needs a toy data set (user files carry no labels)")
     if name_or_path.lower().endswith((".npy", ".csv")) or Path(name_or_path).exists():
         return DataSource(Path(name_or_path).stem, load_array(name_or_path))
     raise DataError(f"unknown data set '{name_or_path}' (known: {', '.join(TOY_NAMES)}, or a .npy/.csv file)")

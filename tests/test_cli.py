@@ -151,3 +151,20 @@ def test_corrupt_and_foreign_checkpoints(tiny_run, tmp_path, capsys):
     plain.mkdir()
     code, _, err = run(capsys, "sample", str(plain), "--n", "5", "--out", out)
     assert_one_error_line(code, err, "not an ntm run")
+
+
+def test_conditional_toy_with_guidance(tmp_path, capsys):
+    run_dir = tmp_path / "cond"
+    code, _, err = run(capsys, "train", "--data", "8gaussians", "--conditional", "--preset", "tiny", "--out",
+                       str(run_dir), "--no-progress")
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", str(run_dir), "--n", "40", "--class", "3", "--guidance", "2.0",
+                       "--out", str(tmp_path / "c.npy"))
+    assert code == 0, err
+    assert np.load(tmp_path / "c.npy").shape == (40, 2)
+    code, out, _ = run(capsys, "eval", str(run_dir), "--data", "8gaussians", "--n", "100", "--trajectories", "2", "--json")
+    assert code == 0 and json.loads(out)["conditional"] is True
+    code, _, err = run(capsys, "sample", str(run_dir), "--n", "4", "--class", "8", "--out", str(tmp_path / "d.npy"))
+    assert_one_error_line(code, err, "class labels")
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "c.npy"), "--conditional", "--out", str(tmp_path / "u"))
+    assert_one_error_line(code, err, "conditional")

@@ -82,3 +82,18 @@ def test_spec_json_round_trip():
     assert model_config_from_dict(to_dict(cfg)) == cfg
     with pytest.raises(ValueError):
         model_config_from_dict({"bogus": 1})
+
+
+def test_toy_labels_identify_the_component():
+    from ntm.data import EIGHT_CENTERS, TOY_CLASSES, sample_toy_labeled
+    g = torch.Generator().manual_seed(0)
+    x, y = sample_toy_labeled("8gaussians", 5000, g)
+    nearest = torch.cdist(x, EIGHT_CENTERS).argmin(1)
+    assert float((nearest == y).double().mean()) > 0.99
+    x, y = sample_toy_labeled("checkerboard", 5000, g)
+    cell = (torch.floor(x / 2) + 2).long()
+    assert torch.equal(y, cell[:, 0] * 2 + cell[:, 1] // 2) and set(y.tolist()) == set(range(8))
+    for name, k in TOY_CLASSES.items():
+        x, y = sample_toy_labeled(name, 1000, torch.Generator().manual_seed(1))
+        assert torch.equal(x, sample_toy(name, 1000, torch.Generator().manual_seed(1)))  # labels cost no draws
+        assert y.min() >= 0 and y.max() == k - 1
