@@ -120,7 +120,8 @@ def sample(
         _fresh_output_file(png, overwrite)
     if guidance != 0.0 and class_label is None:
         raise UsageProblem("--guidance needs --class")
-    model = NTM.from_pretrained(run)
+    from .training import default_device
+    model = NTM.from_pretrained(run, map_location=default_device())
     y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
     x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=torch.Generator().manual_seed(seed))
     arr = x.cpu().numpy()
@@ -151,7 +152,8 @@ def evaluate(
     from .errors import DataError
     from .model import NTM
 
-    model = NTM.from_pretrained(run)
+    from .training import default_device
+    model = NTM.from_pretrained(run, map_location=default_device())
     source = open_source(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
     x, y = source.held_out(n, seed=12345)
     if tuple(x.shape[1:]) != tuple(model.spec.shape):

@@ -20,7 +20,7 @@ from . import data as data_mod
 from .config import ModelConfig
 from .guidance import product_rule
 from .predictor import Predictor, gaussian_log_prob
-from .trajectory import forward_trajectory, shift_for_length, time_grid
+from .trajectory import forward_trajectory, rand, randn, shift_for_length, time_grid
 from .transporter import Transporter
 
 
@@ -173,13 +173,11 @@ class NTM(nn.Module):
         tc = self.config.trajectory
         dev = device or self.device
         Ts = torch.tensor(self.train_Ts, device=dev)
-        t_min = tc.t_min_low + (tc.t_min_high - tc.t_min_low) * torch.rand(batch, generator=generator, device=dev)
-        T = Ts[torch.randint(0, len(Ts), (batch,), generator=generator, device=dev)] if len(Ts) > 1 \
-            else Ts.expand(batch).clone()
-        drop = torch.rand(batch, generator=generator, device=dev) < self.config.class_dropout
-        eps = torch.randn((batch, int(Ts.max()) + 1, self.spec.num_tokens, self.spec.token_dim),
-                          generator=generator, device=dev)
-        k_unif = torch.rand(batch, generator=generator, device=dev)
+        t_min = tc.t_min_low + (tc.t_min_high - tc.t_min_low) * rand((batch,), generator, dev)
+        T = Ts[(rand((batch,), generator, dev) * len(Ts)).long().clamp(max=len(Ts) - 1)]
+        drop = rand((batch,), generator, dev) < self.config.class_dropout
+        eps = randn((batch, int(Ts.max()) + 1, self.spec.num_tokens, self.spec.token_dim), generator, dev)
+        k_unif = rand((batch,), generator, dev)
         return TrainingNoise(t_min, T, drop, eps, k_unif)
 
     def forward(self, x0: Tensor, y: Tensor | None = None, noise: TrainingNoise | None = None,

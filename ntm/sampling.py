@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .trajectory import randn
+
 
 @torch.no_grad()
 def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
@@ -27,11 +29,11 @@ def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float 
     TT = model.steps_tensor(n, T)
     dev = t.device
     shape = (n, spec.num_tokens, spec.token_dim)
-    u = torch.randn(shape, generator=generator, device=dev)
+    u = randn(shape, generator, dev)
     levels = [u]
     for k in range(t.shape[1] - 1, 0, -1):
         mu, sigma = model.predict(u, t[:, k], t[:, k - 1], y, guidance, TT)
-        u = mu + sigma * torch.randn(shape, generator=generator, device=dev)
+        u = mu + sigma * randn(shape, generator, dev)
         levels.append(u)
     return torch.stack(levels[::-1], dim=1), t
 

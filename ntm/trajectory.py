@@ -76,6 +76,21 @@ def trajectory_covariance(t: Tensor) -> Tensor:
     return torch.where(at_one, torch.ones_like(S), S)
 
 
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard normal noise drawn on the generator's own device, then moved to ``device``.
+
+    So a CPU ``torch.Generator`` gives the same numbers whether the model runs on CPU or CUDA.
+    """
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniform [0, 1) noise drawn on the generator's device, then moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
     """Reshape per-sample values (B,) to broadcast against (B, ...)."""
     return v.reshape(v.shape + (1,) * (like.dim() - v.dim()))
@@ -92,7 +107,7 @@ def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None 
     x0 = x0.float()
     B, K = t.shape
     if noise is None:
-        noise = torch.randn((B, K) + x0.shape[1:], generator=generator, device=x0.device)
+        noise = randn((B, K) + x0.shape[1:], generator, x0.device)
     levels = [_bcast(1 - t[:, 0], x0) * x0 + _bcast(t[:, 0], x0) * noise[:, 0]]
     for k in range(K - 1):
         alpha, sigma = markov_coefficients(t[:, k], t[:, k + 1])
