@@ -107,6 +107,7 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             run_dir = work / name / label
             summary = _finished_run(run_dir, cfg, train_cfg)
             if summary is None:  # train afresh (an unfinished or different run is replaced)
+                _replaceable_run(run_dir)
                 shutil.rmtree(run_dir, ignore_errors=True)
                 summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
             model = NTM.from_pretrained(run_dir)
@@ -154,6 +155,7 @@ def run_multi_t_bench(out: str | Path, data: str = "checkerboard", Ts: tuple[int
         run_dir = work / (label if label != "ntm" else f"ntm-T{traj.T}")
         summary = _finished_run(run_dir, cfg, train_cfg)
         if summary is None:
+            _replaceable_run(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
             summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
         model = NTM.from_pretrained(run_dir)
@@ -165,6 +167,31 @@ def run_multi_t_bench(out: str | Path, data: str = "checkerboard", Ts: tuple[int
             results["rows"].append(row)
             _write(out, results)
     return results
+
+
+def check_bench_output(out: Path) -> None:
+    """Refuse an output that is not a .json path or would replace a file that is not a bench result."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ConfigError(f"the bench output must be a .json file, got {out}")
+    for f in (out, out.with_suffix(".md")):
+        if f.exists() and not _is_bench_output(f, out):
+            raise ConfigError(f"{f} exists and is not a previous bench result; choose another --out")
+
+
+def _is_bench_output(f: Path, out: Path) -> bool:
+    try:
+        res = json.loads(out.read_text())
+        ok = isinstance(res, dict) and "rows" in res and "config" in res
+    except (OSError, ValueError):
+        return False
+    return ok and (f == out or f.read_text().startswith("| data | model |"))
+
+
+def _replaceable_run(run_dir: Path) -> None:
+    """A bench work folder may be replaced only if it is (the start of) an ntm run."""
+    if run_dir.exists() and not ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()):
+        raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
 def _finished_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> dict | None:

@@ -43,6 +43,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def _write_bytes(path: Path, payload: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(payload)
@@ -70,15 +75,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, ema,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_state_dict(ema), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    save_file(_state_dict(model), str(tmp / "train.safetensors"), metadata={"format": FORMAT})
+    for stem, weights in (("model", ema), ("train", model)):
+        save_file(_state_dict(weights), str(tmp / f"{stem}.safetensors"), metadata={"format": FORMAT})
+        _fsync_file(tmp / f"{stem}.safetensors")
     meta = {"format": FORMAT, "version": VERSION, "step": step, "model": to_dict(model_config),
             "train": None if train_config is None else to_dict(train_config)}
     _write_bytes(tmp / "config.json", json.dumps(meta, indent=2).encode())
     if state is not None:
         torch.save(state, tmp / "state.pt")
-        with open(tmp / "state.pt", "rb+") as fh:
-            os.fsync(fh.fileno())
+        _fsync_file(tmp / "state.pt")
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -150,7 +155,10 @@ def load_model(path: str | Path, map_location: str | torch.device | None = None,
         config = model_config_from_dict(meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: invalid model config ({exc})") from None
-    model = NTM(config)
+    try:
+        model = NTM(config)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as exc:
+        raise CheckpointError(f"{ckpt}: cannot build the model from its config ({exc})") from None
     load_into(model, ckpt / f"{weights}.safetensors")
     model.eval()
     if map_location is not None:

@@ -104,7 +104,7 @@ def sample(
     seed: int = typer.Option(0, help="random seed"),
     png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
-    guidance: float = typer.Option(0.0, help="product-rule guidance scale w (needs --class)"),
+    guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
     t_min: Optional[float] = typer.Option(None, help="final trajectory time t_0 (default: the model's)"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):
@@ -147,6 +147,7 @@ def evaluate(
     n: int = typer.Option(5000, min=1, help="held-out toy points (or test images) to evaluate"),
     trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
     steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
+    t_min: Optional[float] = typer.Option(None, help="t_0 of the trajectory NLL (default: the model's sampling t_min; the bound always uses 0)"),
     seed: int = typer.Option(0, help="random seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -170,12 +171,13 @@ def evaluate(
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
     elbo = model.nll_bound(x, y=y, num_trajectories=trajectories, generator=g, steps=steps)
     iw = model.nll_bound(x, y=y, num_trajectories=trajectories, importance_weighted=True, generator=g, steps=steps)
-    traj = model.trajectory_nll(x, y=y, generator=g, steps=steps)
+    traj = model.trajectory_nll(x, y=y, generator=g, steps=steps, t_min=t_min)
     m = x.shape[0]
     res = {"data": data, "n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(m)),
            "iw_bound_nats": float(iw.mean()), "iw_bound_se": float(iw.std() / math.sqrt(m)),
            "trajectory_nll_nats": float(traj.mean()), "trajectories": trajectories,
            "steps": steps or model.config.trajectory.T,
+           "trajectory_t_min": model.config.trajectory.sample_t_min if t_min is None else t_min,
            "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy and y is None else None,
            "conditional": y is not None}
     if model.spec.kind == "image":
@@ -217,10 +219,16 @@ def bench_toy(
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
-    from .benchmarks import markdown_table, run_toy_bench
+    from .benchmarks import check_bench_output, markdown_table, run_toy_bench
+    from .data import TOY_NAMES
 
+    names = tuple(d.strip() for d in data.split(",") if d.strip())
+    unknown = [d for d in names if d not in TOY_NAMES]
+    if unknown or not names:
+        raise UsageProblem(f"unknown toy(s) {', '.join(unknown) or '(none)'} (known: {', '.join(TOY_NAMES)})")
     out = out or Path("results") / f"{preset}.json"
-    res = run_toy_bench(out, preset=preset, data=tuple(d.strip() for d in data.split(",") if d.strip()), steps=steps,
+    check_bench_output(out)
+    res = run_toy_bench(out, preset=preset, data=names, steps=steps,
                         n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress,
                         models=tuple(m.strip() for m in models.split(",") if m.strip()))
     typer.echo(markdown_table(res))
@@ -239,7 +247,7 @@ def bench_multi_t(
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """One model trained over several T against single-T models of the same budget."""
-    from .benchmarks import markdown_table, run_multi_t_bench
+    from .benchmarks import check_bench_output, markdown_table, run_multi_t_bench
     from .data import TOY_NAMES
 
     if data not in TOY_NAMES:
@@ -251,6 +259,7 @@ def bench_multi_t(
     if not t_list or min(t_list) < 1:
         raise UsageProblem("--Ts needs at least one length >= 1")
     out = out or Path("results") / "multi-t.json"
+    check_bench_output(out)
     res = run_multi_t_bench(out, data=data, Ts=t_list, steps=steps, n_eval=n_eval, n_samples=n_samples,
                             seeds=tuple(range(seeds)), progress=progress)
     typer.echo(markdown_table(res))
@@ -275,13 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, EOFError):
         print("ntm: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:  # typer/click Exit and Abort are RuntimeErrors in recent releases
-        if type(exc).__name__ == "Exit":
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        if type(exc).__name__ == "Exit":  # typer/click Exit and Abort are RuntimeErrors in recent releases
             return int(getattr(exc, "exit_code", 0))
         if type(exc).__name__ == "Abort":
             print("ntm: interrupted", file=sys.stderr)
             return 130
-        raise
+        if os.environ.get("NTM_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"ntm: error: unexpected {exc.__class__.__name__}: {msg} (set NTM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

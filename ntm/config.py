@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,40 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """Validate one JSON value against a dataclass field's type hint; returns the converted value."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(h for h in options if h is not type(None))
+        origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"field '{name}' must be a list, got {type(value).__name__}")
+        args = get_args(hint)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if item is None and len(args) != len(value):
+            raise ValueError(f"field '{name}' must have {len(args)} entries, got {len(value)}")
+        return tuple(_check_type(name, v, item if item is not None else a)
+                     for v, a in zip(value, [item] * len(value) if item is not None else args))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"field '{name}' has an invalid value {value!r}")
+    return value
+
+
 def _build(cls: type, data: Any) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
@@ -172,16 +208,30 @@ def _build(cls: type, data: Any) -> Any:
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if is_dataclass(hint):
-            value = _build(hint, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
+        kwargs[name] = _build(hint, value) if is_dataclass(hint) else _check_type(name, value, hint)
     return cls(**kwargs)
 
 
 def model_config_from_dict(data: dict) -> ModelConfig:
-    return _build(ModelConfig, data)
+    cfg = _build(ModelConfig, data)
+    validate_model_config(cfg)
+    return cfg
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError for sizes no network can be built from."""
+    d, tr, pr, tj = cfg.data, cfg.transporter, cfg.predictor, cfg.trajectory
+    if d.kind not in ("vector", "image") or not d.shape or min(d.shape) < 1 or d.patch < 1:
+        raise ValueError(f"invalid data layout {d.kind} {d.shape} (patch {d.patch})")
+    if d.kind == "vector" and (len(d.mean) != d.shape[0] or len(d.std) != d.shape[0] or min(d.std) <= 0):
+        raise ValueError("data mean/std do not match the data shape")
+    if d.kind == "image" and (len(d.shape) != 3 or d.shape[1] % d.patch or d.shape[2] % d.patch):
+        raise ValueError(f"image shape {d.shape} does not fit patch {d.patch}")
+    for name, net in (("transporter", tr), ("predictor", pr)):
+        if net.width < 1 or net.heads < 1 or net.width % net.heads or net.layers < 0:
+            raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
+    if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts) or d.num_classes < 0:
+        raise ValueError("invalid block count, trajectory length or class count")
 
 
 def train_config_from_dict(data: dict) -> TrainConfig:

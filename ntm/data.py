@@ -157,7 +157,9 @@ class DataSource:
         """Token layout and standardisation statistics of this source."""
         x = self.array if self.array is not None else sample_toy(self.name, n_stats, torch.Generator().manual_seed(777))
         mean = x.double().mean(0)
-        std = x.double().std(0).clamp_min(1e-6)
+        std = x.double().std(0)
+        if (std <= 1e-12 * (1 + mean.abs())).any():
+            raise DataError(f"{self.name}: a column is constant; a density over it is not defined")
         if self.array is None:
             num_classes = TOY_CLASSES[self.name] if self.conditional else 0
         else:

@@ -20,7 +20,7 @@ from . import data as data_mod
 from .config import ModelConfig
 from .guidance import product_rule
 from .predictor import Predictor, gaussian_log_prob
-from .trajectory import forward_trajectory, rand, randn, shift_for_length, time_grid
+from .trajectory import first_level, forward_trajectory, rand, randn, shift_for_length, time_grid
 from .transporter import Transporter
 
 
@@ -90,10 +90,14 @@ class NTM(nn.Module):
     def grid(self, batch: int, t_min: Tensor | float, T: int | None = None) -> Tensor:
         """Trajectory times (B, T + 1), ascending from t_min to 1."""
         T = T or self.config.trajectory.T
-        if T < 1:
-            raise ValueError("the number of steps T must be at least 1")
+        if isinstance(t_min, Tensor) and t_min.numel() == 0:
+            return torch.zeros(0, T + 1, device=self.device)
         t = time_grid(T, t_min, self.time_shift, batch=batch)
         return t.to(self.device)
+
+    def t_min_high(self, T: int) -> float:
+        """Upper end of the training t_min range for T steps: min(t_min_high, t_1(T) / 2)."""
+        return min(self.config.trajectory.t_min_high, 0.5 * first_level(T, self.time_shift))
 
     def steps_tensor(self, batch: int, T: int) -> Tensor | None:
         """The T input of multi-T networks, (B,) float; None for single-T models."""
@@ -120,6 +124,8 @@ class NTM(nn.Module):
     def predict(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, guidance: float = 0.0,
                 T: Tensor | None = None):
         """(mu_P, sigma_P) of u_s, with product-rule guidance of scale ``guidance`` when y is given."""
+        if guidance < 0 or guidance != guidance:
+            raise ValueError(f"the guidance scale must be >= 0, got {guidance}")
         if y is None or guidance == 0.0:
             return self.predictor(u_t, t, s, y, T)
         B = u_t.shape[0]
@@ -173,8 +179,11 @@ class NTM(nn.Module):
         tc = self.config.trajectory
         dev = device or self.device
         Ts = torch.tensor(self.train_Ts, device=dev)
-        t_min = tc.t_min_low + (tc.t_min_high - tc.t_min_low) * rand((batch,), generator, dev)
         T = Ts[(rand((batch,), generator, dev) * len(Ts)).long().clamp(max=len(Ts) - 1)]
+        # t_min ~ U[lo, hi_T] with hi_T = min(t_min_high, t_1(T) / 2), so t_0 < t_1 even for long grids
+        hi = torch.tensor([self.t_min_high(int(v)) for v in self.train_Ts], device=dev)[
+            (T[:, None] == Ts[None]).float().argmax(1)]
+        t_min = tc.t_min_low + (hi - tc.t_min_low).clamp_min(0) * rand((batch,), generator, dev)
         drop = rand((batch,), generator, dev) < self.config.class_dropout
         eps = randn((batch, int(Ts.max()) + 1, self.spec.num_tokens, self.spec.token_dim), generator, dev)
         k_unif = rand((batch,), generator, dev)
@@ -201,7 +210,9 @@ class NTM(nn.Module):
         if y is not None and self.spec.num_classes > 0 and self.config.class_dropout > 0:
             y = torch.where(noise.drop, torch.full_like(y, self.spec.num_classes), y)
         nll = torch.zeros(B, device=x0.device)
-        for T in torch.unique(noise.T).tolist():
+        # a fixed order over all trained lengths (empty groups included) keeps the sequence of forward
+        # passes identical on every process, which FSDP's collectives require
+        for T in self.train_Ts:
             idx = (noise.T == T).nonzero().squeeze(1)
             yi = None if y is None else y[idx]
             t = self.grid(len(idx), noise.t_min[idx], T=T)

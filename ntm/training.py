@@ -51,20 +51,29 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
 
 class EMA:
-    """Exponential moving average of a model's parameters: ema <- decay * ema + (1 - decay) * p.
+    """Exponential moving average of a model's parameters, with warm-up:
 
-    Kept as plain tensors shadowing ``model.parameters()`` so it works unchanged on FSDP2-sharded
-    (DTensor) parameters, where ``torch.optim.swa_utils.AveragedModel``'s deep copy does not.
+        ema <- d_n ema + (1 - d_n) p,    d_n = min(decay, (1 + n) / (10 + n)),  n = updates so far,
+
+    so short runs are not dominated by the initial weights. Kept as plain tensors shadowing
+    ``model.parameters()`` so it works unchanged on FSDP2-sharded (DTensor) parameters, where
+    ``torch.optim.swa_utils.AveragedModel``'s deep copy does not.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for p in model.parameters()]
 
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        d = self.current_decay()
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - d)
+        self.updates += 1
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded CPU copies (a collective under FSDP: call on every rank)."""
@@ -158,6 +167,19 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def _check_same_data(saved, now) -> None:
+    """Refuse to resume a run on different data (name, layout or standardisation)."""
+    from .data import TOY_NAMES
+
+    same = (saved.name == now.name and saved.kind == now.kind and tuple(saved.shape) == tuple(now.shape)
+            and saved.num_classes == now.num_classes)
+    if same and now.name not in TOY_NAMES:  # a user's file: its statistics identify it (toys: the name does)
+        same = all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(saved.mean + saved.std, now.mean + now.std))
+    if not same:
+        raise ConfigError(f"the run was trained on '{saved.name}' {tuple(saved.shape)}; the data given are "
+                          f"'{now.name}' {tuple(now.shape)} with other statistics or labels")
+
+
 def _wrap(model: NTM, cfg: TrainConfig, ctx: _Dist) -> torch.nn.Module:
     """The module the loss is called through: DDP or FSDP2 under torchrun, optionally compiled."""
     net: torch.nn.Module = model
@@ -196,9 +218,7 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
         if train_config is not None and train_config.steps != cfg.steps:
             raise ConfigError(f"this run was configured for {cfg.steps} steps; resume continues to that "
                               f"(start a new run to train for {train_config.steps})")
-        if tuple(source.spec().shape) != tuple(model_config.data.shape):
-            raise ConfigError(f"the run was trained on samples of shape {model_config.data.shape}, "
-                              f"the data have {source.spec().shape}")
+        _check_same_data(model_config.data, source.spec())
     else:
         if model_config is None or train_config is None:
             raise ConfigError("a new run needs a model and a training config")
@@ -233,13 +253,15 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
         try:
             set_model_state_dict(model, load_file(str(ckpt / "train.safetensors")), options=full)
             ema.load_full_state_dict(load_file(str(ckpt / "model.safetensors")))
+            ema.updates = int(state.get("ema_updates", 0))
             set_optimizer_state_dict(model, opt, state["optimizer"], options=full)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{ckpt}: cannot resume ({str(exc).splitlines()[0]})") from None
-        sched.load_state_dict(state["scheduler"])
-        g_data.set_state(state["data_rng"])
-        g_noise.set_state(state["noise_rng"])
-        step, skipped, elapsed = state["step"], state["skipped"], state.get("elapsed", 0.0)
+            sched.load_state_dict(state["scheduler"])
+            g_data.set_state(state["data_rng"])
+            g_noise.set_state(state["noise_rng"])
+            step, skipped, elapsed = int(state["step"]), int(state["skipped"]), float(state.get("elapsed", 0.0))
+        except Exception as exc:  # a truncated or foreign file can fail in many ways; all mean "cannot resume"
+            msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise CheckpointError(f"{ckpt}: cannot resume ({msg})") from None
     log_file = None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,9 +279,11 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
             save_checkpoint(out_dir, at, weights, averaged, model_config, cfg, {
                 "optimizer": optim_state, "scheduler": sched.state_dict(), "data_rng": g_data.get_state(),
                 "noise_rng": g_noise.get_state(), "step": at, "skipped": skipped, "elapsed": elapsed,
-                "world_size": ctx.world})
+                "ema_updates": ema.updates, "world_size": ctx.world})
         ctx.barrier()
 
+    if state is None:
+        checkpoint(0)  # a run folder always holds a resumable checkpoint, even if killed at once
     net.train()
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)

@@ -19,17 +19,33 @@ def shift_for_length(num_tokens: int) -> float:
     return 0.5 + 0.65 * (num_tokens - 256) / (4096 - 256)
 
 
-def time_grid(T: int, t_min: Tensor | float, shift: float, batch: int | None = None) -> Tensor:
-    """Ascending trajectory times (t_min, t_1, ..., t_T = 1).
-
-    The base grid k / T, k = 1..T, is warped by t = e^mu / (e^mu + 1 / t_base - 1). ``t_min`` is a
-    float or a per-sample tensor of shape (B,). Returns (B, T + 1), or (T + 1,) when ``t_min`` is a
-    float and ``batch`` is None.
-    """
-    base = torch.arange(1, T + 1, dtype=torch.float32) / T
+def shifted_levels(T: int, shift: float) -> Tensor:
+    """(t_1, ..., t_T = 1): the base grid k / T warped by t = e^mu / (e^mu + 1 / t_base - 1). (T,)"""
+    if T < 1:
+        raise ValueError("the number of steps T must be at least 1")
+    base = torch.arange(1, T + 1, dtype=torch.float64) / T
     em = math.exp(shift)
     upper = em / (em + 1.0 / base - 1.0)
     upper[-1] = 1.0
+    return upper.float()
+
+
+def first_level(T: int, shift: float) -> float:
+    """t_1 of the shifted grid: every t_min must lie below it."""
+    return float(shifted_levels(T, shift)[0])
+
+
+def time_grid(T: int, t_min: Tensor | float, shift: float, batch: int | None = None) -> Tensor:
+    """Ascending trajectory times (t_min, t_1, ..., t_T = 1).
+
+    ``t_min`` is a float or a per-sample tensor of shape (B,), each in [0, t_1). Returns (B, T + 1),
+    or (T + 1,) when ``t_min`` is a float and ``batch`` is None.
+    """
+    upper = shifted_levels(T, shift)
+    t1 = float(upper[0]) if T > 1 else 1.0
+    lo, hi = (float(t_min.min()), float(t_min.max())) if isinstance(t_min, Tensor) else (float(t_min), float(t_min))
+    if not (lo >= 0.0 and hi < t1):
+        raise ValueError(f"t_min must lie in [0, t_1) = [0, {t1:.4g}) for T = {T}; got {hi if hi >= t1 else lo:.4g}")
     if isinstance(t_min, Tensor):
         t_min = t_min.to(torch.float32).reshape(-1, 1)
         upper = upper.to(t_min.device).expand(t_min.shape[0], T)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ntm.cli import main
 
@@ -168,3 +169,60 @@ def test_conditional_toy_with_guidance(tmp_path, capsys):
     assert_one_error_line(code, err, "class labels")
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "c.npy"), "--conditional", "--out", str(tmp_path / "u"))
     assert_one_error_line(code, err, "conditional")
+
+
+def test_bad_sampling_times_and_guidance(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "s.npy")
+    for t_min, fragment in (("1.0", "t_min"), ("0.5", "t_min"), ("-0.5", "t_min")):
+        code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--t-min", t_min, "--out", out)
+        assert_one_error_line(code, err, fragment)
+    code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--guidance", "-1", "--out", out)
+    assert_one_error_line(code, err, "guidance")
+    assert not (tmp_path / "s.npy").exists()
+
+
+def test_corrupt_resume_state_and_bad_config_values(tiny_run, tmp_path, capsys):
+    args = ("--data", "checkerboard", "--preset", "tiny", "--no-progress", "--resume")
+    ckpt = _copy_run(tiny_run, tmp_path / "trunc")
+    data = (ckpt / "train.safetensors").read_bytes()
+    (ckpt / "train.safetensors").write_bytes(data[: len(data) // 3])
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "trunc"), *args)
+    assert_one_error_line(code, err, "cannot resume")
+    ckpt = _copy_run(tiny_run, tmp_path / "state")
+    torch.save({"something": "else"}, ckpt / "state.pt")
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "state"), *args)
+    assert_one_error_line(code, err, "cannot resume")
+    for field, value in (("width", "16"), ("heads", 0), ("layers", -1)):
+        ckpt = _copy_run(tiny_run, tmp_path / f"cfg-{field}")
+        meta = json.loads((ckpt / "config.json").read_text())
+        meta["model"]["predictor"][field] = value
+        (ckpt / "config.json").write_text(json.dumps(meta))
+        code, _, err = run(capsys, "sample", str(tmp_path / f"cfg-{field}"), "--n", "3", "--out", str(tmp_path / "x.npy"))
+        assert_one_error_line(code, err, "")
+    ckpt = _copy_run(tiny_run, tmp_path / "shape")
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"]["data"]["shape"] = []
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "eval", str(tmp_path / "shape"), "--data", "checkerboard")
+    assert_one_error_line(code, err, "")
+
+
+def test_bench_refuses_files_and_foreign_outputs(tmp_path, capsys):
+    np.save(tmp_path / "pts.npy", np.random.default_rng(0).normal(size=(50, 2)))
+    code, _, err = run(capsys, "bench", "toy", "--data", str(tmp_path / "pts.npy"), "--out", str(tmp_path / "b.json"))
+    assert_one_error_line(code, err, "unknown toy")
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "notes"}')
+    code, _, err = run(capsys, "bench", "toy", "--preset", "tiny", "--out", str(mine))
+    assert_one_error_line(code, err, "not a previous bench result")
+    assert mine.read_text() == '{"my": "notes"}'
+    code, _, err = run(capsys, "bench", "toy", "--preset", "tiny", "--out", str(tmp_path / "b.txt"))
+    assert_one_error_line(code, err, ".json")
+
+
+def test_constant_column_is_rejected(tmp_path, capsys):
+    pts = np.random.default_rng(0).normal(size=(50, 2))
+    pts[:, 1] = 3.0
+    np.save(tmp_path / "flat.npy", pts)
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "r"))
+    assert_one_error_line(code, err, "constant")

@@ -86,7 +86,7 @@ from ntm.cli import main
 real, calls = ck.save_file, {"n": 0}
 def dying(tensors, filename, metadata=None):
     calls["n"] += 1
-    if calls["n"] == 3:  # first file of the second checkpoint
+    if calls["n"] == 5:  # first file of the third checkpoint (steps 0, 20, then 40)
         with open(filename, "wb") as fh:
             fh.write(b"\x00" * 64)
             fh.flush()

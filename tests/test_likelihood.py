@@ -92,6 +92,7 @@ def test_trained_bound_is_above_true_nll():
         model = NTM.from_pretrained(d)
     x = sample_toy("8gaussians", 2000, torch.Generator().manual_seed(5))
     true_nll = -toy_log_density("8gaussians", x).float()
+    untrained = NTM(cfg).nll_bound(x, num_trajectories=4, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     for iw in (False, True):
         bound = model.nll_bound(x, num_trajectories=8, importance_weighted=iw, generator=g)
@@ -100,6 +101,7 @@ def test_trained_bound_is_above_true_nll():
     elbo = model.nll_bound(x, num_trajectories=8, generator=torch.Generator().manual_seed(3))
     iwb = model.nll_bound(x, num_trajectories=8, importance_weighted=True, generator=torch.Generator().manual_seed(3))
     assert float(iwb.mean()) <= float(elbo.mean()) + 1e-6  # same trajectories: IWAE is tighter
+    assert float(elbo.mean()) < float(untrained.mean()) - 0.3  # the test exercises a trained model
 
 
 def test_sampling_is_seeded_and_guidance_runs(small_config):

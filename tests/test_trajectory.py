@@ -74,3 +74,25 @@ def test_trajectory_covariance_structure():
     assert torch.equal(S[-1, :-1], torch.zeros(3, dtype=torch.float64)) and S[-1, -1] == 1
     assert torch.allclose(S, S.T)
     assert torch.linalg.eigvalsh(S).min() > 0
+
+
+def test_time_grid_rejects_t_min_at_or_above_t1():
+    from ntm.trajectory import first_level
+    t1 = first_level(16, -1.0)
+    with pytest.raises(ValueError, match="t_min"):
+        time_grid(16, t1 + 1e-4, -1.0)
+    with pytest.raises(ValueError, match="t_min"):
+        time_grid(4, torch.tensor([0.01, -0.01]), -1.0)
+    assert time_grid(16, 0.5 * t1, -1.0).diff().min() > 0
+
+
+def test_training_t_min_stays_below_t1_for_every_length():
+    from ntm.config import ModelConfig, TrajectoryConfig
+    from ntm.model import NTM
+    from ntm.trajectory import first_level
+    model = NTM(ModelConfig(trajectory=TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16))))
+    noise = model.draw_training_noise(20_000, torch.Generator().manual_seed(0))
+    for T in (4, 8, 16):
+        sel = noise.t_min[noise.T == T]
+        assert sel.numel() > 1000 and float(sel.max()) < first_level(T, -1.0)
+        assert float(sel.max()) == pytest.approx(min(0.05, first_level(T, -1.0) / 2), rel=0.01)
