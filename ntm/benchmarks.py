@@ -28,6 +28,7 @@ from .checkpoint import read_meta, resolve
 from .config import PRESETS, ModelConfig, model_config_from_dict
 from .data import ENTROPY_FLOOR, open_source, to_tokens
 from .errors import CheckpointError, ConfigError
+from .likelihood import nll_bounds
 from .metrics import energy_distance, low_density_fraction, off_support_fraction
 from .model import NTM
 from .predictor import EmpiricalPosterior
@@ -42,9 +43,7 @@ def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds:
     """Bounds, energy distances and low-density fractions of one model on one toy, at T = ``steps``."""
     g = torch.Generator().manual_seed(2024)
     t0 = time.perf_counter()
-    elbo = model.nll_bound(held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
-    iw = model.nll_bound(held_out, num_trajectories=num_trajectories, importance_weighted=True, generator=g,
-                         steps=steps)
+    elbo, iw = nll_bounds(model, held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
     eval_seconds = time.perf_counter() - t0
     eds, lows, samples_seconds = [], [], 0.0
     for seed in seeds:

@@ -169,8 +169,8 @@ def evaluate(
     g = torch.Generator().manual_seed(seed)
     if steps is not None and model.multi_T and steps not in model.train_Ts:
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
-    elbo = model.nll_bound(x, y=y, num_trajectories=trajectories, generator=g, steps=steps)
-    iw = model.nll_bound(x, y=y, num_trajectories=trajectories, importance_weighted=True, generator=g, steps=steps)
+    from .likelihood import nll_bounds
+    elbo, iw = nll_bounds(model, x, y=y, num_trajectories=trajectories, generator=g, steps=steps)
     traj = model.trajectory_nll(x, y=y, generator=g, steps=steps, t_min=t_min)
     m = x.shape[0]
     res = {"data": data, "n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(m)),

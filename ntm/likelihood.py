@@ -58,18 +58,26 @@ def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator |
 
 
 @torch.no_grad()
-def nll_bound(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
-              importance_weighted: bool = False, generator: torch.Generator | None = None,
-              batch_size: int = 4096, steps: int | None = None) -> Tensor:
-    """Per-sample upper bound on -log p(x_0) in nats, raw units. x: raw (B, ...). -> (B,)"""
+def nll_bounds(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
+               generator: torch.Generator | None = None, batch_size: int = 4096,
+               steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Both bounds from the same K trajectories per point: (ELBO bound, importance-weighted bound),
+    each (B,) nats in raw units. The IW bound is never above the ELBO bound (Jensen)."""
     x0, y = _prepare(model, x, y)
-    out = []
+    elbo, iw = [], []
     for lo in range(0, x0.shape[0], batch_size):
         xb = x0[lo:lo + batch_size]
         yb = None if y is None else y[lo:lo + batch_size]
         w = torch.stack([elbo_terms(model, xb, yb, generator, steps) for _ in range(num_trajectories)])  # (K, b)
-        if importance_weighted:
-            out.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
-        else:
-            out.append(-w.mean(0))
-    return torch.cat(out) + log_scale_correction(model.spec)
+        elbo.append(-w.mean(0))
+        iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
+    c = log_scale_correction(model.spec)
+    return torch.cat(elbo) + c, torch.cat(iw) + c
+
+
+def nll_bound(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
+              importance_weighted: bool = False, generator: torch.Generator | None = None,
+              batch_size: int = 4096, steps: int | None = None) -> Tensor:
+    """Per-sample upper bound on -log p(x_0) in nats, raw units. x: raw (B, ...). -> (B,)"""
+    elbo, iw = nll_bounds(model, x, y, num_trajectories, generator, batch_size, steps)
+    return iw if importance_weighted else elbo

@@ -98,9 +98,9 @@ def test_trained_bound_is_above_true_nll():
         bound = model.nll_bound(x, num_trajectories=8, importance_weighted=iw, generator=g)
         diff = bound - true_nll
         assert float(diff.mean()) >= -3 * float(diff.std()) / math.sqrt(len(diff))
-    elbo = model.nll_bound(x, num_trajectories=8, generator=torch.Generator().manual_seed(3))
-    iwb = model.nll_bound(x, num_trajectories=8, importance_weighted=True, generator=torch.Generator().manual_seed(3))
-    assert float(iwb.mean()) <= float(elbo.mean()) + 1e-6  # same trajectories: IWAE is tighter
+    from ntm.likelihood import nll_bounds
+    elbo, iwb = nll_bounds(model, x, num_trajectories=8, generator=torch.Generator().manual_seed(3))
+    assert (iwb <= elbo + 1e-5).all()  # same trajectories: the IW bound is tighter point by point
     assert float(elbo.mean()) < float(untrained.mean()) - 0.3  # the test exercises a trained model
 
 
