@@ -104,11 +104,7 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             if label not in models:
                 continue
             run_dir = work / name / label
-            summary = _finished_run(run_dir, cfg, train_cfg)
-            if summary is None:  # train afresh (an unfinished or different run is replaced)
-                _replaceable_run(run_dir)
-                shutil.rmtree(run_dir, ignore_errors=True)
-                summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+            summary = _train_or_reuse(run_dir, cfg, train_cfg, src, progress)
             model = NTM.from_pretrained(run_dir)
             row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories)
             row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"])
@@ -152,11 +148,7 @@ def run_multi_t_bench(out: str | Path, data: str = "checkerboard", Ts: tuple[int
     for label, traj, eval_Ts in variants:
         cfg = ModelConfig(data=spec, trajectory=traj, transporter=p.transporter, predictor=p.predictor)
         run_dir = work / (label if label != "ntm" else f"ntm-T{traj.T}")
-        summary = _finished_run(run_dir, cfg, train_cfg)
-        if summary is None:
-            _replaceable_run(run_dir)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            summary = train(cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+        summary = _train_or_reuse(run_dir, cfg, train_cfg, src, progress)
         model = NTM.from_pretrained(run_dir)
         for T in eval_Ts:
             row = evaluate_toy(model, data, held_out, n_samples, seeds, num_trajectories, steps=T)
@@ -193,21 +185,22 @@ def _replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
-def _finished_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> dict | None:
-    """The summary of a finished run with the same configs in ``run_dir``, else None (so an
-    interrupted bench re-run skips the trainings it already completed)."""
+def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progress: bool) -> dict:
+    """Reuse a finished run with the same configs, resume an unfinished one, or train afresh, so an
+    interrupted bench loses no finished work."""
+    meta = None
     try:
-        ckpt = resolve(run_dir)
-        meta = read_meta(ckpt)
-        same = model_config_from_dict(meta["model"]) == model_cfg and meta["step"] == train_cfg.steps \
-            and {k: v for k, v in meta["train"].items() if k in ("steps", "batch_size", "lr", "seed", "mode")} \
-            == {k: getattr(train_cfg, k) for k in ("steps", "batch_size", "lr", "seed", "mode")}
-        if not same:
-            return None
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        return {"seconds": float(state.get("elapsed", float("nan"))), "skipped": int(state.get("skipped", 0))}
-    except (CheckpointError, KeyError, OSError, ValueError, TypeError):
-        return None
+        meta = read_meta(resolve(run_dir))
+        keys = ("steps", "batch_size", "lr", "seed", "mode")
+        same = model_config_from_dict(meta["model"]) == model_cfg and \
+            {k: meta["train"][k] for k in keys} == {k: getattr(train_cfg, k) for k in keys}
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        same = False
+    if same:
+        return train(None, train_cfg, src, run_dir, resume=True, progress=progress, device="cpu")
+    _replaceable_run(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return train(model_cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
 
 
 def _finish_row(row: dict, name: str, floor_ed: float) -> None:
