@@ -27,7 +27,7 @@ from torch import Tensor
 from .checkpoint import read_meta, resolve
 from .config import PRESETS, ModelConfig, model_config_from_dict
 from .data import ENTROPY_FLOOR, open_source, to_tokens
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NTMError
 from .likelihood import nll_bounds
 from .metrics import energy_distance, low_density_fraction, off_support_fraction
 from .model import NTM
@@ -160,6 +160,10 @@ def run_multi_t_bench(out: str | Path, data: str = "checkerboard", Ts: tuple[int
     return results
 
 
+class BenchStopped(NTMError):
+    """The user stopped a bench; its trainings are checkpointed and resume on the next run."""
+
+
 def check_bench_output(out: Path) -> None:
     """Refuse an output that is not a .json path or would replace a file that is not a bench result."""
     out = Path(out)
@@ -197,10 +201,14 @@ def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progr
     except (CheckpointError, KeyError, TypeError, ValueError):
         same = False
     if same:
-        return train(None, train_cfg, src, run_dir, resume=True, progress=progress, device="cpu")
-    _replaceable_run(run_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return train(model_cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+        summary = train(None, train_cfg, src, run_dir, resume=True, progress=progress, device="cpu")
+    else:
+        _replaceable_run(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary = train(model_cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+    if summary["stopped"]:  # Ctrl-C / SIGTERM: stop the whole bench; a re-run resumes this training
+        raise BenchStopped(f"stopped during the training in {run_dir}; run the same command again to resume")
+    return summary
 
 
 def _finish_row(row: dict, name: str, floor_ed: float) -> None:

@@ -226,3 +226,26 @@ def test_constant_column_is_rejected(tmp_path, capsys):
     np.save(tmp_path / "flat.npy", pts)
     code, _, err = run(capsys, "train", "--data", str(tmp_path / "flat.npy"), "--out", str(tmp_path / "r"))
     assert_one_error_line(code, err, "constant")
+
+
+def test_stopping_a_bench_stops_it_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    import ntm.benchmarks as bench
+    real_train = bench.train
+    calls = []
+
+    def stopping_train(*args, **kwargs):
+        summary = real_train(*args, **kwargs)
+        calls.append(kwargs.get("resume", False))
+        if len(calls) == 1:
+            summary = {**summary, "stopped": True}  # as if Ctrl-C arrived during the first training
+        return summary
+
+    monkeypatch.setattr(bench, "train", stopping_train)
+    argv = ["bench", "toy", "--preset", "tiny", "--steps", "4", "--data", "moons", "--models", "ntm",
+            "--out", str(tmp_path / "b.json"), "--n-eval", "50", "--n-samples", "50", "--seeds", "1", "--no-progress"]
+    code, _, err = run(capsys, *argv)
+    assert_one_error_line(code, err, "run the same command again")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert calls == [False, True]  # the second run resumed (here: reused) the checkpointed training
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["model"] == "ntm"
