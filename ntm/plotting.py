@@ -7,6 +7,17 @@ from pathlib import Path
 import numpy as np
 
 
+def _save(fig, path: str | Path, dpi: int) -> None:
+    """Write the figure atomically (temporary file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def scatter_with_data(samples: np.ndarray, data_name: str, path: str | Path, title: str = "samples",
                       n_data: int = 5000) -> None:
     """Write a PNG: the data (if ``data_name`` is a toy) on the left, the samples on the right."""
@@ -30,11 +41,7 @@ def scatter_with_data(samples: np.ndarray, data_name: str, path: str | Path, tit
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.set_title(label)
-    fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path, dpi=110)
 
 
 def image_grid(images: np.ndarray, path: str | Path, title: str = "samples", ncol: int = 10) -> None:
@@ -54,8 +61,4 @@ def image_grid(images: np.ndarray, path: str | Path, title: str = "samples", nco
             img = imgs[i].transpose(1, 2, 0)
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img[..., :3], cmap="gray", vmin=0, vmax=1)
     fig.suptitle(title)
-    fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path, dpi=100)

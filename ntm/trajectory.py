@@ -8,6 +8,7 @@ transition x_t = alpha(s, t) x_s + sigma(s, t) eps (Proposition 1). All arithmet
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,7 @@ def shifted_levels(T: int, shift: float) -> Tensor:
     return upper.float()
 
 
+@functools.lru_cache(maxsize=64)
 def first_level(T: int, shift: float) -> float:
     """t_1 of the shifted grid: every t_min must lie below it."""
     return float(shifted_levels(T, shift)[0])
