@@ -180,7 +180,7 @@ def _is_bench_output(f: Path, out: Path) -> bool:
         ok = isinstance(res, dict) and "rows" in res and "config" in res
     except (OSError, ValueError):
         return False
-    return ok and (f == out or f.read_text().startswith("| data | model |"))
+    return ok and (f == out or f.read_text().startswith(("| data | model |", "| model | steps |")))
 
 
 def _replaceable_run(run_dir: Path) -> None:
@@ -220,13 +220,18 @@ def _finish_row(row: dict, name: str, floor_ed: float) -> None:
     row["ed_ratio"] = row["energy_distance"] / floor_ed
 
 
-def _write(out: str | Path, results: dict) -> None:
+def _write_json(out: str | Path, results: dict, table: str) -> None:
+    """Write results JSON atomically and the markdown table beside it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out)
-    out.with_suffix(".md").write_text(markdown_table(results))
+    out.with_suffix(".md").write_text(table)
+
+
+def _write(out: str | Path, results: dict) -> None:
+    _write_json(out, results, markdown_table(results))
 
 
 def markdown_table(results: dict) -> str:

@@ -145,10 +145,18 @@ def load_into(module: torch.nn.Module, file: Path) -> None:
         raise CheckpointError(f"{file}: weights do not match the config ({str(exc).splitlines()[0]})") from None
 
 
-def load_model(path: str | Path, map_location: str | torch.device | None = None, weights: str = "model"):
-    """Build an NTM from a checkpoint's config and load its EMA (``model``) or raw (``train``) weights."""
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    """A freshly initialised generator of the kind the config names: NTM or FlowMatching."""
+    if config.kind == "fm":
+        from .flow_matching import FlowMatching
+        return FlowMatching(config)
     from .model import NTM
+    return NTM(config)
 
+
+def load_model(path: str | Path, map_location: str | torch.device | None = None, weights: str = "model"):
+    """Build the model (NTM or FlowMatching) from a checkpoint's config and load its EMA (``model``)
+    or raw (``train``) weights."""
     ckpt = resolve(path)
     meta = read_meta(ckpt)
     try:
@@ -156,7 +164,7 @@ def load_model(path: str | Path, map_location: str | torch.device | None = None,
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt}: invalid model config ({exc})") from None
     try:
-        model = NTM(config)
+        model = build_model(config)
     except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as exc:
         raise CheckpointError(f"{ckpt}: cannot build the model from its config ({exc})") from None
     load_into(model, ckpt / f"{weights}.safetensors")

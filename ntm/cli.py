@@ -33,6 +33,27 @@ class Mode(str, Enum):
     pairwise = "pairwise"
 
 
+class Kind(str, Enum):
+    ntm = "ntm"
+    fm = "fm"
+
+
+class Solver(str, Enum):
+    euler = "euler"
+    heun = "heun"
+
+
+def _is_image_array(data: str) -> bool:
+    """A .npy of 3 or 4 dimensions holds images (2-D point sets are (n, 2))."""
+    if not data.endswith(".npy") or not Path(data).is_file():
+        return False
+    import numpy as np
+    try:
+        return np.load(data, mmap_mode="r", allow_pickle=False).ndim in (3, 4)
+    except (OSError, ValueError):
+        return False
+
+
 def _fresh_output_dir(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageProblem(f"output folder {path} exists and is not empty; use --resume or a new folder")
@@ -49,10 +70,11 @@ def _fresh_output_file(path: Path, overwrite: bool) -> None:
 def train(
     data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy"),
     out: Path = typer.Option(..., help="run directory for checkpoints and logs"),
-    preset: str = typer.Option("toy", help="named preset (see `ntm presets`)"),
+    preset: Optional[str] = typer.Option(None, help="named preset (see `ntm presets`; default: toy for 2-D data, mnist for images)"),
+    model: Kind = typer.Option(Kind.ntm, "--model", help="ntm, or fm: the flow-matching baseline on the predictor's backbone"),
     steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
     seed: int = typer.Option(0, help="random seed"),
-    mode: Mode = typer.Option(Mode.e2e, help="e2e: all T steps per trajectory; pairwise: one random step"),
+    mode: Optional[Mode] = typer.Option(None, help="NTM loss: e2e (all T steps per trajectory) or pairwise (one random step); default: the preset's"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
     conditional: bool = typer.Option(False, help="toys: train class-conditional on the square/component/moon/arm label (image sets with labels always are)"),
     patch: int = typer.Option(4, min=1, help="images: patch size p (tokens of C p^2 channels)"),
@@ -62,12 +84,15 @@ def train(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (meant for CUDA; untested on GPU here)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
-    """Train an NTM on a 2-D toy or a user file (multi-process: torchrun --nproc_per_node K -m ntm train ...)."""
+    """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
+    (multi-process: torchrun --nproc_per_node K -m ntm train ...)."""
     from .config import PRESETS, ModelConfig
     from .data import open_source
     from .errors import ConfigError
     from .training import train as run_training
 
+    if preset is None:
+        preset = "mnist" if data in ("mnist", "fashion") or Path(data).is_dir() or _is_image_array(data) else "toy"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
     p = PRESETS[preset]
@@ -82,9 +107,9 @@ def train(
                                resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
-        model_cfg = ModelConfig(data=source.spec(), trajectory=p.trajectory, transporter=p.transporter,
-                                predictor=p.predictor)
-        train_cfg = replace(p.train, seed=seed, mode=mode.value, steps=steps or p.train.steps,
+        model_cfg = ModelConfig(kind=model.value, data=source.spec(), trajectory=p.trajectory,
+                                transporter=p.transporter, predictor=p.predictor)
+        train_cfg = replace(p.train, seed=seed, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
                             batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
                             checkpoint_every=checkpoint_every or p.train.checkpoint_every)
         summary = run_training(model_cfg, train_cfg, source, out, progress=progress)
@@ -105,14 +130,16 @@ def sample(
     png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
     guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
-    t_min: Optional[float] = typer.Option(None, help="final trajectory time t_0 (default: the model's)"),
+    t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
+    solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):
-    """Draw samples in T predictor steps and one transporter inverse."""
+    """Draw samples: NTM in T predictor steps and one transporter inverse; FM by Euler/Heun (default 50 steps)."""
     import numpy as np
     import torch
 
-    from .model import NTM
+    from .checkpoint import load_model
+    from .flow_matching import DEFAULT_SAMPLING_STEPS, FlowMatching
 
     if not out.name.endswith(".npy"):
         raise UsageProblem("--out must be a .npy file")
@@ -122,9 +149,17 @@ def sample(
     if guidance != 0.0 and class_label is None:
         raise UsageProblem("--guidance needs --class")
     from .training import default_device
-    model = NTM.from_pretrained(run, map_location=default_device())
+    model = load_model(run, map_location=default_device())
     y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
-    x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    is_fm = isinstance(model, FlowMatching)
+    if is_fm:
+        if t_min is not None:
+            raise UsageProblem("--t-min applies to NTM models only")
+        steps = steps or DEFAULT_SAMPLING_STEPS
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
+    else:
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g)
     arr = x.cpu().numpy()
     tmp = out.with_name(out.name + ".tmp.npy")
     np.save(tmp, arr)
@@ -132,7 +167,9 @@ def sample(
     typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")
     if png is not None:
         from .plotting import image_grid, scatter_with_data
-        title = f"{steps or model.config.trajectory.T}-step NTM samples"
+        title = f"{steps or model.config.trajectory.T}-step {'FM (' + solver.value + ')' if is_fm else 'NTM'} samples"
+        if class_label is not None:
+            title += f", class {class_label}" + (f", guidance {guidance:g}" if guidance else "")
         if model.spec.kind == "image":
             image_grid(arr, png, title=title)
         else:
@@ -156,10 +193,11 @@ def evaluate(
 
     from .data import ENTROPY_FLOOR, TOY_NAMES, open_source
     from .errors import DataError
-    from .model import NTM
+    from .checkpoint import load_model
+    from .flow_matching import FlowMatching
 
     from .training import default_device
-    model = NTM.from_pretrained(run, map_location=default_device())
+    model = load_model(run, map_location=default_device())
     source = open_source(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
     x, y = source.held_out(n, seed=12345)
     if model.spec.num_classes == 0:
@@ -167,6 +205,9 @@ def evaluate(
     if tuple(x.shape[1:]) != tuple(model.spec.shape):
         raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
     g = torch.Generator().manual_seed(seed)
+    if isinstance(model, FlowMatching):
+        _eval_flow(model, x, y, data, steps or 64, g, as_json)
+        return
     if steps is not None and model.multi_T and steps not in model.train_Ts:
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
     from .likelihood import nll_bounds
@@ -195,6 +236,27 @@ def evaluate(
     if res["entropy_floor_nats"] is not None:
         floor = res["entropy_floor_nats"]
         typer.echo(f"entropy floor:         {floor:.4f} nats/sample  (bound gap {res['nll_bound_nats'] - floor:+.4f})")
+
+
+def _eval_flow(model, x, y, data: str, steps: int, g, as_json: bool) -> None:
+    """``ntm eval`` of a flow-matching run: the ODE estimate of -log p(x_0)."""
+    from .flow_matching import EXACT_DIVERGENCE_MAX_DIM
+
+    nll = model.nll(x, y, steps=steps, generator=g)
+    m = x.shape[0]
+    exact = model.spec.dim <= EXACT_DIVERGENCE_MAX_DIM
+    res = {"data": data, "n": m, "model": "fm", "ode_nll_nats": float(nll.mean()),
+           "ode_nll_se": float(nll.std() / math.sqrt(m)) if m > 1 else None, "ode_steps": steps,
+           "divergence": "exact" if exact else "hutchinson (1 Rademacher probe)", "conditional": y is not None}
+    if model.spec.kind == "image":
+        from .images import bits_per_dim
+        res["bits_per_dim"] = float(bits_per_dim(res["ode_nll_nats"], model.spec.dim))
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"ODE NLL of x_0 (estimate): {res['ode_nll_nats']:.4f} nats/sample  ({steps} Heun steps, {res['divergence']} divergence)")
+    if "bits_per_dim" in res:
+        typer.echo(f"bits/dim (estimate):       {res['bits_per_dim']:.4f}")
 
 
 @app.command()
@@ -264,6 +326,43 @@ def bench_multi_t(
                             seeds=tuple(range(seeds)), progress=progress)
     typer.echo(markdown_table(res))
     typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
+                  out: Optional[Path], progress: bool) -> None:
+    from .benchmarks import check_bench_output
+    from .image_bench import markdown_image_table, run_image_bench
+
+    out = out or Path("results") / f"{data}{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
+                          progress=progress)
+    typer.echo(markdown_image_table(res))
+    typer.echo(f"NTM/FM training step cost: {res['config']['ntm_fm_step_cost_ratio']:.2f}x")
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+_QUICK = typer.Option(False, "--quick", help="the smoke-check budget (600 steps, 1000 samples; about 15 minutes on 2 cores)")
+_IMG_STEPS = typer.Option(None, min=1, help="training steps per model (default: the preset's)")
+_IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1000)")
+_IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
+_IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
+
+
+@bench_app.command("mnist")
+def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
+                guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT,
+                progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress)
+
+
+@bench_app.command("fashion")
+def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
+                  guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT,
+                  progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import data as data_mod
 from .config import ModelConfig
+from .errors import CheckpointError
 from .guidance import product_rule
 from .predictor import Predictor, gaussian_log_prob
 from .trajectory import first_level, forward_trajectory, rand, randn, shift_for_length, time_grid
@@ -43,7 +44,58 @@ class TrainingNoise:
         return TrainingNoise(*(v[lo:hi] for v in (self.t_min, self.T, self.drop, self.eps, self.k_unif)))
 
 
-class NTM(nn.Module):
+class TokenModel(nn.Module):
+    """What every generator here shares: a config, a data layout, token conversion, label checks and
+    one-call loading. Subclasses: :class:`NTM` and :class:`ntm.flow_matching.FlowMatching`."""
+
+    config: ModelConfig
+
+    @property
+    def spec(self):
+        return self.config.data
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def time_shift(self) -> float:
+        tc = self.config.trajectory
+        return tc.shift if tc.shift is not None else shift_for_length(self.spec.num_tokens)
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        return data_mod.to_tokens(x.to(self.device), self.spec)
+
+    def from_tokens(self, z: Tensor) -> Tensor:
+        return data_mod.from_tokens(z, self.spec)
+
+    def check_labels(self, y: Tensor | None) -> Tensor | None:
+        if y is None:
+            return None
+        n = self.spec.num_classes
+        if n == 0:
+            raise ValueError("this model is unconditional; it takes no class label")
+        y = y.to(self.device).long()
+        if ((y < 0) | (y >= n)).any():
+            raise ValueError(f"class labels must lie in [0, {n - 1}]")
+        return y
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device | None = None):
+        """Load a run directory or a checkpoint folder written by training (EMA weights)."""
+        from .checkpoint import load_model
+        model = load_model(path, map_location=map_location)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{path} holds a '{model.config.kind}' model, not {cls.__name__} "
+                                  "(ntm.load_model loads either kind)")
+        return model
+
+
+class NTM(TokenModel):
     """A Normalizing Trajectory Model.
 
     ``predictor`` may be replaced by any module with the signature
@@ -62,10 +114,6 @@ class NTM(nn.Module):
 
     # ----------------------------------------------------------------------------------- helpers
     @property
-    def spec(self):
-        return self.config.data
-
-    @property
     def multi_T(self) -> bool:
         return len(self.config.trajectory.train_Ts) > 0
 
@@ -73,19 +121,6 @@ class NTM(nn.Module):
     def train_Ts(self) -> tuple[int, ...]:
         tc = self.config.trajectory
         return tuple(tc.train_Ts) if tc.train_Ts else (tc.T,)
-
-    @property
-    def device(self) -> torch.device:
-        for p in self.parameters():
-            return p.device
-        for b in self.buffers():
-            return b.device
-        return torch.device("cpu")
-
-    @property
-    def time_shift(self) -> float:
-        tc = self.config.trajectory
-        return tc.shift if tc.shift is not None else shift_for_length(self.spec.num_tokens)
 
     def grid(self, batch: int, t_min: Tensor | float, T: int | None = None) -> Tensor:
         """Trajectory times (B, T + 1), ascending from t_min to 1."""
@@ -102,23 +137,6 @@ class NTM(nn.Module):
     def steps_tensor(self, batch: int, T: int) -> Tensor | None:
         """The T input of multi-T networks, (B,) float; None for single-T models."""
         return torch.full((batch,), float(T), device=self.device) if self.multi_T else None
-
-    def to_tokens(self, x: Tensor) -> Tensor:
-        return data_mod.to_tokens(x.to(self.device), self.spec)
-
-    def from_tokens(self, z: Tensor) -> Tensor:
-        return data_mod.from_tokens(z, self.spec)
-
-    def check_labels(self, y: Tensor | None) -> Tensor | None:
-        if y is None:
-            return None
-        n = self.spec.num_classes
-        if n == 0:
-            raise ValueError("this model is unconditional; it takes no class label")
-        y = y.to(self.device).long()
-        if ((y < 0) | (y >= n)).any():
-            raise ValueError(f"class labels must lie in [0, {n - 1}]")
-        return y
 
     # ---------------------------------------------------------------------------------- density
     def predict(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, guidance: float = 0.0,
@@ -142,8 +160,10 @@ class NTM(nn.Module):
         """
         if T is None and self.multi_T:
             T = self.steps_tensor(x_s.shape[0], self.config.trajectory.T)
-        u_s, logdet = self.transporter(x_s, s, T)
-        u_t, _ = self.transporter(x_t, t, T)
+        B = x_s.shape[0]
+        TT = None if T is None else torch.cat([T, T])
+        U, logdets = self.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), TT)  # one pass for both levels
+        u_s, u_t, logdet = U[:B], U[B:], logdets[:B]
         mu, sigma = self.predictor(u_t, t, s, y, T)
         return gaussian_log_prob(u_s, mu, sigma) + logdet
 
@@ -245,9 +265,3 @@ class NTM(nn.Module):
         """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T)."""
         from .sampling import sample
         return sample(self, n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=generator)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device | None = None) -> "NTM":
-        """Load a run directory or a checkpoint folder written by training (EMA weights)."""
-        from .checkpoint import load_model
-        return load_model(path, map_location=map_location)

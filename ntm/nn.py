@@ -168,3 +168,46 @@ class Transformer(nn.Module):
 def soft_clip(x: Tensor, bound: float) -> Tensor:
     """Smoothly limit x to (-bound, bound): bound * tanh(x / bound)."""
     return bound * torch.tanh(x / bound)
+
+
+class ConditionedTransformer(nn.Module):
+    """A bidirectional transformer over tokens (B, N, D) conditioned on times, a label and optionally T.
+
+    The backbone shared by the NTM predictor (conditioned on t and s) and the flow-matching velocity
+    field (conditioned on t only). Conditioning is additive: time, label and 1/T embeddings are added
+    to every token. ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
+    Label ``num_classes`` is the null (unconditional) label.
+    """
+
+    def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
+                 num_classes: int = 0, two_times: bool = True, multi_T: bool = False):
+        super().__init__()
+        self.token_dim = token_dim
+        self.num_classes = num_classes
+        self.proj_in = nn.Linear(token_dim, width)
+        self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        self.time_t = TimeEmbedding(width)
+        self.time_s = TimeEmbedding(width) if two_times else None
+        self.steps = TimeEmbedding(width) if multi_T else None  # embeds 1/T when trained over several T
+        self.label = nn.Embedding(num_classes + 1, width)
+        nn.init.normal_(self.label.weight, std=0.02)
+        self.net = Transformer(width, layers, heads, causal=False)
+        self.proj_out = nn.Linear(width, out_dim)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def backbone(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
+                 T: Tensor | None = None) -> Tensor:
+        """x: (B, N, D); t, s: (B,); y: (B,) labels or None (null); T: (B,) or None -> (B, N, out_dim) fp32."""
+        B = x.shape[0]
+        if y is None:
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
+        cond = self.time_t(t) + self.label(y)
+        if self.time_s is not None:
+            cond = cond + self.time_s(s)
+        if self.steps is not None:
+            if T is None:
+                raise ValueError("this network was trained over several T; pass T")
+            cond = cond + self.steps(1.0 / T.float())
+        h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos + cond[:, None]
+        return self.proj_out(self.net(h)).float()

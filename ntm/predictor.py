@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import PredictorConfig
-from .nn import TimeEmbedding, Transformer, soft_clip
+from .nn import ConditionedTransformer, soft_clip
 from .trajectory import posterior_coefficients
 
 
@@ -39,44 +39,21 @@ def gaussian_step(u_t: Tensor, t: Tensor, s: Tensor, x0_mean: Tensor, x0_var: Te
     return mu, torch.sqrt(C**2 + B**2 * x0_var)
 
 
-class Predictor(nn.Module):
+class Predictor(ConditionedTransformer):
     """f_P(u_t, t, s, y) -> (mu_P, sigma_P), each (B, N, D) fp32. Label ``num_classes`` is the null label."""
 
     def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0,
                  multi_T: bool = False):
-        super().__init__()
-        W = cfg.width
+        super().__init__(cfg.width, cfg.layers, cfg.heads, num_tokens, token_dim, 2 * token_dim, num_classes,
+                         two_times=True, multi_T=multi_T)
         self.clip = cfg.log_var_clip
-        self.token_dim = token_dim
-        self.num_classes = num_classes
-        self.proj_in = nn.Linear(token_dim, W)
-        self.pos = nn.Parameter(torch.randn(num_tokens, W) * 0.02)
-        self.time_t = TimeEmbedding(W)
-        self.time_s = TimeEmbedding(W)
-        self.steps = TimeEmbedding(W) if multi_T else None  # embeds 1/T when trained over several T
-        self.label = nn.Embedding(num_classes + 1, W)
-        nn.init.normal_(self.label.weight, std=0.02)
-        self.net = Transformer(W, cfg.layers, cfg.heads, causal=False)
-        self.proj_out = nn.Linear(W, 2 * token_dim)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
 
     def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
                 T: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """u_t: (B, N, D); t, s: (B,); y: (B,) int labels or None (null); T: (B,) trajectory length
         (multi-T models only) -> (mu, sigma), each (B, N, D)."""
-        B = u_t.shape[0]
-        if y is None:
-            y = torch.full((B,), self.num_classes, dtype=torch.long, device=u_t.device)
         u_t = u_t.float()
-        cond = self.time_t(t) + self.time_s(s) + self.label(y)
-        if self.steps is not None:
-            if T is None:
-                raise ValueError("this predictor was trained over several T; pass T")
-            cond = cond + self.steps(1.0 / T.float())
-        h = self.proj_in(u_t.to(self.proj_in.weight.dtype)) + self.pos + cond[:, None]
-        out = self.proj_out(self.net(h)).float()
-        f_mu, f_sigma = out.split(self.token_dim, dim=-1)
+        f_mu, f_sigma = self.backbone(u_t, t, s, y, T).split(self.token_dim, dim=-1)
         tt = _col(t)
         denom = (1 - tt) ** 2 + tt**2
         v = tt**2 / denom

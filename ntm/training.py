@@ -23,11 +23,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .checkpoint import load_training, save_checkpoint
+from .checkpoint import build_model, load_training, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DataSource, to_tokens
 from .errors import CheckpointError, ConfigError
-from .model import NTM
 from .nn import Layer
 
 
@@ -180,7 +179,7 @@ def _check_same_data(saved, now) -> None:
                           f"'{now.name}' {tuple(now.shape)} with other statistics or labels")
 
 
-def _wrap(model: NTM, cfg: TrainConfig, ctx: _Dist) -> torch.nn.Module:
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, ctx: _Dist) -> torch.nn.Module:
     """The module the loss is called through: DDP or FSDP2 under torchrun, optionally compiled."""
     net: torch.nn.Module = model
     if ctx.active and cfg.fsdp:
@@ -241,7 +240,7 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
     lo, hi = ctx.rank * local, (ctx.rank + 1) * local
     device = ctx.device
     torch.manual_seed(cfg.seed)
-    model = NTM(model_config).to(device)
+    model = build_model(model_config).to(device)
     net = _wrap(model, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)

@@ -20,13 +20,18 @@ def shift_for_length(num_tokens: int) -> float:
     return 0.5 + 0.65 * (num_tokens - 256) / (4096 - 256)
 
 
+def shift_time(u: Tensor, shift: float) -> Tensor:
+    """The time warp t = e^mu / (e^mu + 1 / u - 1) of App. C.4, elementwise on u in [0, 1] (0 -> 0, 1 -> 1)."""
+    em = math.exp(shift)
+    return em * u / (em * u + 1.0 - u)
+
+
 def shifted_levels(T: int, shift: float) -> Tensor:
     """(t_1, ..., t_T = 1): the base grid k / T warped by t = e^mu / (e^mu + 1 / t_base - 1). (T,)"""
     if T < 1:
         raise ValueError("the number of steps T must be at least 1")
     base = torch.arange(1, T + 1, dtype=torch.float64) / T
-    em = math.exp(shift)
-    upper = em / (em + 1.0 / base - 1.0)
+    upper = shift_time(base, shift)
     upper[-1] = 1.0
     return upper.float()
 
