@@ -277,7 +277,7 @@ def bench_toy(
     n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
     n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
     seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
-    models: str = typer.Option("ntm,ntm-no-transporter,gaussian-ceiling", help="comma-separated samplers to compare"),
+    models: str = typer.Option("ntm,ntm-no-transporter,gaussian-ceiling,fm", help="comma-separated samplers to compare (fm: the flow-matching baseline at 1, 2, 4, 8, 64 Euler and 4 Heun steps)"),
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -203,7 +204,9 @@ def image_quality(real: Tensor, fake: Tensor, classifier: ImageClassifier, kid_s
     extractor = ClassifierFeatures(classifier).eval()
     subset = min(kid_subset, real.shape[0], fake.shape[0])
     fid = FrechetInceptionDistance(feature=extractor, reset_real_features=True)
-    kid = KernelInceptionDistance(feature=extractor, subset_size=subset)
+    with warnings.catch_warnings():  # "will save all extracted features": intended, sets are small
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=extractor, subset_size=subset)
     with torch.no_grad():
         for metric in (fid, kid):
             for lo in range(0, real.shape[0], 1000):
