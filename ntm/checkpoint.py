@@ -168,6 +168,10 @@ def load_model(path: str | Path, map_location: str | torch.device | None = None,
     except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as exc:
         raise CheckpointError(f"{ckpt}: cannot build the model from its config ({exc})") from None
     load_into(model, ckpt / f"{weights}.safetensors")
+    if config.kind == "ntm":
+        from .denoising import load_denoiser
+        run_dir = Path(path) if (Path(path) / "checkpoints").is_dir() else ckpt.parent.parent
+        model.denoiser = load_denoiser(run_dir, model)
     model.eval()
     if map_location is not None:
         model.to(map_location)

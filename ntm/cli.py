@@ -43,6 +43,17 @@ class Solver(str, Enum):
     heun = "heun"
 
 
+class Decode(str, Enum):
+    inverse = "inverse"
+    inverse_score = "inverse+score"
+    denoiser = "denoiser"
+
+
+class InverseMethod(str, Enum):
+    sequential = "sequential"
+    jacobi = "jacobi"
+
+
 def _is_image_array(data: str) -> bool:
     """A .npy of 3 or 4 dimensions holds images (2-D point sets are (n, 2))."""
     if not data.endswith(".npy") or not Path(data).is_file():
@@ -132,6 +143,8 @@ def sample(
     guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
     t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
     solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
+    decode: Decode = typer.Option(Decode.inverse, help="NTM decoder: one inverse, inverse of all levels + trajectory score denoising, or the distilled denoiser"),
+    inverse: InverseMethod = typer.Option(InverseMethod.sequential, "--inverse", help="NTM transporter inverse: sequential (KV cache) or block-Jacobi"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):
     """Draw samples: NTM in T predictor steps and one transporter inverse; FM by Euler/Heun (default 50 steps)."""
@@ -159,7 +172,8 @@ def sample(
         steps = steps or DEFAULT_SAMPLING_STEPS
         x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
     else:
-        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g)
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g, decode=decode.value,
+                         inverse_method=inverse.value)
     arr = x.cpu().numpy()
     tmp = out.with_name(out.name + ".tmp.npy")
     np.save(tmp, arr)
@@ -257,6 +271,32 @@ def _eval_flow(model, x, y, data: str, steps: int, g, as_json: bool) -> None:
     typer.echo(f"ODE NLL of x_0 (estimate): {res['ode_nll_nats']:.4f} nats/sample  ({steps} Heun steps, {res['divergence']} divergence)")
     if "bits_per_dim" in res:
         typer.echo(f"bits/dim (estimate):       {res['bits_per_dim']:.4f}")
+
+
+@app.command()
+def distill(
+    run: Path = typer.Argument(..., help="NTM run directory; the denoiser is stored in RUN/denoiser"),
+    data: str = typer.Option(..., help="the data the run was trained on (targets come from real-data trajectories)"),
+    steps: int = typer.Option(2000, min=1, help="denoiser training steps"),
+    batch_size: int = typer.Option(64, min=1, help="batch size"),
+    seed: int = typer.Option(0, help="random seed"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Distil the lightweight denoiser g_phi (u_{t_0} -> x_0) from the run's own trajectory score
+    denoising; afterwards `ntm sample RUN --decode denoiser` skips the inverse. Resumable."""
+    from .checkpoint import read_meta, resolve
+    from .config import model_config_from_dict
+    from .data import TOY_NAMES, open_source
+    from .denoising import distill as run_distill
+    from .training import _check_same_data
+
+    cfg = model_config_from_dict(read_meta(resolve(run))["model"])
+    source = open_source(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
+    _check_same_data(cfg.data, source.spec())
+    res = run_distill(run, source, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
+    state = "stopped early (run the same command to resume)" if res["stopped"] else "done"
+    typer.echo(f"{state}: {res['steps']} steps in {res['seconds']:.1f} s, MSE {res['first_loss']:.4g} -> "
+               f"{res['final_loss']:.4g}; stored in {run / 'denoiser'}")
 
 
 @app.command()

@@ -111,6 +111,7 @@ class NTM(TokenModel):
         self.transporter = Transporter(config.transporter, spec.num_tokens, spec.token_dim, multi_T=multi_T)
         self.predictor = predictor if predictor is not None else Predictor(
             config.predictor, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)
+        self.denoiser = None  # the distilled g_phi, attached by from_pretrained when the run has one
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -261,7 +262,14 @@ class NTM(TokenModel):
                          importance_weighted=importance_weighted, generator=generator, steps=steps)
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               t_min: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T)."""
+               t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "inverse",
+               inverse_method: str = "sequential") -> Tensor:
+        """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T).
+
+        ``decode``: "inverse" (one transporter inverse), "inverse+score" (inverse of every level and
+        trajectory score denoising) or "denoiser" (the distilled g_phi; see ``ntm distill``).
+        ``inverse_method``: "sequential" or "jacobi".
+        """
         from .sampling import sample
-        return sample(self, n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=generator)
+        return sample(self, n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=generator,
+                      decode=decode, inverse_method=inverse_method)

@@ -38,16 +38,34 @@ def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float 
     return torch.stack(levels[::-1], dim=1), t
 
 
+DECODERS = ("inverse", "inverse+score", "denoiser")
+
+
 @torch.no_grad()
 def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-           t_min: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+           t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "inverse",
+           inverse_method: str = "sequential", clip_percentile: float | None = None) -> Tensor:
     """n raw samples (n, *shape)."""
     if n < 1:
         raise ValueError("the number of samples must be at least 1")
+    if decode not in DECODERS:
+        raise ValueError(f"unknown decoder '{decode}' (use {', '.join(DECODERS)})")
+    if decode == "denoiser" and getattr(model, "denoiser", None) is None:
+        raise ValueError("this run has no distilled denoiser (run `ntm distill RUN_DIR` first)")
     y = model.check_labels(y)
     if y is not None and y.shape[0] != n:
         raise ValueError(f"got {y.shape[0]} labels for {n} samples")
     U, t = sample_u_trajectory(model, n, y, guidance, steps, t_min, generator)
-    x_t0 = model.transporter.inverse(U[:, 0], t[:, 0], model.steps_tensor(n, t.shape[1] - 1))
-    x0 = x_t0 / (1 - t[:, 0]).reshape(-1, 1, 1)
-    return model.from_tokens(x0)
+    T = t.shape[1] - 1
+    if decode == "denoiser":
+        return model.from_tokens(model.denoiser(U[:, 0], t[:, 0], y))
+    if decode == "inverse":
+        x_t0 = model.transporter.inverse(U[:, 0], t[:, 0], model.steps_tensor(n, T), method=inverse_method)
+        return model.from_tokens(x_t0 / (1 - t[:, 0]).reshape(-1, 1, 1))
+    from .denoising import trajectory_score_denoise
+
+    shape = U.shape[2:]
+    levels = model.transporter.inverse(U[:, :T].reshape((n * T,) + shape), t[:, :T].reshape(-1),
+                                       model.steps_tensor(n * T, T), method=inverse_method)
+    X = torch.cat([levels.reshape((n, T) + shape), U[:, T:]], dim=1)  # f_T is the identity at t = 1
+    return model.from_tokens(trajectory_score_denoise(model, X, t, y, clip_percentile))

@@ -92,6 +92,56 @@ class AffineARBlock(nn.Module):
             xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
         return self._order(xs)
 
+    def inverse_jacobi(self, u: Tensor, t: Tensor, T: Tensor | None = None, chunk: int = 0,
+                       tol: float = 1e-5, max_iters: int = 0) -> tuple[Tensor, int]:
+        """Decode x from u by block-Jacobi fixed-point iteration. -> (x (B, N, D) fp32, iterations).
+
+        Tokens are split into chunks of ``chunk`` positions (0: one chunk of all N), decoded in order
+        with a preallocated KV cache holding the finished prefix. Within a chunk every position is
+        updated in parallel from the current guess, x <- u exp(a(x_<n)) + mu(x_<n), until the largest
+        change is below ``tol`` (the iteration is exact after at most chunk-length sweeps, since the
+        map is triangular). A chunk still moving after ``max_iters`` sweeps (0: the chunk length) is
+        finished by the sequential decoder, so the result never depends on convergence.
+        """
+        us = self._order(u.float())
+        B, N, _ = us.shape
+        chunk = N if chunk <= 0 else min(chunk, N)
+        temb = self._cond(t, T)
+        xs = torch.zeros_like(us)
+        cache = self.net.new_cache(B, N, us.device)
+        iters = 0
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            cap = (b - a) if max_iters <= 0 else min(max_iters, b - a)
+            converged = False
+            for _ in range(cap):
+                cache.length = a
+                prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])
+                if a == 0:
+                    prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
+                h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
+                log_scale, shift = self._affine(h)
+                new = us[:, a:b] * torch.exp(log_scale) + shift
+                delta = float((new - xs[:, a:b]).abs().max())
+                xs[:, a:b] = new
+                iters += 1
+                if delta < tol:
+                    converged = True
+                    break
+            if not converged:  # sequential fallback for this chunk; the prefix cache stays valid
+                cache.length = a
+                for n in range(a, b):
+                    prev = self.start.expand(B, 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
+                    h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
+                    log_scale, shift = self._affine(h)
+                    xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
+            cache.length = a
+            prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])  # refill the cache with the final chunk
+            if a == 0:
+                prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
+            self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
+        return self._order(xs), iters
+
 
 class Transporter(nn.Module):
     """f_T(x, t): L alternating-direction affine blocks shared across levels; identity at t = 1.
@@ -122,13 +172,32 @@ class Transporter(nn.Module):
             logdet = torch.where(skip, torch.zeros_like(logdet), logdet)
         return u, logdet
 
-    def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
-        """x = f_T^{-1}(u, t), decoding each block autoregressively in reverse block order."""
+    def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True,
+                method: str = "sequential", **jacobi) -> Tensor:
+        """x = f_T^{-1}(u, t), decoding each block in reverse block order. u: (B, N, D), t: (B,).
+
+        ``method`` "sequential": token by token (with or without the KV cache); "jacobi": block-Jacobi
+        iteration (keyword options ``chunk``, ``tol``, ``max_iters``: see ``AffineARBlock.inverse_jacobi``).
+        """
+        x, _ = self.inverse_with_stats(u, t, T, use_cache=use_cache, method=method, **jacobi)
+        return x
+
+    def inverse_with_stats(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True,
+                           method: str = "sequential", **jacobi) -> tuple[Tensor, int]:
+        """As :meth:`inverse`, also returning the number of network sweeps (Jacobi iterations, or N
+        per block when sequential)."""
+        if method not in ("sequential", "jacobi"):
+            raise ValueError(f"unknown inverse method '{method}' (use 'sequential' or 'jacobi')")
         u = u.float()
         x = u
+        sweeps = 0
         for block in reversed(self.blocks):
-            x = block.inverse(x, t, T, use_cache=use_cache)
+            if method == "jacobi":
+                x, n = block.inverse_jacobi(x, t, T, **jacobi)
+            else:
+                x, n = block.inverse(x, t, T, use_cache=use_cache), x.shape[1]
+            sweeps += n
         skip = t >= 1
         if skip.any():
             x = torch.where(skip[:, None, None], u, x)
-        return x
+        return x, sweeps

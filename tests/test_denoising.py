@@ -1,0 +1,129 @@
+"""Trajectory score denoising against the analytic posterior mean, the block-Jacobi inverse against
+the sequential one, the distilled denoiser, and every decoder from the CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ntm import NTM
+from ntm.cli import main
+from ntm.config import DataSpec, ModelConfig, TrajectoryConfig, TransporterConfig
+from ntm.data import to_tokens
+from ntm.denoising import trajectory_score_denoise
+from ntm.predictor import GaussianDataPosterior
+from ntm.trajectory import forward_trajectory
+from ntm.transporter import Transporter
+
+from conftest import randomize
+
+
+@pytest.mark.parametrize("t_min", [0.0, 0.02, 0.1])
+def test_score_denoising_is_the_posterior_mean_for_gaussian_data(t_min):
+    # every step is the exact reverse kernel of N(m, v) data, so -grad L is the exact score of the
+    # trajectory (minus the prior term, which S never lets reach t_0) and Tweedie is exact:
+    # the output must equal E[x_0 | trajectory] = E[x_0 | x_{t_0}] (the chain is Markov)
+    m = torch.tensor([[0.5], [-1.0], [2.0]])
+    v = torch.tensor([[0.3], [2.0], [0.05]])
+    cfg = ModelConfig(data=DataSpec(shape=(3,), mean=(0.0,) * 3, std=(1.0,) * 3),
+                      trajectory=TrajectoryConfig(T=4, shift=-1.0), transporter=TransporterConfig(enabled=False))
+    model = NTM(cfg, predictor=GaussianDataPosterior(m, v))
+    g = torch.Generator().manual_seed(0)
+    x0 = m + v.sqrt() * torch.randn(256, 3, 1, generator=g)
+    t = model.grid(256, t_min)
+    X = forward_trajectory(x0, t, generator=g)
+    den = trajectory_score_denoise(model, X, t)
+    a = 1 - t[:, 0].reshape(-1, 1, 1)
+    tt = t[:, 0].reshape(-1, 1, 1)
+    posterior_mean = m + a * v / (a**2 * v + tt**2) * (X[:, 0] - a * m)
+    assert torch.allclose(den, posterior_mean, atol=2e-5), (den - posterior_mean).abs().max()
+
+
+def test_score_denoising_clip_percentile_validates():
+    cfg = ModelConfig(data=DataSpec(shape=(2,)), trajectory=TrajectoryConfig(T=4, shift=-1.0),
+                      transporter=TransporterConfig(enabled=False))
+    model = NTM(cfg, predictor=GaussianDataPosterior(torch.zeros(2, 1), torch.ones(2, 1)))
+    t = model.grid(4, 0.02)
+    X = forward_trajectory(torch.zeros(4, 2, 1), t)
+    assert trajectory_score_denoise(model, X, t, clip_percentile=50.0).shape == (4, 2, 1)
+    with pytest.raises(ValueError):
+        trajectory_score_denoise(model, X, t, clip_percentile=0.0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"chunk": 5}, {"max_iters": 2}, {"chunk": 4, "max_iters": 1}])
+def test_jacobi_inverse_equals_sequential(kw):
+    torch.manual_seed(0)
+    tr = Transporter(TransporterConfig(blocks=2, layers=1, width=16, heads=2), 12, 3)
+    randomize(tr, 0.1)
+    tr.eval()
+    x = torch.randn(16, 12, 3)
+    t = torch.rand(16) * 0.9
+    with torch.no_grad():
+        u, _ = tr(x, t)
+        seq = tr.inverse(u, t)
+        jac, sweeps = tr.inverse_with_stats(u, t, method="jacobi", tol=1e-7, **kw)
+    assert torch.allclose(jac, seq, atol=1e-4) and torch.allclose(jac, x, atol=1e-4)
+    assert sweeps >= 2
+    with pytest.raises(ValueError):
+        tr.inverse(u, t, method="newton")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("den") / "run"
+    assert main(["train", "--data", "moons", "--preset", "tiny", "--steps", "30", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def test_distil_lowers_the_loss_and_every_decoder_runs(tiny_run, tmp_path, capsys):
+    assert main(["sample", str(tiny_run), "--n", "5", "--decode", "denoiser", "--out", str(tmp_path / "no.npy")]) == 1
+    assert "ntm distill" in capsys.readouterr().err
+    assert main(["distill", str(tiny_run), "--data", "moons", "--steps", "60", "--no-progress"]) == 0
+    meta = json.loads((tiny_run / "denoiser" / "config.json").read_text())
+    assert meta["finished"] and meta["final_loss"] < meta["first_loss"]
+    model = NTM.from_pretrained(tiny_run)
+    assert model.denoiser is not None
+    outs = {}
+    for decode in ("inverse", "inverse+score", "denoiser"):
+        for inverse in ("sequential", "jacobi"):
+            f = tmp_path / f"{decode}-{inverse}.npy"
+            assert main(["sample", str(tiny_run), "--n", "40", "--decode", decode, "--inverse", inverse,
+                         "--seed", "1", "--out", str(f)]) == 0
+            outs[decode, inverse] = np.load(f)
+            assert outs[decode, inverse].shape == (40, 2) and np.isfinite(outs[decode, inverse]).all()
+    assert np.allclose(outs["inverse", "sequential"], outs["inverse", "jacobi"], atol=1e-4)
+    assert not np.allclose(outs["inverse", "sequential"], outs["inverse+score", "sequential"])
+    # a finished denoiser is never silently replaced
+    capsys.readouterr()
+    assert main(["distill", str(tiny_run), "--data", "moons", "--steps", "60", "--no-progress"]) == 1
+    assert "already holds" in capsys.readouterr().err
+    assert main(["distill", str(tiny_run), "--data", "8gaussians", "--no-progress"]) == 1
+
+
+def test_distil_resumes_after_a_stop(tmp_path, monkeypatch):
+    import ntm.denoising as dn
+    from ntm.data import open_source
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "moons", "--preset", "tiny", "--steps", "10", "--out", str(run), "--no-progress"]) == 0
+    src = open_source("moons")
+    calls = {"n": 0}
+    from ntm import training
+
+    class StopAfterFive(training._StopFlag):
+        @property
+        def requested(self):
+            calls["n"] += 1
+            return calls["n"] >= 5
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(training, "_StopFlag", StopAfterFive)
+    first = dn.distill(run, src, steps=20, progress=False)
+    assert first["stopped"] and first["steps"] == 5
+    monkeypatch.undo()
+    second = dn.distill(run, src, steps=20, progress=False)
+    assert not second["stopped"] and second["steps"] == 20
+    assert json.loads((run / "denoiser" / "config.json").read_text())["finished"]
