@@ -369,16 +369,21 @@ def bench_multi_t(
 
 
 def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
-                  out: Optional[Path], progress: bool) -> None:
+                  out: Optional[Path], progress: bool, distill_steps: int = 0) -> None:
     from .benchmarks import check_bench_output
     from .image_bench import markdown_image_table, run_image_bench
 
     out = out or Path("results") / f"{data}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
-                          progress=progress)
+                          progress=progress, distill_steps=distill_steps)
     typer.echo(markdown_image_table(res))
     typer.echo(f"NTM/FM training step cost: {res['config']['ntm_fm_step_cost_ratio']:.2f}x")
+    if "inverse_timing" in res["config"]:
+        it = res["config"]["inverse_timing"]
+        typer.echo(f"inverse of {it['n']} samples: sequential {it['sequential_seconds']:.2f} s, Jacobi "
+                   f"{it['jacobi_seconds']:.2f} s ({it['jacobi_sweeps']} sweeps), speed-up {it['jacobi_speedup']:.2f}x, "
+                   f"max |diff| {it['max_abs_diff']:.2e}")
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
@@ -387,22 +392,23 @@ _IMG_STEPS = typer.Option(None, min=1, help="training steps per model (default: 
 _IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1000)")
 _IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
 _IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
+_IMG_DISTILL = typer.Option(0, min=0, help="also distil the denoiser for this many steps and add inverse+score and denoiser rows")
 
 
 @bench_app.command("mnist")
 def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
-                guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT,
+                guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
                 progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
-    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress)
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps)
 
 
 @bench_app.command("fashion")
 def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
-                  guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT,
+                  guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
                   progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
-    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress)
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import _train_or_reuse, _write_json
+from .benchmarks import BenchStopped, _train_or_reuse, _write_json
 from .checkpoint import load_model
 from .config import PRESETS, ModelConfig
 from .errors import ConfigError
@@ -77,8 +77,15 @@ def _curves(runs: dict[str, Path], path: Path) -> None:
 
 def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: bool = False,
                     steps: int | None = None, n_samples: int | None = None, guidance: float = 1.0,
-                    progress: bool = True, classifier_steps: int = 3000, settings: dict | None = None) -> dict:
-    """Train NTM and FM with the same budget on ``data`` and write the comparison (see module doc)."""
+                    progress: bool = True, classifier_steps: int = 3000, settings: dict | None = None,
+                    distill_steps: int = 0) -> dict:
+    """Train NTM and FM with the same budget on ``data`` and write the comparison (see module doc).
+
+    With ``distill_steps`` > 0 the NTM run also gets a distilled denoiser (``ntm.denoising``) and the
+    table gains NTM rows decoded by "inverse+score" and "denoiser", the denoiser's distance to the
+    score-refined output, and a sequential-vs-Jacobi inverse timing. Rows already present in ``out``
+    for the same configuration are reused, so a re-run after a stop loses no finished row.
+    """
     from .plotting import image_grid
 
     settings = {**bench_settings(quick), **(settings or {})}
@@ -110,7 +117,18 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     for kind in ("ntm", "fm"):
         runs[kind] = folder / "runs" / kind
         summaries[kind] = _train_or_reuse(runs[kind], replace(base, kind=kind), train_cfg, src, progress)
+    if distill_steps > 0:
+        results["config"]["distill_steps"] = distill_steps
+        den_meta = runs["ntm"] / "denoiser" / "config.json"
+        if not (den_meta.is_file() and json.loads(den_meta.read_text()).get("finished")):
+            from .denoising import distill
+            res = distill(runs["ntm"], src, steps=distill_steps, progress=progress)
+            if res["stopped"]:
+                raise BenchStopped("stopped during the distillation; run the same command again to resume")
+        results["config"]["distill"] = json.loads(den_meta.read_text())
+    for kind in ("ntm", "fm"):
         models[kind] = load_model(runs[kind])
+    previous = _previous_rows(out, results["config"])
     step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
     results["config"]["seconds_per_step"] = step_cost
     results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
@@ -125,11 +143,21 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     fm_nll = models["fm"].nll(bpd_x[:m], bpd_y[:m], steps=settings["fm_ode_steps"], generator=g)
     fm_bpd = float(bits_per_dim(float(fm_nll.mean()), spec.dim))
 
-    jobs = [("ntm", "inverse", None, T) for T in NTM_STEPS] + [("fm", None, solver, k) for solver, k in FM_ROWS]
+    decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
+    jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
+        [("ntm", "inverse", None, T) for T in NTM_STEPS if T != p.trajectory.T] + \
+        [("fm", None, solver, k) for solver, k in FM_ROWS]
+    if distill_steps > 0:
+        results["config"]["inverse_timing"] = inverse_timing(models["ntm"], min(n, 500), spec.num_classes, guidance)
+    refined = None
     for kind, decode, solver, k in jobs:
         model = models[kind]
+        key = (kind, k, decode, solver)
+        if key in previous and not (decode == "inverse+score" and ("ntm", k, "denoiser", None) not in previous):
+            results["rows"].append(previous[key])
+            continue
         if kind == "ntm":
-            fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=k, generator=gen)  # noqa: E731
+            fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=k, generator=gen, decode=decode)  # noqa: E731
             nfe = k * (2 if guidance > 0 else 1)
         else:
             fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=k, solver=solver, generator=gen)  # noqa: E731
@@ -142,12 +170,58 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
                "bpd_kind": "elbo bound" if kind == "ntm" else f"ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})",
                "img_per_s": n / seconds, "train_seconds": summaries[kind]["seconds"],
                "train_steps": summaries[kind]["steps"], "extractor": extractor, "n_samples": n}
+        if decode == "inverse+score":
+            refined = images
+        if decode == "denoiser" and refined is not None:  # same seeds: the same predictor trajectories
+            row["rmse_to_score"] = float((images - refined).pow(2).mean().sqrt())
+            with torch.no_grad():
+                f_a, f_b = classifier.features(images), classifier.features(refined)
+            row["feature_dist_to_score"] = float((f_a - f_b).norm(dim=1).mean() / f_b.norm(dim=1).mean())
         results["rows"].append(row)
-        name = f"{kind}-{solver + '-' if solver else ''}{k}"
+        name = f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
         image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
-                   title=f"{kind.upper()} {k} steps{' (' + solver + ')' if solver else ''}, guidance {guidance}")
+                   title=f"{kind.upper()} {k} steps ({solver or decode}), guidance {guidance}")
         _write_json(out, results, markdown_image_table(results))
     return results
+
+
+def _previous_rows(out: Path, config: dict) -> dict:
+    """Rows of an earlier run of the same bench configuration, keyed by (model, steps, decode, solver)."""
+    try:
+        old = json.loads(Path(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    volatile = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
+                "distill_steps")
+    same = {k: v for k, v in old.get("config", {}).items() if k not in volatile} == \
+        {k: v for k, v in config.items() if k not in volatile}
+    if not same:
+        return {}
+    return {(r["model"], r["steps"], r["decode"], r["solver"]): r for r in old.get("rows", [])}
+
+
+@torch.no_grad()
+def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: int = 2) -> dict:
+    """Sequential (KV-cached) against block-Jacobi transporter inverse on the same n sampled u_{t_0}."""
+    from .sampling import sample_u_trajectory
+
+    y = torch.arange(n) % num_classes
+    U, t = sample_u_trajectory(model, n, y, guidance, None, None, torch.Generator().manual_seed(5))
+    T = model.steps_tensor(n, t.shape[1] - 1)
+    out = {"n": n, "tokens": model.spec.num_tokens, "blocks": len(model.transporter.blocks)}
+    results = {}
+    for method in ("sequential", "jacobi"):
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x, sweeps = model.transporter.inverse_with_stats(U[:, 0], t[:, 0], T, method=method)
+            best = min(best, time.perf_counter() - t0)
+        results[method] = x
+        out[f"{method}_seconds"] = best
+        out[f"{method}_sweeps"] = sweeps
+    out["jacobi_speedup"] = out["sequential_seconds"] / out["jacobi_seconds"]
+    out["max_abs_diff"] = float((results["sequential"] - results["jacobi"]).abs().max())
+    return out
 
 
 def markdown_image_table(results: dict) -> str:

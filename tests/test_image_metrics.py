@@ -82,17 +82,27 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ib, "run_image_bench", tiny)
     out = tmp_path / "mnist-quick.json"
-    assert main(["bench", "mnist", "--quick", "--steps", "3", "--n-samples", "20", "--out", str(out), "--no-progress"]) == 0
+    argv = ["bench", "mnist", "--quick", "--steps", "3", "--n-samples", "20", "--distill-steps", "2",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
     res = json.loads(out.read_text())
     keys = {"model", "steps", "decode", "solver", "nfe", "fid", "kid", "precision", "recall", "class_acc", "bpd",
             "img_per_s", "train_seconds", "extractor", "n_samples"}
     assert [(r["model"], r["steps"], r["decode"], r["solver"]) for r in res["rows"]] == [
-        ("ntm", 4, "inverse", None), ("ntm", 8, "inverse", None), ("fm", 4, None, "euler"), ("fm", 8, None, "euler"),
+        ("ntm", 4, "inverse", None), ("ntm", 4, "inverse+score", None), ("ntm", 4, "denoiser", None),
+        ("ntm", 8, "inverse", None), ("fm", 4, None, "euler"), ("fm", 8, None, "euler"),
         ("fm", 50, None, "euler"), ("fm", 4, None, "heun")]
     for r in res["rows"]:
         assert keys <= set(r) and r["n_samples"] == 20
+    assert res["rows"][2]["rmse_to_score"] >= 0 and "feature_dist_to_score" in res["rows"][2]
+    timing = res["config"]["inverse_timing"]
+    assert timing["max_abs_diff"] < 1e-3 and timing["jacobi_seconds"] > 0
     assert res["config"]["train_steps"] == 3 and res["config"]["ntm_fm_step_cost_ratio"] > 0
     folder = tmp_path / "mnist-quick"
     assert (folder / "training-curves.png").is_file() and (folder / "samples-ntm-4.png").is_file()
     assert (folder / "samples-fm-heun-4.png").is_file()
     assert out.with_suffix(".md").read_text().startswith("| model | steps |")
+    # a re-run of the same command reuses the trained runs and every finished row
+    assert main(argv) == 0
+    again = json.loads(out.read_text())
+    assert [r["img_per_s"] for r in again["rows"]] == [r["img_per_s"] for r in res["rows"]]
