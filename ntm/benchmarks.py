@@ -41,6 +41,23 @@ DEFAULT_BENCH_MODELS = BENCH_MODELS
 FM_TOY_ROWS = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("euler", 64), ("heun", 4))
 
 
+def sample_quality(name: str, n_samples: int, seeds: tuple[int, ...], draw) -> tuple[list, list, float]:
+    """Energy distances and low-density fractions of ``draw(generator)`` samples against fresh held-out
+    sets, one per seed, and the total sampling seconds."""
+    eds, lows, seconds = [], [], 0.0
+    for seed in seeds:
+        ref = open_source(name).held_out(n_samples, seed=10_000 + seed)[0]
+        t0 = time.perf_counter()
+        xs = draw(torch.Generator().manual_seed(seed))
+        seconds += time.perf_counter() - t0
+        eds.append(energy_distance(xs, ref))
+        if name == "checkerboard":
+            lows.append(off_support_fraction(name, xs))
+        elif name == "8gaussians":
+            lows.append(low_density_fraction(name, xs, ref))
+    return eds, lows, seconds
+
+
 def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds: tuple[int, ...],
                  num_trajectories: int, steps: int | None = None) -> dict:
     """Bounds, energy distances and low-density fractions of one model on one toy, at T = ``steps``."""
@@ -48,17 +65,8 @@ def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds:
     t0 = time.perf_counter()
     elbo, iw = nll_bounds(model, held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
     eval_seconds = time.perf_counter() - t0
-    eds, lows, samples_seconds = [], [], 0.0
-    for seed in seeds:
-        ref = open_source(name).held_out(n_samples, seed=10_000 + seed)[0]
-        t0 = time.perf_counter()
-        xs = model.sample(n_samples, steps=steps, generator=torch.Generator().manual_seed(seed))
-        samples_seconds += time.perf_counter() - t0
-        eds.append(energy_distance(xs, ref))
-        if name == "checkerboard":
-            lows.append(off_support_fraction(name, xs))
-        elif name == "8gaussians":
-            lows.append(low_density_fraction(name, xs, ref))
+    eds, lows, samples_seconds = sample_quality(
+        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, generator=g))
     n = held_out.shape[0]
     row = {
         "nll_bound": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(n)),
@@ -77,17 +85,8 @@ def evaluate_toy_flow(model, name: str, held_out: Tensor, n_samples: int, seeds:
     t0 = time.perf_counter()
     nll = model.nll(held_out, steps=ode_steps, exact=True)
     eval_seconds = time.perf_counter() - t0
-    eds, lows, samples_seconds = [], [], 0.0
-    for seed in seeds:
-        ref = open_source(name).held_out(n_samples, seed=10_000 + seed)[0]
-        t0 = time.perf_counter()
-        xs = model.sample(n_samples, steps=steps, solver=solver, generator=torch.Generator().manual_seed(seed))
-        samples_seconds += time.perf_counter() - t0
-        eds.append(energy_distance(xs, ref))
-        if name == "checkerboard":
-            lows.append(off_support_fraction(name, xs))
-        elif name == "8gaussians":
-            lows.append(low_density_fraction(name, xs, ref))
+    eds, lows, samples_seconds = sample_quality(
+        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, solver=solver, generator=g))
     n = held_out.shape[0]
     return {"steps": steps, "solver": solver, "nfe": network_evaluations(steps, solver),
             "nll_bound": float(nll.mean()), "nll_bound_se": float(nll.std() / math.sqrt(n)),

@@ -84,13 +84,19 @@ class AffineARBlock(nn.Module):
         cache = self.net.new_cache(B, N, us.device) if use_cache else None
         for n in range(N):
             if cache is not None:
-                prev = self.start.expand(B, 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
-                h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
-            else:
-                h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0))[:, n:n + 1]
+                self._decode_cached(us, xs, n, temb, cache)
+                continue
+            h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0))[:, n:n + 1]
             log_scale, shift = self._affine(h)
             xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
         return self._order(xs)
+
+    def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache) -> None:
+        """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
+        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
+        h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
+        log_scale, shift = self._affine(h)
+        xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
 
     def inverse_jacobi(self, u: Tensor, t: Tensor, T: Tensor | None = None, chunk: int = 0,
                        tol: float = 1e-5, max_iters: int = 0) -> tuple[Tensor, int]:
@@ -131,10 +137,7 @@ class AffineARBlock(nn.Module):
             if not converged:  # sequential fallback for this chunk; the prefix cache stays valid
                 cache.length = a
                 for n in range(a, b):
-                    prev = self.start.expand(B, 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
-                    h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
-                    log_scale, shift = self._affine(h)
-                    xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
+                    self._decode_cached(us, xs, n, temb, cache)
             cache.length = a
             prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])  # refill the cache with the final chunk
             if a == 0:
