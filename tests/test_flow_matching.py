@@ -146,3 +146,15 @@ def test_fm_cli_train_sample_eval_and_reload(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["divergence"] == "exact" and math.isfinite(res["ode_nll_nats"])
     assert main(["sample", str(run), "--n", "5", "--t-min", "0.1", "--out", str(tmp_path / "x.npy")]) == 2
+
+
+def test_toy_bench_fm_rows(tmp_path, capsys):
+    out = tmp_path / "fm.json"
+    assert main(["bench", "toy", "--preset", "tiny", "--steps", "4", "--data", "8gaussians", "--models", "fm",
+                 "--out", str(out), "--n-eval", "40", "--n-samples", "60", "--seeds", "1", "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["steps"], r["solver"], r["nfe"]) for r in rows] == [
+        ("fm", 1, "euler", 1), ("fm", 2, "euler", 2), ("fm", 4, "euler", 4), ("fm", 8, "euler", 8),
+        ("fm", 64, "euler", 64), ("fm", 4, "heun", 7)]
+    assert all(math.isfinite(r["nll_bound"]) and r["iw_bound"] is None and "ODE" in r["nll_kind"] for r in rows)
+    assert "4 heun" in out.with_suffix(".md").read_text()
