@@ -274,6 +274,41 @@ def _eval_flow(model, x, y, data: str, steps: int, g, as_json: bool) -> None:
 
 
 @app.command()
+def finetune(
+    from_run: Path = typer.Option(..., "--from", help="the flow-matching run to start from (ntm train --model fm)"),
+    out: Path = typer.Option(..., help="run directory of the finetuned NTM"),
+    data: str = typer.Option(..., help="the data the FM run was trained on"),
+    aux_weight: float = typer.Option(2.5, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
+    preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
+    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Start an NTM from a flow-matching model and finetune it by the trajectory likelihood plus the
+    mean-alignment loss against the frozen teacher."""
+    from .checkpoint import read_meta, resolve
+    from .config import model_config_from_dict
+    from .data import TOY_NAMES, open_source
+    from .finetune import finetune as run_finetune
+    from .training import _check_same_data, train as run_training
+
+    cfg = model_config_from_dict(read_meta(resolve(from_run))["model"])
+    source = open_source(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
+    _check_same_data(cfg.data, source.spec())
+    if resume:
+        if not out.exists():
+            raise UsageProblem(f"--resume: no run at {out}")
+        summary = run_training(None, None, source, out, resume=True, progress=progress)
+    else:
+        _fresh_output_dir(out)
+        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
+                               progress=progress)
+    state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
+    typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
+               f"{summary['final_loss']:.4f}; run: {out}")
+
+
+@app.command()
 def distill(
     run: Path = typer.Argument(..., help="NTM run directory; the denoiser is stored in RUN/denoiser"),
     data: str = typer.Option(..., help="the data the run was trained on (targets come from real-data trajectories)"),

@@ -84,12 +84,18 @@ class PredictorConfig:
     """f_P: a bidirectional transformer over the N tokens of one level u_t.
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
+    ``kind`` "gaussian" is the from-scratch predictor; "velocity" is a flow-matching velocity network
+    read in u-space (``ntm.finetune``), with ``velocity_sign`` +1 for v = eps - x_0 (-1: x_0 - eps)
+    and ``s0_std_floor`` the scale of the s = 0 step, where the Gaussian posterior is a point mass.
     """
 
     layers: int = 4
     width: int = 128
     heads: int = 4
     log_var_clip: float = 8.0
+    kind: str = "gaussian"
+    velocity_sign: float = 1.0
+    s0_std_floor: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW, linear warmup then cosine decay to ``min_lr``, EMA, clipping."""
+    """Optimisation: AdamW, linear warmup then cosine decay to ``min_lr``, EMA, clipping.
+
+    Finetuning from a flow-matching run (``ntm.finetune``): ``teacher`` is that run's folder and
+    ``aux_weight`` the initial weight of the mean-alignment loss, cosine-decayed to 0 over the run.
+    """
 
     steps: int = 6000
     batch_size: int = 512
@@ -125,6 +135,8 @@ class TrainConfig:
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 25
+    aux_weight: float = 0.0
+    teacher: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
     if cfg.kind not in ("ntm", "fm"):
         raise ValueError(f"unknown model kind '{cfg.kind}' (use 'ntm' or 'fm')")
+    if pr.kind not in ("gaussian", "velocity") or pr.velocity_sign not in (1.0, -1.0) or pr.s0_std_floor <= 0:
+        raise ValueError(f"invalid predictor kind '{pr.kind}', velocity sign {pr.velocity_sign} or floor {pr.s0_std_floor}")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts) or d.num_classes < 0:
         raise ValueError("invalid block count, trajectory length or class count")
 

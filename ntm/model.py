@@ -109,9 +109,22 @@ class NTM(TokenModel):
         spec = config.data
         multi_T = self.multi_T
         self.transporter = Transporter(config.transporter, spec.num_tokens, spec.token_dim, multi_T=multi_T)
+        if predictor is None and config.predictor.kind == "velocity":  # started from a flow-matching model
+            from .finetune import VelocityPredictor
+            from .flow_matching import VelocityField
+            pc = config.predictor
+            predictor = VelocityPredictor(VelocityField(config), spec.num_tokens, spec.token_dim,
+                                          pc.velocity_sign, pc.s0_std_floor, pc.log_var_clip)
         self.predictor = predictor if predictor is not None else Predictor(
             config.predictor, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)
         self.denoiser = None  # the distilled g_phi, attached by from_pretrained when the run has one
+        self._teacher: tuple = ()  # finetuning: the frozen FM teacher (kept out of the state dict)
+        self.aux_weight_now = 0.0  # finetuning: the current mean-alignment weight (set by the trainer)
+        self.last_parts: dict[str, float] = {}
+
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        """Attach the frozen flow-matching teacher of the mean-alignment loss (not saved, not trained)."""
+        self._teacher = () if teacher is None else (teacher,)
 
     # ----------------------------------------------------------------------------------- helpers
     @property
@@ -154,7 +167,7 @@ class NTM(TokenModel):
         return product_rule(mu[:B], sigma[:B], mu[B:], sigma[B:], guidance)
 
     def step_log_prob(self, x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None,
-                      T: Tensor | None = None) -> Tensor:
+                      T: Tensor | None = None, aux: list | None = None) -> Tensor:
         """Exact log p(x_s | x_t, y) for standardised tokens x_s, x_t: (B, N, D); s, t: (B,). -> (B,)
 
         T (B,) is the trajectory length, needed only by multi-T models.
@@ -166,9 +179,11 @@ class NTM(TokenModel):
         U, logdets = self.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), TT)  # one pass for both levels
         u_s, u_t, logdet = U[:B], U[B:], logdets[:B]
         mu, sigma = self.predictor(u_t, t, s, y, T)
+        if aux is not None:
+            aux.append(self.mean_alignment(x_t, t, s, y, mu))
         return gaussian_log_prob(u_s, mu, sigma) + logdet
 
-    def trajectory_log_probs(self, X: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def trajectory_log_probs(self, X: Tensor, t: Tensor, y: Tensor | None = None, aux: list | None = None) -> Tensor:
         """log p(x_{t_{k-1}} | x_{t_k}, y) for k = 1..T, all steps in one batched pass.
 
         X: (B, T + 1, N, D) standardised trajectory (ascending times), t: (B, T + 1). -> (B, T).
@@ -185,13 +200,24 @@ class NTM(TokenModel):
         yk = None if y is None else y.repeat_interleave(T)
         mu, sigma = self.predictor(inputs.reshape((B * T,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
         logp = gaussian_log_prob(U.reshape((B * T,) + shape), mu, sigma) + logdet
+        if aux is not None:  # the mean-alignment term of every step (finetuning)
+            aux.append(self.mean_alignment(X[:, 1:].reshape((B * T,) + shape), t[:, 1:].reshape(-1),
+                                           t[:, :T].reshape(-1), yk, mu).reshape(B, T).sum(1))
         return logp.reshape(B, T)
 
-    def pair_log_prob(self, X: Tensor, t: Tensor, k: Tensor, y: Tensor | None = None) -> Tensor:
+    def mean_alignment(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None, mu: Tensor) -> Tensor:
+        """|| mu_P - mu_FM ||^2 per sample (B,), mu_FM from the frozen teacher on x_t (data space)."""
+        from .finetune import posterior_mean_from_velocity
+        with torch.no_grad():
+            v = self._teacher[0].velocity(x_t, t, y).float()
+            target = posterior_mean_from_velocity(v, x_t.float(), t, s)
+        return (mu - target).pow(2).flatten(1).sum(1)
+
+    def pair_log_prob(self, X: Tensor, t: Tensor, k: Tensor, y: Tensor | None = None, aux: list | None = None) -> Tensor:
         """log p(x_{t_{k-1}} | x_{t_k}, y) for one step k (B,) in 1..T per sample. -> (B,)"""
         rows = torch.arange(X.shape[0], device=X.device)
         TT = self.steps_tensor(X.shape[0], t.shape[1] - 1)
-        return self.step_log_prob(X[rows, k - 1], X[rows, k], t[rows, k - 1], t[rows, k], y, TT)
+        return self.step_log_prob(X[rows, k - 1], X[rows, k], t[rows, k - 1], t[rows, k], y, TT, aux=aux)
 
     # ------------------------------------------------------------------------------------ train
     def draw_training_noise(self, batch: int, generator: torch.Generator | None = None,
@@ -231,6 +257,8 @@ class NTM(TokenModel):
         if y is not None and self.spec.num_classes > 0 and self.config.class_dropout > 0:
             y = torch.where(noise.drop, torch.full_like(y, self.spec.num_classes), y)
         nll = torch.zeros(B, device=x0.device)
+        use_aux = bool(self._teacher) and self.aux_weight_now > 0
+        aux_total = torch.zeros(B, device=x0.device)
         # a fixed order over all trained lengths (empty groups included) keeps the sequence of forward
         # passes identical on every process, which FSDP's collectives require
         for T in self.train_Ts:
@@ -238,13 +266,24 @@ class NTM(TokenModel):
             yi = None if y is None else y[idx]
             t = self.grid(len(idx), noise.t_min[idx], T=T)
             X = forward_trajectory(x0[idx], t, noise=noise.eps[idx, : T + 1])
+            aux = [] if use_aux else None
             if mode == "e2e":
-                part = -self.trajectory_log_probs(X, t, yi).sum(1)
+                part = -self.trajectory_log_probs(X, t, yi, aux=aux).sum(1)
             else:
                 k = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
-                part = -T * self.pair_log_prob(X, t, k, yi)
+                part = -T * self.pair_log_prob(X, t, k, yi, aux=aux)
+                if aux:
+                    aux[0] = T * aux[0]
             nll = nll.index_put((idx,), part)
-        return nll.mean() / self.spec.dim
+            if aux:
+                aux_total = aux_total.index_put((idx,), aux[0])
+        loss = nll.mean() / self.spec.dim
+        self.last_parts = {"nll": float(loss.detach())}
+        if use_aux:
+            aux_loss = aux_total.mean() / self.spec.dim
+            self.last_parts.update(aux=float(aux_loss.detach()), aux_weight=self.aux_weight_now)
+            loss = loss + self.aux_weight_now * aux_loss
+        return loss
 
     # ----------------------------------------------------------------------- public conveniences
     def trajectory_nll(self, x: Tensor, y: Tensor | None = None, t_min: float | None = None,

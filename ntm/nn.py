@@ -199,6 +199,11 @@ class ConditionedTransformer(nn.Module):
     def backbone(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
                  T: Tensor | None = None) -> Tensor:
         """x: (B, N, D); t, s: (B,); y: (B,) labels or None (null); T: (B,) or None -> (B, N, out_dim) fp32."""
+        return self.proj_out(self.hidden(x, t, s, y, T)).float()
+
+    def hidden(self, x: Tensor, t: Tensor, s: Tensor | None = None, y: Tensor | None = None,
+               T: Tensor | None = None) -> Tensor:
+        """The final-norm features (B, N, width) that ``proj_out`` reads (extra heads may read them too)."""
         B = x.shape[0]
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
@@ -210,4 +215,4 @@ class ConditionedTransformer(nn.Module):
                 raise ValueError("this network was trained over several T; pass T")
             cond = cond + self.steps(1.0 / T.float())
         h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos + cond[:, None]
-        return self.proj_out(self.net(h)).float()
+        return self.net(h)

@@ -200,7 +200,7 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, ctx: _Dist) -> torch.nn.Modu
 
 def train(model_config: ModelConfig | None, train_config: TrainConfig | None, source: DataSource,
           out_dir: str | Path, resume: bool = False, progress: bool = True,
-          device: torch.device | str | None = None, batch_hook=None) -> dict:
+          device: torch.device | str | None = None, batch_hook=None, init_from_teacher: bool = False) -> dict:
     """Train an NTM into ``out_dir``; returns a summary dict.
 
     Under ``torchrun`` each of the W processes trains on its 1/W share of every global batch (same
@@ -208,7 +208,9 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
     result matches one process with the whole batch. With ``resume`` the configs stored in the run's
     last checkpoint are used (a ``train_config`` passed here may only repeat the same number of steps)
     and training continues exactly where the checkpoint left off. ``batch_hook(step, x)`` may alter a
-    raw batch (used by tests).
+    raw batch (used by tests). A config with a ``teacher`` (finetuning, ``ntm.finetune``) attaches the
+    frozen FM teacher for the mean-alignment loss; ``init_from_teacher`` starts a new run's predictor
+    from the teacher's velocity network.
     """
     out_dir = Path(out_dir)
     state = None
@@ -227,13 +229,13 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
     ctx = _Dist(device)
     try:
         return _train_loop(model_config, cfg, source, out_dir, state, ckpt if resume else None, ctx,
-                           progress and ctx.is_main, batch_hook)
+                           progress and ctx.is_main, batch_hook, init_from_teacher and not resume)
     finally:
         ctx.close()
 
 
 def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource, out_dir: Path, state, ckpt,
-                ctx: _Dist, progress: bool, batch_hook) -> dict:
+                ctx: _Dist, progress: bool, batch_hook, init_from_teacher: bool = False) -> dict:
     if cfg.batch_size % ctx.world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {ctx.world} processes")
     local = cfg.batch_size // ctx.world
@@ -241,6 +243,12 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
     device = ctx.device
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device)
+    if cfg.teacher:
+        from .finetune import initial_weights, load_teacher
+        teacher = load_teacher(cfg.teacher, device)
+        if init_from_teacher:
+            model.load_state_dict(initial_weights(model, teacher))
+        model.set_teacher(teacher)
     net = _wrap(model, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
@@ -296,6 +304,9 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
                 x = batch_hook(step, x)
             x0 = to_tokens(x[lo:hi], spec).to(device)
             y = None if y is None else y[lo:hi].to(device)
+            if cfg.teacher:
+                from .finetune import aux_weight_at
+                model.aux_weight_now = aux_weight_at(step / cfg.steps, cfg.aux_weight)
             with autocast:
                 loss = net(x0, y, noise.shard(lo, hi), cfg.mode)
             opt.zero_grad(set_to_none=True)
@@ -316,7 +327,7 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
             elapsed = time.perf_counter() - t_start
             if log_file is not None and (step % cfg.log_every == 0 or step == cfg.steps):
                 rec = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0], "skipped": skipped,
-                       "seconds": round(elapsed, 2)}
+                       "seconds": round(elapsed, 2), **getattr(model, "last_parts", {})}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}", skipped=skipped)

@@ -1,0 +1,174 @@
+"""Start NTM from a pretrained flow-matching model (paper §3.3, App. A.3, A.5; digest §8).
+
+The predictor becomes the FM velocity network read in u-space (``VelocityPredictor``):
+
+    x0_hat = u_t - t v(u_t, t, y)                 (v = eps - x_0; ``velocity_sign`` -1 flips it)
+    mu_P   = A(t, s) u_t + B(t, s) x0_hat           (no mean correction: the paper's no_delta_mean)
+    sigma_P = sqrt(C(t, s)^2 + floor^2 [s = 0]) exp(delta_sigma)
+
+with a zero-initialised delta_sigma head and the transporter at its identity initialisation, so at
+step 0 the NTM *is* the FM model's Gaussian posterior sampler for every s > 0. At s = 0 the Gaussian
+posterior is a point mass (C = 0) and the NLL of a point mass is infinite, so that step gets the
+standard deviation ``s0_std_floor`` (0.01 in standardised units by default, about 1.3 grey levels of
+an 8-bit image in [-1, 1]) before the learned factor exp(delta_sigma).
+
+The delta_sigma head reads the backbone's last features when the velocity network is the project's
+own ``VelocityField``; for any other velocity module it is a zero-initialised map of the (t, s)
+embedding to one value per token channel.
+
+Training adds the mean-alignment loss against a frozen copy of the teacher working in x-space,
+
+    L_aux = lambda(p) sum_k || mu_P^(k) - mu_FM^(k) ||^2 / dim,   mu_FM = A x_t + B (x_t - t v_frozen(x_t, t, y)),
+
+with lambda(p) = lambda_0 (1 + cos(pi p)) / 2 over training progress p in [0, 1] (lambda_0 = 2.5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import PRESETS, ModelConfig, TrainConfig
+from .nn import ConditionedTransformer, TimeEmbedding, soft_clip
+from .predictor import _col
+from .trajectory import posterior_coefficients
+
+
+class VelocityAdapter(nn.Module):
+    """Wrap any velocity model ``fn(x_t, t, y) -> v`` for use as an NTM predictor backbone.
+
+    ``fn`` sees the model's tokens reshaped to the data layout: images (B, C, H, W), vectors (B, d), in
+    the NTM's standardised units (images are not standardised, so they stay in [-1, 1]), and must
+    follow x_t = (1 - t) x_0 + t eps. ``sign`` +1: fn returns eps - x_0; -1: fn returns x_0 - eps
+    (the adapter flips it). Returns v = eps - x_0 as tokens (B, N, D).
+    """
+
+    def __init__(self, fn, spec, sign: float = 1.0):
+        super().__init__()
+        if sign not in (1.0, -1.0):
+            raise ValueError("sign must be +1 (v = eps - x_0) or -1 (v = x_0 - eps)")
+        self.fn = fn
+        self.spec = spec
+        self.sign = sign
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        from .images import patchify, unpatchify
+        spec = self.spec
+        if spec.kind == "image":
+            v = self.fn(unpatchify(x_t, tuple(spec.shape), spec.patch), t, y)
+            return self.sign * patchify(v.float(), spec.patch)
+        return self.sign * self.fn(x_t[..., 0], t, y).float()[..., None]
+
+
+class VelocityPredictor(nn.Module):
+    """f_P built on a velocity network (see module doc). Same interface as ``Predictor``."""
+
+    def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, sign: float = 1.0,
+                 s0_std_floor: float = 0.01, log_var_clip: float = 8.0, width: int = 64):
+        super().__init__()
+        self.velocity = velocity
+        self.sign = sign
+        self.floor = s0_std_floor
+        self.clip = log_var_clip
+        self.token_dim = token_dim
+        if isinstance(velocity, ConditionedTransformer):
+            self.sigma_head = nn.Linear(velocity.proj_out.in_features, token_dim)
+            self.time_s = TimeEmbedding(velocity.proj_out.in_features)  # the backbone itself only sees t
+            self.time_mlp = None
+        else:
+            self.sigma_head = nn.Linear(width, num_tokens * token_dim)
+            self.time_s = TimeEmbedding(width)
+            self.time_mlp = TimeEmbedding(width)
+        nn.init.zeros_(self.sigma_head.weight)
+        nn.init.zeros_(self.sigma_head.bias)
+
+    def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(v = eps - x_0, delta_sigma), each (B, N, D) fp32."""
+        if self.time_mlp is None:
+            h = self.velocity.hidden(u_t, t, None, y)
+            v = self.velocity.proj_out(h).float()
+            delta = self.sigma_head(h + self.time_s(s)[:, None].to(h.dtype)).float()
+        else:
+            v = self.velocity(u_t, t, y).float()
+            delta = self.sigma_head(self.time_mlp(t) + self.time_s(s)).float().reshape(u_t.shape)
+        return self.sign * v, soft_clip(delta, self.clip)
+
+    def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
+                T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u_t: (B, N, D); t, s: (B,) -> (mu_P, sigma_P), each (B, N, D) fp32."""
+        u_t = u_t.float()
+        v, delta = self.velocity_and_log_scale(u_t, t, s, y)
+        A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
+        x0_hat = u_t - _col(t) * v
+        mu = A * u_t + B * x0_hat
+        floor = torch.where(_col(s) == 0, torch.full_like(C, self.floor), torch.zeros_like(C))
+        return mu, torch.sqrt(C**2 + floor**2) * torch.exp(delta)
+
+
+def posterior_mean_from_velocity(v: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """mu = A x_t + B (x_t - t v): the mean of q(x_s | x_t, x0_hat) for a velocity v = eps - x_0."""
+    A, B, _ = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
+    return A * x_t + B * (x_t - _col(t) * v)
+
+
+def aux_weight_at(progress: float, weight: float) -> float:
+    """Cosine decay of the mean-alignment weight: weight (1 + cos(pi p)) / 2, p in [0, 1]."""
+    p = min(max(progress, 0.0), 1.0)
+    return weight * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def finetune_config(fm_config: ModelConfig, preset: str | None = None, sign: float = 1.0) -> ModelConfig:
+    """The NTM config that starts from an FM run's config: same backbone, a velocity predictor and the
+    preset's transporter (default: ``mnist`` for images, ``toy`` for vectors)."""
+    name = preset or ("mnist" if fm_config.data.kind == "image" else "toy")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'")
+    return replace(fm_config, kind="ntm", transporter=PRESETS[name].transporter,
+                   predictor=replace(fm_config.predictor, kind="velocity", velocity_sign=sign))
+
+
+def initial_weights(ntm_model: nn.Module, fm_model: nn.Module) -> dict[str, Tensor]:
+    """The NTM's state dict with its velocity network copied from the FM model (everything else as
+    initialised: identity transporter, zero delta_sigma head)."""
+    state = {k: v.clone() for k, v in ntm_model.state_dict().items()}
+    for k, v in fm_model.velocity.state_dict().items():
+        state[f"predictor.velocity.{k}"] = v.clone()
+    return state
+
+
+def load_teacher(path: str | Path, device: torch.device | None = None):
+    """The frozen FM teacher of a finetune run."""
+    from .checkpoint import load_model
+    from .errors import ConfigError
+    from .flow_matching import FlowMatching
+
+    fm = load_model(path, map_location=device)
+    if not isinstance(fm, FlowMatching):
+        raise ConfigError(f"{path} is not a flow-matching run (train one with `ntm train --model fm`)")
+    for p in fm.parameters():
+        p.requires_grad_(False)
+    return fm.eval()
+
+
+def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = 2.5,
+             preset: str | None = None, train: TrainConfig | None = None, progress: bool = True,
+             sign: float = 1.0) -> dict:
+    """Finetune an NTM from the FM run ``fm_run`` into ``out_dir`` (see module doc)."""
+    from .checkpoint import read_meta, resolve
+    from .config import model_config_from_dict
+    from .errors import ConfigError
+    from .training import train as run_training
+
+    if aux_weight < 0 or not math.isfinite(aux_weight):
+        raise ConfigError(f"--aux-weight must be a finite number >= 0, got {aux_weight}")
+    fm_cfg = model_config_from_dict(read_meta(resolve(fm_run))["model"])
+    if fm_cfg.kind != "fm":
+        raise ConfigError(f"{fm_run} is not a flow-matching run (train one with `ntm train --model fm`)")
+    cfg = finetune_config(fm_cfg, preset, sign)
+    name = preset or ("mnist" if cfg.data.kind == "image" else "toy")
+    base = train or PRESETS[name].train
+    tcfg = replace(base, steps=steps or base.steps, aux_weight=aux_weight, teacher=str(Path(fm_run).resolve()))
+    return run_training(cfg, tcfg, source, out_dir, progress=progress, init_from_teacher=True)

@@ -1,0 +1,117 @@
+"""Starting NTM from a flow-matching model: exact equivalence at step 0, the aux-loss schedule, the
+sign convention, and the CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+from ntm import NTM, FlowMatching
+from ntm.cli import main
+from ntm.config import DataSpec, ModelConfig, PredictorConfig, TrajectoryConfig
+from ntm.finetune import (VelocityAdapter, VelocityPredictor, aux_weight_at, finetune_config, initial_weights)
+from ntm.predictor import gaussian_log_prob
+from ntm.trajectory import forward_trajectory, posterior_coefficients
+
+from conftest import randomize
+
+
+def _fm_and_ntm(seed=0):
+    fm_cfg = ModelConfig(kind="fm", data=DataSpec(shape=(3,), mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=2),
+                         trajectory=TrajectoryConfig(T=4, shift=-1.0), predictor=PredictorConfig(layers=2, width=16, heads=2))
+    torch.manual_seed(seed)
+    fm = FlowMatching(fm_cfg)
+    randomize(fm, 0.3, seed)
+    ntm = NTM(finetune_config(fm_cfg, "tiny"))
+    ntm.load_state_dict(initial_weights(ntm, fm))
+    return fm.eval(), ntm.eval()
+
+
+def test_step_zero_mean_and_scale_are_the_gaussian_posterior():
+    fm, ntm = _fm_and_ntm()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 3, 1, generator=g)
+    t = torch.rand(32, generator=g) * 0.9 + 0.1
+    s = t * torch.rand(32, generator=g) * 0.99 + 1e-3
+    y = torch.randint(0, 2, (32,), generator=g)
+    u, logdet = ntm.transporter(x, t)
+    assert torch.equal(u, x) and torch.all(logdet == 0)  # identity transporter at init
+    mu, sigma = ntm.predictor(x, t, s, y)
+    v = fm.velocity(x, t, y)
+    A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t, s))
+    x0_hat = x - t.reshape(-1, 1, 1) * v
+    assert torch.allclose(mu, A * x + B * x0_hat, atol=1e-6)
+    assert torch.allclose(sigma, C.expand_as(sigma), atol=1e-7)
+    _, sigma0 = ntm.predictor(x, t, torch.zeros(32), y)  # s = 0: the variance floor
+    assert torch.allclose(sigma0, torch.full_like(sigma0, ntm.config.predictor.s0_std_floor))
+
+
+def test_step_zero_samples_and_nll_equal_the_fm_gaussian_posterior_sampler():
+    fm, ntm = _fm_and_ntm(3)
+    n, y = 16, torch.tensor([0, 1] * 8)
+    t = ntm.grid(n, 0.02)
+    # the FM Gaussian posterior sampler, written independently with the same noise
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 3, 1, generator=g)
+    for k in range(4, 0, -1):
+        tk, sk = t[:, k], t[:, k - 1]
+        A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(tk, sk))
+        x0_hat = x - tk.reshape(-1, 1, 1) * fm.velocity(x, tk, y)
+        x = A * x + B * x0_hat + C * torch.randn(n, 3, 1, generator=g)
+    expected = x / (1 - t[:, 0]).reshape(-1, 1)[:, :, None]
+    got = ntm.sample(n, y=y, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(got, expected[..., 0], atol=1e-5)
+    # trajectory NLL against the Gaussian-posterior NLL computed by hand
+    X = forward_trajectory(torch.randn(n, 3, 1), t, generator=torch.Generator().manual_seed(2))
+    lp = ntm.trajectory_log_probs(X, t, y)
+    for k in range(1, 5):
+        tk, sk = t[:, k], t[:, k - 1]
+        A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(tk, sk))
+        mean = A * X[:, k] + B * (X[:, k] - tk.reshape(-1, 1, 1) * fm.velocity(X[:, k], tk, y))
+        ref = gaussian_log_prob(X[:, k - 1], mean, C.expand_as(mean))
+        assert torch.allclose(lp[:, k - 1], ref, rtol=1e-5, atol=1e-3)
+
+
+def test_aux_weight_follows_the_cosine_schedule():
+    assert aux_weight_at(0.0, 2.5) == 2.5 and aux_weight_at(1.0, 2.5) == pytest.approx(0.0, abs=1e-12)
+    assert aux_weight_at(0.5, 2.5) == pytest.approx(1.25)
+    assert aux_weight_at(0.25, 2.0) == pytest.approx(1.0 + math.cos(math.pi / 4))
+
+
+def test_both_velocity_sign_conventions_give_the_same_model():
+    spec = DataSpec(kind="image", shape=(1, 4, 4), mean=(0.0,), std=(1.0,), patch=2)
+    w = torch.randn(16, 16) * 0.1
+
+    def eps_minus_x0(x, t, y):  # images (B, 1, 4, 4)
+        return (x.flatten(1) @ w).reshape(x.shape) * (1 + t.reshape(-1, 1, 1, 1))
+
+    def x0_minus_eps(x, t, y):
+        return -eps_minus_x0(x, t, y)
+
+    a = VelocityPredictor(VelocityAdapter(eps_minus_x0, spec, +1.0), 4, 4)
+    b = VelocityPredictor(VelocityAdapter(x0_minus_eps, spec, -1.0), 4, 4)
+    u = torch.randn(5, 4, 4)
+    t, s = torch.full((5,), 0.7), torch.full((5,), 0.3)
+    ma, sa = a(u, t, s)
+    mb, sb = b(u, t, s)
+    assert torch.allclose(ma, mb) and torch.allclose(sa, sb)
+    with pytest.raises(ValueError):
+        VelocityAdapter(eps_minus_x0, spec, 2.0)
+
+
+def test_finetune_cli_with_and_without_aux(tmp_path, capsys):
+    fm_run = tmp_path / "fm"
+    assert main(["train", "--data", "moons", "--model", "fm", "--preset", "tiny", "--out", str(fm_run), "--no-progress"]) == 0
+    for w in ("2.5", "0"):
+        run = tmp_path / f"ft-{w}"
+        assert main(["finetune", "--from", str(fm_run), "--out", str(run), "--data", "moons", "--preset", "tiny",
+                     "--steps", "12", "--aux-weight", w, "--no-progress"]) == 0
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if w == "2.5":
+            assert recs[0]["aux_weight"] < 2.5 and all("aux" in r for r in recs[:-1])
+        else:
+            assert all("aux" not in r for r in recs)
+        model = NTM.from_pretrained(run)
+        assert model.config.predictor.kind == "velocity" and model.sample(8).shape == (8, 2)
+    assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
+    assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
