@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_model, read_meta, resolve
-from .config import PRESETS, ModelConfig, model_config_from_dict
+from .config import PRESETS, ModelConfig, TrainConfig, model_config_from_dict
 from .data import ENTROPY_FLOOR, open_source, to_tokens
 from .errors import CheckpointError, ConfigError, NTMError
 from .flow_matching import network_evaluations
@@ -229,15 +229,16 @@ def _replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
-def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progress: bool) -> dict:
+def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progress: bool,
+                    init_from_teacher: bool = False) -> dict:
     """Reuse a finished run with the same configs, resume an unfinished one, or train afresh, so an
     interrupted bench loses no finished work."""
     meta = None
     try:
         meta = read_meta(resolve(run_dir))
-        keys = ("steps", "batch_size", "lr", "seed", "mode")
+        keys = ("steps", "batch_size", "lr", "seed", "mode", "aux_weight", "teacher")
         same = model_config_from_dict(meta["model"]) == model_cfg and \
-            {k: meta["train"][k] for k in keys} == {k: getattr(train_cfg, k) for k in keys}
+            {k: meta["train"].get(k, getattr(TrainConfig, k, None)) for k in keys} == {k: getattr(train_cfg, k) for k in keys}
     except (CheckpointError, KeyError, TypeError, ValueError):
         same = False
     if same:
@@ -245,7 +246,8 @@ def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progr
     else:
         _replaceable_run(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
-        summary = train(model_cfg, train_cfg, src, run_dir, progress=progress, device="cpu")
+        summary = train(model_cfg, train_cfg, src, run_dir, progress=progress, device="cpu",
+                        init_from_teacher=init_from_teacher)
     if summary["stopped"]:  # Ctrl-C / SIGTERM: stop the whole bench; a re-run resumes this training
         raise BenchStopped(f"stopped during the training in {run_dir}; run the same command again to resume")
     return summary

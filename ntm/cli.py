@@ -446,6 +446,24 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
     _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps)
 
 
+@bench_app.command("finetune")
+def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), quick: bool = _QUICK,
+                   n_samples: Optional[int] = _IMG_N, guidance: float = _IMG_W,
+                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/<data>-finetune[-quick].json)"),
+                   progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM finetuned from the FM teacher of `ntm bench <data>` against the teacher and a from-scratch NTM."""
+    from .benchmarks import check_bench_output
+    from .image_bench import markdown_image_table, run_finetune_bench
+
+    if data not in ("mnist", "fashion"):
+        raise UsageProblem(f"unknown image data '{data}' (use mnist or fashion)")
+    out = out or Path("results") / f"{data}-finetune{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_finetune_bench(data, out=out, quick=quick, guidance=guidance, n_samples=n_samples, progress=progress)
+    typer.echo(markdown_image_table(res))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every user-facing error into one line and exit code 1 or 2."""
     command = typer.main.get_command(app)

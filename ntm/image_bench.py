@@ -86,8 +86,6 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     score-refined output, and a sequential-vs-Jacobi inverse timing. Rows already present in ``out``
     for the same configuration are reused, so a re-run after a stop loses no finished row.
     """
-    from .plotting import image_grid
-
     settings = {**bench_settings(quick), **(settings or {})}
     if n_samples is not None:
         settings["n_samples"] = n_samples
@@ -136,12 +134,10 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     _curves(runs, folder / "training-curves.png")
     extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
 
-    g = torch.Generator().manual_seed(99)
-    elbo, _ = nll_bounds(models["ntm"], bpd_x, y=bpd_y, num_trajectories=settings["bpd_trajectories"], generator=g)
-    ntm_bpd = float(bits_per_dim(float(elbo.mean()), spec.dim))
+    ntm_bpd = ntm_bits_per_dim(models["ntm"], bpd_x, bpd_y, settings["bpd_trajectories"])
     m = settings["n_bpd_fm"]
-    fm_nll = models["fm"].nll(bpd_x[:m], bpd_y[:m], steps=settings["fm_ode_steps"], generator=g)
-    fm_bpd = float(bits_per_dim(float(fm_nll.mean()), spec.dim))
+    fm_bpd = fm_bits_per_dim(models["fm"], bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"])
+    fm_bpd_kind = f"ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})"
 
     decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
     jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
@@ -151,25 +147,14 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
         results["config"]["inverse_timing"] = inverse_timing(models["ntm"], min(n, 500), spec.num_classes, guidance)
     refined = None
     for kind, decode, solver, k in jobs:
-        model = models[kind]
         key = (kind, k, decode, solver)
         if key in previous and not (decode == "inverse+score" and ("ntm", k, "denoiser", None) not in previous):
             results["rows"].append(previous[key])
             continue
-        if kind == "ntm":
-            fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=k, generator=gen, decode=decode)  # noqa: E731
-            nfe = k * (2 if guidance > 0 else 1)
-        else:
-            fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=k, solver=solver, generator=gen)  # noqa: E731
-            nfe = network_evaluations(k, solver, guidance > 0)
-        images, labels, seconds = _timed_samples(fn, n, spec.num_classes)
-        row = {"model": kind, "steps": k, "decode": decode, "solver": solver, "nfe": nfe,
-               **image_quality(real, images, classifier),
-               "class_acc": classifier_accuracy(classifier, images, labels),
-               "bpd": ntm_bpd if kind == "ntm" else fm_bpd,
-               "bpd_kind": "elbo bound" if kind == "ntm" else f"ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})",
-               "img_per_s": n / seconds, "train_seconds": summaries[kind]["seconds"],
-               "train_steps": summaries[kind]["steps"], "extractor": extractor, "n_samples": n}
+        row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
+                                         decode=decode)
+        row.update(bpd=ntm_bpd if kind == "ntm" else fm_bpd, bpd_kind="elbo bound" if kind == "ntm" else fm_bpd_kind,
+                   train_seconds=summaries[kind]["seconds"], train_steps=summaries[kind]["steps"])
         if decode == "inverse+score":
             refined = images
         if decode == "denoiser" and refined is not None:  # same seeds: the same predictor trajectories
@@ -178,11 +163,50 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
                 f_a, f_b = classifier.features(images), classifier.features(refined)
             row["feature_dist_to_score"] = float((f_a - f_b).norm(dim=1).mean() / f_b.norm(dim=1).mean())
         results["rows"].append(row)
-        name = f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
-        image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
-                   title=f"{kind.upper()} {k} steps ({solver or decode}), guidance {guidance}")
+        _grid(images, folder, kind, k, solver, decode, guidance)
         _write_json(out, results, markdown_image_table(results))
     return results
+
+
+def ntm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int) -> float:
+    """Bits/dim of NTM's ELBO bound on -log p(x | y) (test images x (n, C, H, W))."""
+    elbo, _ = nll_bounds(model, x, y=y, num_trajectories=trajectories, generator=torch.Generator().manual_seed(99))
+    return float(bits_per_dim(float(elbo.mean()), model.spec.dim))
+
+
+def fm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, ode_steps: int) -> float:
+    """Bits/dim of the FM ODE estimate of -log p(x | y) (Hutchinson, one probe)."""
+    nll = model.nll(x, y, steps=ode_steps, generator=torch.Generator().manual_seed(98))
+    return float(bits_per_dim(float(nll.mean()), model.spec.dim))
+
+
+def evaluate_image_row(model, steps: int, guidance: float, real: torch.Tensor, classifier, extractor: str,
+                       solver: str | None = None, decode: str | None = "inverse") -> tuple[dict, torch.Tensor]:
+    """Sample len(real) class-conditional images with one sampler and score them. -> (row, images)."""
+    from .flow_matching import FlowMatching
+
+    n = real.shape[0]
+    if isinstance(model, FlowMatching):
+        fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, solver=solver, generator=gen)  # noqa: E731
+        kind, nfe, decode = "fm", network_evaluations(steps, solver, guidance > 0), None
+    else:
+        fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, generator=gen, decode=decode)  # noqa: E731
+        kind, nfe, solver = "ntm", steps * (2 if guidance > 0 else 1), None
+    images, labels, seconds = _timed_samples(fn, n, model.spec.num_classes)
+    row = {"model": kind, "steps": steps, "decode": decode, "solver": solver, "nfe": nfe,
+           **image_quality(real, images, classifier),
+           "class_acc": classifier_accuracy(classifier, images, labels),
+           "img_per_s": n / seconds, "extractor": extractor, "n_samples": n}
+    return row, images
+
+
+def _grid(images: torch.Tensor, folder: Path, kind: str, k: int, solver: str | None, decode: str | None,
+          guidance: float, label: str | None = None) -> None:
+    from .plotting import image_grid
+
+    name = label or f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
+    image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
+               title=f"{(label or kind).upper()} {k} steps ({solver or decode}), guidance {guidance}")
 
 
 def _previous_rows(out: Path, config: dict) -> dict:
@@ -230,7 +254,101 @@ def markdown_image_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         bpd = "n/a" if r["bpd"] is None or not math.isfinite(r["bpd"]) else f"{r['bpd']:.3f}"
-        lines.append(f"| {r['model']} | {r['steps']} | {r['decode'] or r['solver']} | {r['nfe']} | {r['fid']:.3f} | "
+        model = r["model"] + (f" (λ={r['aux_weight']:g})" if r.get("aux_weight") is not None else "")
+        lines.append(f"| {model} | {r['steps']} | {r['decode'] or r['solver']} | {r['nfe']} | {r['fid']:.3f} | "
                      f"{1e3 * r['kid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {100 * r['class_acc']:.1f}% | "
                      f"{bpd} | {r['img_per_s']:.1f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick: bool = False,
+                       guidance: float = 1.0, n_samples: int | None = None, progress: bool = True,
+                       classifier_steps: int = 3000, settings: dict | None = None, steps: int | None = None) -> dict:
+    """NTM finetuned from the FM teacher against the teacher and a from-scratch NTM (issue: FM start).
+
+    The teacher is the FM run of ``ntm bench <data>`` (trained here if that bench has not run). The
+    finetunes get a quarter of the teacher's steps (lambda = 2.5, and lambda = 0 for the loss curves);
+    the from-scratch NTM gets the teacher's steps plus the finetune's. Rows: FM at 4 and 50 Euler
+    steps, the finetuned NTMs and the from-scratch NTM at 4 steps. Writes ``results/<data>-finetune[-quick].json``.
+    """
+    from .finetune import finetune_config
+
+    settings = {**bench_settings(quick), **(settings or {})}
+    if n_samples is not None:
+        settings["n_samples"] = n_samples
+    tag = f"{data}-quick" if quick else data
+    out = Path(out) if out else Path("results") / f"{data}-finetune{'-quick' if quick else ''}.json"
+    folder = out.with_suffix("")
+    src = open_image_source(data, patch=4)
+    spec = src.spec()
+    p = PRESETS[settings["preset"]]
+    if steps is not None:
+        p = replace(p, train=replace(p.train, steps=steps))
+    base = ModelConfig(data=spec, trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
+    teacher_dir = Path("results") / tag / "runs" / "fm"
+    teacher_sum = _train_or_reuse(teacher_dir, replace(base, kind="fm"), p.train, src, progress)
+    ft_steps = max(1, p.train.steps // 4)
+    classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
+    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    n = settings["n_samples"]
+    real, _ = src.held_out(n, seed=4242)
+    bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)
+    ft_cfg = finetune_config(replace(base, kind="fm"), settings["preset"])
+    ft_train = replace(p.train, steps=ft_steps, teacher=str(teacher_dir.resolve()))
+    runs, summaries = {}, {"fm": teacher_sum}
+    for label, weight in (("ntm-ft", 2.5), ("ntm-ft-aux0", 0.0)):
+        runs[label] = folder / "runs" / label
+        summaries[label] = _train_or_reuse(runs[label], ft_cfg, replace(ft_train, aux_weight=weight), src, progress,
+                                           init_from_teacher=True)
+    runs["ntm"] = folder / "runs" / "ntm-scratch"
+    summaries["ntm"] = _train_or_reuse(runs["ntm"], base, replace(p.train, steps=p.train.steps + ft_steps), src, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    _aux_curves(runs["ntm-ft"], runs["ntm-ft-aux0"], folder / "finetune-loss-curves.png")
+    results = {"config": {"data": data, "quick": quick, "teacher_steps": p.train.steps, "finetune_steps": ft_steps,
+                          "scratch_steps": p.train.steps + ft_steps, "batch_size": p.train.batch_size,
+                          "guidance": guidance, "n_samples": n, "n_bpd": settings["n_bpd"],
+                          "bpd_trajectories": settings["bpd_trajectories"], "teacher": str(teacher_dir),
+                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}},
+               "rows": []}
+    teacher = load_model(teacher_dir)
+    m = settings["n_bpd_fm"]
+    fm_bpd = fm_bits_per_dim(teacher, bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"])
+    for k in (4, 50):
+        row, images = evaluate_image_row(teacher, k, guidance, real, classifier, extractor, solver="euler")
+        row.update(bpd=fm_bpd, bpd_kind="ODE estimate", train_seconds=teacher_sum["seconds"],
+                   train_steps=teacher_sum["steps"])
+        results["rows"].append(row)
+        _grid(images, folder, "fm", k, "euler", None, guidance)
+        _write_json(out, results, markdown_image_table(results))
+    for label in ("ntm-ft", "ntm-ft-aux0", "ntm"):
+        model = load_model(runs[label])
+        row, images = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, extractor)
+        extra = teacher_sum["seconds"] if label != "ntm" else 0.0
+        row.update(model="ntm-ft" if label.startswith("ntm-ft") else "ntm",
+                   aux_weight=2.5 if label == "ntm-ft" else 0.0 if label == "ntm-ft-aux0" else None,
+                   bpd=ntm_bits_per_dim(model, bpd_x, bpd_y, settings["bpd_trajectories"]), bpd_kind="elbo bound",
+                   train_seconds=summaries[label]["seconds"] + extra, train_steps=summaries[label]["steps"])
+        results["rows"].append(row)
+        _grid(images, folder, row["model"], p.trajectory.T, None, "inverse", guidance, label=label)
+        _write_json(out, results, markdown_image_table(results))
+    return results
+
+
+def _aux_curves(run_aux: Path, run_no_aux: Path, path: Path) -> None:
+    """The NLL part of the finetuning loss with lambda = 2.5 and lambda = 0, against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plotting import _save
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run, label in ((run_aux, "λ = 2.5 (cosine-decayed)"), (run_no_aux, "λ = 0")):
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ax.plot([r["step"] for r in recs], [r.get("nll", r["loss"]) for r in recs], lw=1, label=label)
+    ax.set_xlabel("finetuning step")
+    ax.set_ylabel("trajectory NLL, nats/dim")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path, dpi=100)

@@ -115,3 +115,17 @@ def test_finetune_cli_with_and_without_aux(tmp_path, capsys):
         assert model.config.predictor.kind == "velocity" and model.sample(8).shape == (8, 2)
     assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
+
+
+def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
+    from ntm.image_bench import run_finetune_bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_finetune_bench("mnist", quick=True, steps=4, n_samples=20, progress=False, classifier_steps=10,
+                             settings={"n_bpd": 4, "n_bpd_fm": 2, "fm_ode_steps": 2, "bpd_trajectories": 1})
+    assert [(r["model"], r["steps"], r.get("aux_weight")) for r in res["rows"]] == [
+        ("fm", 4, None), ("fm", 50, None), ("ntm-ft", 4, 2.5), ("ntm-ft", 4, 0.0), ("ntm", 4, None)]
+    assert res["config"]["finetune_steps"] == 1 and res["config"]["scratch_steps"] == 5
+    assert (tmp_path / "results" / "mnist-finetune-quick.json").is_file()
+    assert (tmp_path / "results" / "mnist-finetune-quick" / "finetune-loss-curves.png").is_file()
