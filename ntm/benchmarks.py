@@ -229,19 +229,22 @@ def _replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
+def _same_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> bool:
+    """Does ``run_dir`` hold (the start of) a run with this model config and these training settings?"""
+    try:
+        meta = read_meta(resolve(run_dir))
+        keys = ("steps", "batch_size", "lr", "seed", "mode", "aux_weight", "teacher")
+        return model_config_from_dict(meta["model"]) == model_cfg and \
+            {k: meta["train"].get(k, getattr(TrainConfig, k, None)) for k in keys} == {k: getattr(train_cfg, k) for k in keys}
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
 def _train_or_reuse(run_dir: Path, model_cfg: ModelConfig, train_cfg, src, progress: bool,
                     init_from_teacher: bool = False) -> dict:
     """Reuse a finished run with the same configs, resume an unfinished one, or train afresh, so an
     interrupted bench loses no finished work."""
-    meta = None
-    try:
-        meta = read_meta(resolve(run_dir))
-        keys = ("steps", "batch_size", "lr", "seed", "mode", "aux_weight", "teacher")
-        same = model_config_from_dict(meta["model"]) == model_cfg and \
-            {k: meta["train"].get(k, getattr(TrainConfig, k, None)) for k in keys} == {k: getattr(train_cfg, k) for k in keys}
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        same = False
-    if same:
+    if _same_run(run_dir, model_cfg, train_cfg):
         summary = train(None, train_cfg, src, run_dir, resume=True, progress=progress, device="cpu")
     else:
         _replaceable_run(run_dir)

@@ -171,7 +171,7 @@ def load_model(path: str | Path, map_location: str | torch.device | None = None,
     if config.kind == "ntm":
         from .denoising import load_denoiser
         run_dir = Path(path) if (Path(path) / "checkpoints").is_dir() else ckpt.parent.parent
-        model.denoiser = load_denoiser(run_dir, model)
+        model.denoiser = load_denoiser(run_dir, model, step=meta.get("step"))
     model.eval()
     if map_location is not None:
         model.to(map_location)

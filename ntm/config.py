@@ -85,8 +85,8 @@ class PredictorConfig:
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
     ``kind`` "gaussian" is the from-scratch predictor; "velocity" is a flow-matching velocity network
-    read in u-space (``ntm.finetune``), with ``velocity_sign`` +1 for v = eps - x_0 (-1: x_0 - eps)
-    and ``s0_std_floor`` the scale of the s = 0 step, where the Gaussian posterior is a point mass.
+    read in u-space (``ntm.finetune``), with ``s0_std_floor`` the least posterior scale (C -> 0 as
+    s -> 0, where the Gaussian posterior becomes a point mass).
     """
 
     layers: int = 4
@@ -94,7 +94,6 @@ class PredictorConfig:
     heads: int = 4
     log_var_clip: float = 8.0
     kind: str = "gaussian"
-    velocity_sign: float = 1.0
     s0_std_floor: float = 0.01
 
 
@@ -257,8 +256,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
     if cfg.kind not in ("ntm", "fm"):
         raise ValueError(f"unknown model kind '{cfg.kind}' (use 'ntm' or 'fm')")
-    if pr.kind not in ("gaussian", "velocity") or pr.velocity_sign not in (1.0, -1.0) or pr.s0_std_floor <= 0:
-        raise ValueError(f"invalid predictor kind '{pr.kind}', velocity sign {pr.velocity_sign} or floor {pr.s0_std_floor}")
+    if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0:
+        raise ValueError(f"invalid predictor kind '{pr.kind}' or floor {pr.s0_std_floor}")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts) or d.num_classes < 0:
         raise ValueError("invalid block count, trajectory length or class count")
 

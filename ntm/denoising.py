@@ -86,8 +86,9 @@ def denoiser_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "denoiser"
 
 
-def load_denoiser(run_dir: str | Path, model) -> Denoiser | None:
-    """The denoiser stored in a run folder, or None when there is none."""
+def load_denoiser(run_dir: str | Path, model, step: int | None = None) -> Denoiser | None:
+    """The finished denoiser stored in a run folder, or None when there is none, when its
+    distillation is unfinished, or when it was distilled from another checkpoint than ``step``."""
     folder = denoiser_dir(run_dir)
     if not (folder / "config.json").is_file():
         return None
@@ -95,6 +96,8 @@ def load_denoiser(run_dir: str | Path, model) -> Denoiser | None:
         meta = json.loads((folder / "config.json").read_text())
         if meta.get("format") != DENOISER_FORMAT:
             raise ValueError("not a denoiser config")
+        if not meta.get("finished") or (step is not None and meta.get("ntm_step") != step):
+            return None
         den = Denoiser(DenoiserConfig(**meta["config"]), model.spec.num_tokens, model.spec.token_dim,
                        model.spec.num_classes)
         den.load_state_dict(load_file(str(folder / "model.safetensors")))
@@ -131,7 +134,10 @@ def distill(run_dir: str | Path, source, steps: int = 2000, batch_size: int = 64
     from .model import NTM
     from .training import _StopFlag
 
+    from .checkpoint import read_meta, resolve
+
     model = load_model(run_dir)
+    ntm_step = read_meta(resolve(run_dir)).get("step")
     if not isinstance(model, NTM):
         raise ConfigError(f"{run_dir} is not an NTM run; only NTMs have a denoiser to distil")
     for p in model.parameters():
@@ -147,7 +153,9 @@ def distill(run_dir: str | Path, source, steps: int = 2000, batch_size: int = 64
     if state_file.is_file():
         try:
             st = torch.load(state_file, map_location="cpu", weights_only=True)
-            if st["steps"] != steps or st["config"] != asdict(cfg):
+            settings = {"batch_size": batch_size, "lr": lr, "seed": seed, "clip_percentile": clip_percentile,
+                        "ntm_step": ntm_step}
+            if st["steps"] != steps or st["config"] != asdict(cfg) or st.get("settings") != settings:
                 raise ConfigError(f"{folder} holds a distillation with other settings; move it away to start afresh")
             den.load_state_dict(load_file(str(folder / "model.safetensors")))
             opt.load_state_dict(st["optimizer"])
@@ -164,10 +172,12 @@ def distill(run_dir: str | Path, source, steps: int = 2000, batch_size: int = 64
 
     def save(final: bool) -> None:
         meta = {"format": DENOISER_FORMAT, "config": asdict(cfg), "steps": step, "batch_size": batch_size,
-                "lr": lr, "finished": final, "first_loss": losses[0] if losses else None,
+                "lr": lr, "finished": final, "ntm_step": ntm_step, "first_loss": losses[0] if losses else None,
                 "final_loss": sum(losses[-25:]) / max(1, len(losses[-25:])) if losses else None,
                 "seconds": elapsed}
         state = None if final else {"steps": steps, "config": asdict(cfg), "optimizer": opt.state_dict(),
+                                    "settings": {"batch_size": batch_size, "lr": lr, "seed": seed,
+                                                 "clip_percentile": clip_percentile, "ntm_step": ntm_step},
                                     "scheduler": sched.state_dict(), "rng": g.get_state(), "step": step,
                                     "losses": losses, "elapsed": elapsed}
         _save_denoiser(folder, den, meta, state)

@@ -2,15 +2,16 @@
 
 The predictor becomes the FM velocity network read in u-space (``VelocityPredictor``):
 
-    x0_hat = u_t - t v(u_t, t, y)                 (v = eps - x_0; ``velocity_sign`` -1 flips it)
+    x0_hat = u_t - t v(u_t, t, y)                 (v = eps - x_0; ``VelocityAdapter`` converts other conventions)
     mu_P   = A(t, s) u_t + B(t, s) x0_hat           (no mean correction: the paper's no_delta_mean)
-    sigma_P = sqrt(C(t, s)^2 + floor^2 [s = 0]) exp(delta_sigma)
+    sigma_P = max(C(t, s), floor) exp(delta_sigma)
 
 with a zero-initialised delta_sigma head and the transporter at its identity initialisation, so at
-step 0 the NTM *is* the FM model's Gaussian posterior sampler for every s > 0. At s = 0 the Gaussian
-posterior is a point mass (C = 0) and the NLL of a point mass is infinite, so that step gets the
-standard deviation ``s0_std_floor`` (0.01 in standardised units by default, about 1.3 grey levels of
-an 8-bit image in [-1, 1]) before the learned factor exp(delta_sigma).
+step 0 the NTM *is* the FM model's Gaussian posterior sampler for every step with C >= floor, which
+includes every step of the sampling grid (t_0 = 0.02). As s -> 0 the Gaussian posterior becomes a
+point mass (C -> 0) and its NLL diverges (training draws t_0 ~ U[0, 0.05], so s is often tiny), so
+the scale is floored at ``s0_std_floor`` (0.01 in standardised units by default, about 1.3 grey
+levels of an 8-bit image in [-1, 1]) before the learned factor exp(delta_sigma).
 
 The delta_sigma head reads the backbone's last features when the velocity network is the project's
 own ``VelocityField``; for any other velocity module it is a zero-initialised map of the (t, s)
@@ -64,13 +65,12 @@ class VelocityAdapter(nn.Module):
 
 
 class VelocityPredictor(nn.Module):
-    """f_P built on a velocity network (see module doc). Same interface as ``Predictor``."""
+    """f_P built on a velocity network v = eps - x_0 (see module doc). Same interface as ``Predictor``."""
 
-    def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, sign: float = 1.0,
-                 s0_std_floor: float = 0.01, log_var_clip: float = 8.0, width: int = 64):
+    def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, s0_std_floor: float = 0.01,
+                 log_var_clip: float = 8.0, width: int = 64):
         super().__init__()
         self.velocity = velocity
-        self.sign = sign
         self.floor = s0_std_floor
         self.clip = log_var_clip
         self.token_dim = token_dim
@@ -94,7 +94,7 @@ class VelocityPredictor(nn.Module):
         else:
             v = self.velocity(u_t, t, y).float()
             delta = self.sigma_head(self.time_mlp(t) + self.time_s(s)).float().reshape(u_t.shape)
-        return self.sign * v, soft_clip(delta, self.clip)
+        return v, soft_clip(delta, self.clip)
 
     def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
                 T: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -104,8 +104,7 @@ class VelocityPredictor(nn.Module):
         A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
         x0_hat = u_t - _col(t) * v
         mu = A * u_t + B * x0_hat
-        floor = torch.where(_col(s) == 0, torch.full_like(C, self.floor), torch.zeros_like(C))
-        return mu, torch.sqrt(C**2 + floor**2) * torch.exp(delta)
+        return mu, C.clamp_min(self.floor) * torch.exp(delta)
 
 
 def posterior_mean_from_velocity(v: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
@@ -120,14 +119,14 @@ def aux_weight_at(progress: float, weight: float) -> float:
     return weight * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def finetune_config(fm_config: ModelConfig, preset: str | None = None, sign: float = 1.0) -> ModelConfig:
+def finetune_config(fm_config: ModelConfig, preset: str | None = None) -> ModelConfig:
     """The NTM config that starts from an FM run's config: same backbone, a velocity predictor and the
     preset's transporter (default: ``mnist`` for images, ``toy`` for vectors)."""
     name = preset or ("mnist" if fm_config.data.kind == "image" else "toy")
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'")
     return replace(fm_config, kind="ntm", transporter=PRESETS[name].transporter,
-                   predictor=replace(fm_config.predictor, kind="velocity", velocity_sign=sign))
+                   predictor=replace(fm_config.predictor, kind="velocity"))
 
 
 def initial_weights(ntm_model: nn.Module, fm_model: nn.Module) -> dict[str, Tensor]:
@@ -154,8 +153,7 @@ def load_teacher(path: str | Path, device: torch.device | None = None):
 
 
 def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = 2.5,
-             preset: str | None = None, train: TrainConfig | None = None, progress: bool = True,
-             sign: float = 1.0) -> dict:
+             preset: str | None = None, train: TrainConfig | None = None, progress: bool = True) -> dict:
     """Finetune an NTM from the FM run ``fm_run`` into ``out_dir`` (see module doc)."""
     from .checkpoint import read_meta, resolve
     from .config import model_config_from_dict
@@ -167,7 +165,7 @@ def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None 
     fm_cfg = model_config_from_dict(read_meta(resolve(fm_run))["model"])
     if fm_cfg.kind != "fm":
         raise ConfigError(f"{fm_run} is not a flow-matching run (train one with `ntm train --model fm`)")
-    cfg = finetune_config(fm_cfg, preset, sign)
+    cfg = finetune_config(fm_cfg, preset)
     name = preset or ("mnist" if cfg.data.kind == "image" else "toy")
     base = train or PRESETS[name].train
     tcfg = replace(base, steps=steps or base.steps, aux_weight=aux_weight, teacher=str(Path(fm_run).resolve()))

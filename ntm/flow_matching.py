@@ -143,9 +143,11 @@ class FlowMatching(TokenModel):
     def log_prob_tokens(self, x0: Tensor, y: Tensor | None = None, steps: int = 64,
                         exact: bool | None = None, probes: int = 1,
                         generator: torch.Generator | None = None) -> Tensor:
-        """ODE estimate of log p_0(x0) for standardised tokens (B, N, D) -> (B,) nats (``steps`` Heun
-        steps on the shifted grid, applied to x and the divergence integral together). ``exact`` None: exact divergence when the data
-        have at most 16 dimensions, else Hutchinson with ``probes`` Rademacher vectors."""
+        """ODE estimate of log p_0(x0) for standardised tokens (B, N, D) -> (B,) nats.
+
+        ``steps`` Heun steps on the shifted grid, applied to x and the divergence integral together.
+        ``exact`` None: exact divergence when the data have at most 16 dimensions, else Hutchinson
+        with ``probes`` Rademacher vectors."""
         y = self.check_labels(y)
         dim = self.spec.dim
         exact = dim <= EXACT_DIVERGENCE_MAX_DIM if exact is None else exact
@@ -184,9 +186,13 @@ class FlowMatching(TokenModel):
         return log_p1 + integral
 
     def nll(self, x: Tensor, y: Tensor | None = None, steps: int = 64, exact: bool | None = None,
-            probes: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """ODE estimate of -log p(x) in nats (raw data units) per sample. x: raw (B, ...)."""
-        lp = self.log_prob_tokens(self.to_tokens(x), y, steps=steps, exact=exact, probes=probes, generator=generator)
+            probes: int = 1, generator: torch.Generator | None = None, chunk: int = 256) -> Tensor:
+        """ODE estimate of -log p(x) in nats (raw data units) per sample. x: raw (B, ...), in chunks."""
+        tokens = self.to_tokens(x)
+        y = self.check_labels(y)
+        lp = torch.cat([self.log_prob_tokens(tokens[lo:lo + chunk], None if y is None else y[lo:lo + chunk], steps=steps,
+                                             exact=exact, probes=probes, generator=generator)
+                        for lo in range(0, tokens.shape[0], chunk)])
         return -lp + log_scale_correction(self.spec)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmarks import BenchStopped, _train_or_reuse, _write_json
+from .benchmarks import BenchStopped, _same_run, _train_or_reuse, _write_json
 from .checkpoint import load_model
 from .config import PRESETS, ModelConfig
 from .errors import ConfigError
@@ -118,6 +118,11 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     if distill_steps > 0:
         results["config"]["distill_steps"] = distill_steps
         den_meta = runs["ntm"] / "denoiser" / "config.json"
+        if den_meta.is_file():  # the bench owns its runs: a denoiser of another length is redone
+            old = json.loads(den_meta.read_text())
+            if old.get("finished") and old.get("steps") != distill_steps:
+                import shutil
+                shutil.rmtree(runs["ntm"] / "denoiser")
         if not (den_meta.is_file() and json.loads(den_meta.read_text()).get("finished")):
             from .denoising import distill
             res = distill(runs["ntm"], src, steps=distill_steps, progress=progress)
@@ -148,7 +153,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     refined = None
     for kind, decode, solver, k in jobs:
         key = (kind, k, decode, solver)
-        if key in previous and not (decode == "inverse+score" and ("ntm", k, "denoiser", None) not in previous):
+        if _reusable(previous, key, distill_steps):
             results["rows"].append(previous[key])
             continue
         row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
@@ -163,8 +168,11 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
                 f_a, f_b = classifier.features(images), classifier.features(refined)
             row["feature_dist_to_score"] = float((f_a - f_b).norm(dim=1).mean() / f_b.norm(dim=1).mean())
         results["rows"].append(row)
+        if decode == "denoiser":
+            row["distill_steps"] = distill_steps
         _grid(images, folder, kind, k, solver, decode, guidance)
         _write_json(out, results, markdown_image_table(results))
+    _write_json(out, results, markdown_image_table(results))  # also when every row was reused
     return results
 
 
@@ -207,6 +215,21 @@ def _grid(images: torch.Tensor, folder: Path, kind: str, k: int, solver: str | N
     name = label or f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
     image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
                title=f"{(label or kind).upper()} {k} steps ({solver or decode}), guidance {guidance}")
+
+
+def _reusable(previous: dict, key: tuple, distill_steps: int) -> bool:
+    """May an earlier row be reused? Denoiser rows only for the same distillation; the score-refined
+    row only when the denoiser row is reusable too (the denoiser row needs its images)."""
+    kind, k, decode, _ = key
+    if key not in previous:
+        return False
+    denoiser_key = ("ntm", k, "denoiser", None)
+    den_ok = denoiser_key in previous and previous[denoiser_key].get("distill_steps") == distill_steps
+    if decode == "denoiser":
+        return den_ok
+    if decode == "inverse+score":
+        return den_ok
+    return True
 
 
 def _previous_rows(out: Path, config: dict) -> dict:
@@ -286,6 +309,9 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         p = replace(p, train=replace(p.train, steps=steps))
     base = ModelConfig(data=spec, trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
     teacher_dir = Path("results") / tag / "runs" / "fm"
+    if teacher_dir.exists() and not _same_run(teacher_dir, replace(base, kind="fm"), p.train):
+        raise ConfigError(f"{teacher_dir} holds an FM run with other settings than this bench's teacher; "
+                          "move it away or re-run `ntm bench " + data + (" --quick" if quick else "") + "` first")
     teacher_sum = _train_or_reuse(teacher_dir, replace(base, kind="fm"), p.train, src, progress)
     ft_steps = max(1, p.train.steps // 4)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)

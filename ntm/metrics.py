@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -156,7 +157,7 @@ def load_or_train_classifier(source, cache_dir: str | Path | None = None, steps:
                 clf = ImageClassifier(meta["channels"], meta["num_classes"])
                 clf.load_state_dict(load_file(str(weights)))
                 return clf.eval(), {**meta, "path": str(folder)}
-        except (OSError, ValueError, KeyError, RuntimeError):
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError):
             pass  # unreadable cache: retrain and replace it
     clf, acc = train_classifier(source, steps=steps, progress=progress)
     meta = {"format": CLASSIFIER_FORMAT, "name": source.name, "channels": int(source.images.shape[1]),

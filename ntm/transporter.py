@@ -100,7 +100,7 @@ class AffineARBlock(nn.Module):
 
     def inverse_jacobi(self, u: Tensor, t: Tensor, T: Tensor | None = None, chunk: int = 0,
                        tol: float = 1e-5, max_iters: int = 0) -> tuple[Tensor, int]:
-        """Decode x from u by block-Jacobi fixed-point iteration. -> (x (B, N, D) fp32, iterations).
+        """Decode x from u by block-Jacobi fixed-point iteration. -> (x (B, N, D) fp32, network sweeps).
 
         Tokens are split into chunks of ``chunk`` positions (0: one chunk of all N), decoded in order
         with a preallocated KV cache holding the finished prefix. Within a chunk every position is
@@ -120,7 +120,7 @@ class AffineARBlock(nn.Module):
             b = min(N, a + chunk)
             cap = (b - a) if max_iters <= 0 else min(max_iters, b - a)
             converged = False
-            for _ in range(cap):
+            for sweep in range(cap):
                 cache.length = a
                 prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])
                 if a == 0:
@@ -131,13 +131,18 @@ class AffineARBlock(nn.Module):
                 delta = float((new - xs[:, a:b]).abs().max())
                 xs[:, a:b] = new
                 iters += 1
-                if delta < tol:
+                # after k sweeps the first k positions are exact, so b - a sweeps are exact for all
+                if delta < tol or sweep + 1 == b - a:
                     converged = True
                     break
             if not converged:  # sequential fallback for this chunk; the prefix cache stays valid
                 cache.length = a
                 for n in range(a, b):
                     self._decode_cached(us, xs, n, temb, cache)
+                iters += b - a
+                continue
+            if b == N:
+                break
             cache.length = a
             prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])  # refill the cache with the final chunk
             if a == 0:

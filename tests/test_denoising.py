@@ -123,6 +123,9 @@ def test_distil_resumes_after_a_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_StopFlag", StopAfterFive)
     first = dn.distill(run, src, steps=20, progress=False)
     assert first["stopped"] and first["steps"] == 5
+    assert NTM.from_pretrained(run).denoiser is None  # an unfinished distillation is never used
+    with pytest.raises(Exception, match="other settings"):
+        dn.distill(run, src, steps=20, batch_size=32, progress=False)
     monkeypatch.undo()
     second = dn.distill(run, src, steps=20, progress=False)
     assert not second["stopped"] and second["steps"] == 20

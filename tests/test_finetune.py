@@ -32,7 +32,7 @@ def test_step_zero_mean_and_scale_are_the_gaussian_posterior():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 3, 1, generator=g)
     t = torch.rand(32, generator=g) * 0.9 + 0.1
-    s = t * torch.rand(32, generator=g) * 0.99 + 1e-3
+    s = 0.05 + (t - 0.06) * torch.rand(32, generator=g)  # steps with C >= the floor
     y = torch.randint(0, 2, (32,), generator=g)
     u, logdet = ntm.transporter(x, t)
     assert torch.equal(u, x) and torch.all(logdet == 0)  # identity transporter at init
@@ -41,9 +41,11 @@ def test_step_zero_mean_and_scale_are_the_gaussian_posterior():
     A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t, s))
     x0_hat = x - t.reshape(-1, 1, 1) * v
     assert torch.allclose(mu, A * x + B * x0_hat, atol=1e-6)
+    assert (C > ntm.config.predictor.s0_std_floor).all()
     assert torch.allclose(sigma, C.expand_as(sigma), atol=1e-7)
-    _, sigma0 = ntm.predictor(x, t, torch.zeros(32), y)  # s = 0: the variance floor
-    assert torch.allclose(sigma0, torch.full_like(sigma0, ntm.config.predictor.s0_std_floor))
+    for s_small in (0.0, 1e-4):  # the point-mass end: floored
+        _, sigma0 = ntm.predictor(x, t, torch.full((32,), s_small), y)
+        assert torch.allclose(sigma0, torch.full_like(sigma0, ntm.config.predictor.s0_std_floor))
 
 
 def test_step_zero_samples_and_nll_equal_the_fm_gaussian_posterior_sampler():
@@ -90,6 +92,7 @@ def test_both_velocity_sign_conventions_give_the_same_model():
 
     a = VelocityPredictor(VelocityAdapter(eps_minus_x0, spec, +1.0), 4, 4)
     b = VelocityPredictor(VelocityAdapter(x0_minus_eps, spec, -1.0), 4, 4)
+    b.load_state_dict(a.state_dict())
     u = torch.randn(5, 4, 4)
     t, s = torch.full((5,), 0.7), torch.full((5,), 0.3)
     ma, sa = a(u, t, s)
