@@ -326,8 +326,6 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         runs[label] = folder / "runs" / label
         summaries[label] = _train_or_reuse(runs[label], ft_cfg, replace(ft_train, aux_weight=weight), src, progress,
                                            init_from_teacher=True)
-    runs["ntm"] = folder / "runs" / "ntm-scratch"
-    summaries["ntm"] = _train_or_reuse(runs["ntm"], base, replace(p.train, steps=p.train.steps + ft_steps), src, progress)
     folder.mkdir(parents=True, exist_ok=True)
     _aux_curves(runs["ntm-ft"], runs["ntm-ft-aux0"], folder / "finetune-loss-curves.png")
     results = {"config": {"data": data, "quick": quick, "teacher_steps": p.train.steps, "finetune_steps": ft_steps,
@@ -346,7 +344,8 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         results["rows"].append(row)
         _grid(images, folder, "fm", k, "euler", None, guidance)
         _write_json(out, results, markdown_image_table(results))
-    for label in ("ntm-ft", "ntm-ft-aux0", "ntm"):
+
+    def ntm_row(label: str) -> None:
         model = load_model(runs[label])
         row, images = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, extractor)
         extra = teacher_sum["seconds"] if label != "ntm" else 0.0
@@ -357,6 +356,13 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         results["rows"].append(row)
         _grid(images, folder, row["model"], p.trajectory.T, None, "inverse", guidance, label=label)
         _write_json(out, results, markdown_image_table(results))
+
+    ntm_row("ntm-ft")
+    ntm_row("ntm-ft-aux0")
+    # the from-scratch NTM last: it is the longest training, and the rows above are written by then
+    runs["ntm"] = folder / "runs" / "ntm-scratch"
+    summaries["ntm"] = _train_or_reuse(runs["ntm"], base, replace(p.train, steps=p.train.steps + ft_steps), src, progress)
+    ntm_row("ntm")
     return results
 
 
