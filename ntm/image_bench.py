@@ -135,6 +135,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
     results["config"]["seconds_per_step"] = step_cost
     results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
+    results["config"]["step_cost_probe"] = step_cost_probe(base, train_cfg, src)
     folder.mkdir(parents=True, exist_ok=True)
     _curves(runs, folder / "training-curves.png")
     extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
@@ -174,6 +175,36 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
         _write_json(out, results, markdown_image_table(results))
     _write_json(out, results, markdown_image_table(results))  # also when every row was reused
     return results
+
+
+def step_cost_probe(base: ModelConfig, train_cfg, src, steps: int = 12, warmup: int = 3) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of fresh NTM and FM models on the same
+    batches, timed back to back so both see the same machine load. The wall times of the bench's
+    own trainings are also reported, but they include whatever else ran meanwhile."""
+    from .checkpoint import build_model
+    from .data import to_tokens
+    from .training import make_optimizer
+
+    out = {}
+    for kind in ("ntm", "fm"):
+        torch.manual_seed(0)
+        model = build_model(replace(base, kind=kind))
+        opt, _ = make_optimizer(model, train_cfg)
+        g = torch.Generator().manual_seed(0)
+        seconds = 0.0
+        for i in range(warmup + steps):
+            x, y = src.sample(train_cfg.batch_size, g)
+            t0 = time.perf_counter()
+            loss = model(to_tokens(x, base.data), y, model.draw_training_noise(train_cfg.batch_size, g), train_cfg.mode)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                seconds += time.perf_counter() - t0
+        out[f"{kind}_seconds_per_step"] = seconds / steps
+    out["ratio"] = out["ntm_seconds_per_step"] / out["fm_seconds_per_step"]
+    out["steps_timed"] = steps
+    return out
 
 
 def ntm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int) -> float:
@@ -239,7 +270,7 @@ def _previous_rows(out: Path, config: dict) -> dict:
     except (OSError, ValueError):
         return {}
     volatile = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
-                "distill_steps")
+                "distill_steps", "step_cost_probe")
     same = {k: v for k, v in old.get("config", {}).items() if k not in volatile} == \
         {k: v for k, v in config.items() if k not in volatile}
     if not same:
