@@ -66,7 +66,7 @@ def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds:
     elbo, iw = nll_bounds(model, held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
     eval_seconds = time.perf_counter() - t0
     eds, lows, samples_seconds = sample_quality(
-        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, generator=g))
+        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, generator=g, decode="inverse"))
     n = held_out.shape[0]
     row = {
         "nll_bound": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(n)),

@@ -44,6 +44,7 @@ class Solver(str, Enum):
 
 
 class Decode(str, Enum):
+    auto = "auto"
     inverse = "inverse"
     inverse_score = "inverse+score"
     denoiser = "denoiser"
@@ -143,7 +144,7 @@ def sample(
     guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
     t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
     solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
-    decode: Decode = typer.Option(Decode.inverse, help="NTM decoder: one inverse, inverse of all levels + trajectory score denoising, or the distilled denoiser"),
+    decode: Decode = typer.Option(Decode.auto, help="NTM decoder: auto (the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
     inverse: InverseMethod = typer.Option(InverseMethod.sequential, "--inverse", help="NTM transporter inverse: sequential (KV cache) or block-Jacobi"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):

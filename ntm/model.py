@@ -301,12 +301,13 @@ class NTM(TokenModel):
                          importance_weighted=importance_weighted, generator=generator, steps=steps)
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "inverse",
+               t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",
                inverse_method: str = "sequential") -> Tensor:
         """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T).
 
         ``decode``: "inverse" (one transporter inverse), "inverse+score" (inverse of every level and
-        trajectory score denoising) or "denoiser" (the distilled g_phi; see ``ntm distill``).
+        trajectory score denoising), "denoiser" (the distilled g_phi; see ``ntm distill``) or "auto"
+        (the default: the denoiser when the model has one, else the inverse).
         ``inverse_method``: "sequential" or "jacobi".
         """
         from .sampling import sample

@@ -38,18 +38,21 @@ def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float 
     return torch.stack(levels[::-1], dim=1), t
 
 
-DECODERS = ("inverse", "inverse+score", "denoiser")
+DECODERS = ("auto", "inverse", "inverse+score", "denoiser")
 
 
 @torch.no_grad()
 def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-           t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "inverse",
+           t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",
            inverse_method: str = "sequential", clip_percentile: float | None = None) -> Tensor:
-    """n raw samples (n, *shape)."""
+    """n raw samples (n, *shape). ``decode`` "auto": the distilled denoiser when the model has one
+    (the best FID and the most images per second measured on MNIST), else one inverse."""
     if n < 1:
         raise ValueError("the number of samples must be at least 1")
     if decode not in DECODERS:
         raise ValueError(f"unknown decoder '{decode}' (use {', '.join(DECODERS)})")
+    if decode == "auto":
+        decode = "denoiser" if getattr(model, "denoiser", None) is not None else "inverse"
     if decode == "denoiser" and getattr(model, "denoiser", None) is None:
         raise ValueError("this run has no distilled denoiser (run `ntm distill RUN_DIR` first)")
     y = model.check_labels(y)
