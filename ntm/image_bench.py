@@ -35,8 +35,24 @@ NTM_STEPS = (4, 8)
 FM_ROWS = (("euler", 4), ("euler", 8), ("euler", 50), ("heun", 4))
 
 
-def bench_settings(quick: bool) -> dict:
-    """Sample counts and budgets of the full and the quick bench."""
+def bench_settings(quick: bool, overrides: dict | None = None, n_samples: int | None = None) -> dict:
+    """Sample counts and budgets of the full or the quick bench, with ``overrides`` applied."""
+    settings = {**_base_settings(quick), **(overrides or {})}
+    if n_samples is not None:
+        settings["n_samples"] = n_samples
+    return settings
+
+
+def _labelled_source(data: str):
+    """The image source of a bench and its spec; the benches need class labels."""
+    src = open_image_source(data, patch=4)
+    spec = src.spec()
+    if spec.num_classes == 0:
+        raise ConfigError(f"the image bench needs class labels; '{data}' has none")
+    return src, spec
+
+
+def _base_settings(quick: bool) -> dict:
     if quick:
         return {"preset": "mnist-quick", "n_samples": 1000, "n_bpd": 200, "n_bpd_fm": 32, "bpd_trajectories": 2,
                 "fm_ode_steps": 16}
@@ -86,16 +102,11 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     score-refined output, and a sequential-vs-Jacobi inverse timing. Rows already present in ``out``
     for the same configuration are reused, so a re-run after a stop loses no finished row.
     """
-    settings = {**bench_settings(quick), **(settings or {})}
-    if n_samples is not None:
-        settings["n_samples"] = n_samples
+    settings = bench_settings(quick, settings, n_samples)
     tag = f"{data}-quick" if quick else data
     out = Path(out) if out else Path("results") / f"{tag}.json"
     folder = out.with_suffix("")
-    src = open_image_source(data, patch=4)
-    spec = src.spec()
-    if spec.num_classes == 0:
-        raise ConfigError(f"the image bench needs class labels; '{data}' has none")
+    src, spec = _labelled_source(data)
     p = PRESETS[settings["preset"]]
     train_cfg = p.train if steps is None else replace(p.train, steps=steps)
     base = ModelConfig(data=spec, trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
@@ -327,14 +338,11 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     """
     from .finetune import finetune_config
 
-    settings = {**bench_settings(quick), **(settings or {})}
-    if n_samples is not None:
-        settings["n_samples"] = n_samples
+    settings = bench_settings(quick, settings, n_samples)
     tag = f"{data}-quick" if quick else data
     out = Path(out) if out else Path("results") / f"{data}-finetune{'-quick' if quick else ''}.json"
     folder = out.with_suffix("")
-    src = open_image_source(data, patch=4)
-    spec = src.spec()
+    src, spec = _labelled_source(data)
     p = PRESETS[settings["preset"]]
     if steps is not None:
         p = replace(p, train=replace(p.train, steps=steps))
