@@ -239,7 +239,7 @@ def _same_run(run_dir: Path, model_cfg: ModelConfig, train_cfg) -> bool:
     """Does ``run_dir`` hold (the start of) a run with this model config and these training settings?"""
     try:
         meta = read_meta(resolve(run_dir))
-        keys = ("steps", "batch_size", "lr", "seed", "mode", "aux_weight", "teacher")
+        keys = ("steps", "batch_size", "lr", "seed", "mode", "aux_weight", "teacher", "pretrained_lr_scale")
         return model_config_from_dict(meta["model"]) == model_cfg and \
             {k: meta["train"].get(k, getattr(TrainConfig, k, None)) for k in keys} == {k: getattr(train_cfg, k) for k in keys}
     except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):

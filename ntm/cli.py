@@ -282,6 +282,10 @@ def finetune(
     aux_weight: float = typer.Option(2.5, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0)"),
     steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
     preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
+    velocity_scale: str = typer.Option("x0", help="predictor scale: x0 (C^2 + B^2 tau^2, learned x0_hat "
+                                       "uncertainty tau) or floor (max(C, 0.01) exp(delta))"),
+    fresh_lr_factor: float = typer.Option(4.0, min=1e-6, help="learning rate of the transporter and scale head "
+                                          "over the pretrained weights' (the preset's lr)"),
     resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
@@ -302,8 +306,10 @@ def finetune(
         summary = run_training(None, None, source, out, resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
+        if velocity_scale not in ("x0", "floor"):
+            raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
         summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
-                               progress=progress)
+                               progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor)
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
                f"{summary['final_loss']:.4f}; run: {out}")

@@ -85,8 +85,10 @@ class PredictorConfig:
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
     ``kind`` "gaussian" is the from-scratch predictor; "velocity" is a flow-matching velocity network
-    read in u-space (``ntm.finetune``), with ``s0_std_floor`` the least posterior scale (C -> 0 as
-    s -> 0, where the Gaussian posterior becomes a point mass).
+    read in u-space (``ntm.finetune``). Its scale (``velocity_scale``): "floor" is
+    sigma_P = max(C, s0_std_floor) exp(delta) (C -> 0 as s -> 0, where the Gaussian posterior becomes
+    a point mass); "x0" is sigma_P^2 = C^2 + B^2 tau^2 with a learned x0_hat uncertainty
+    tau = s0_std_floor exp(delta).
     """
 
     layers: int = 4
@@ -95,6 +97,7 @@ class PredictorConfig:
     log_var_clip: float = 8.0
     kind: str = "gaussian"
     s0_std_floor: float = 0.01
+    velocity_scale: str = "floor"
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class TrainConfig:
     log_every: int = 25
     aux_weight: float = 0.0
     teacher: str | None = None
+    pretrained_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -256,8 +260,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
     if cfg.kind not in ("ntm", "fm"):
         raise ValueError(f"unknown model kind '{cfg.kind}' (use 'ntm' or 'fm')")
-    if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0:
-        raise ValueError(f"invalid predictor kind '{pr.kind}' or floor {pr.s0_std_floor}")
+    if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0 or pr.velocity_scale not in ("floor", "x0"):
+        raise ValueError(f"invalid predictor kind '{pr.kind}', floor {pr.s0_std_floor} or velocity scale "
+                         f"'{pr.velocity_scale}'")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts) or d.num_classes < 0:
         raise ValueError("invalid block count, trajectory length or class count")
 

@@ -68,32 +68,38 @@ class VelocityPredictor(nn.Module):
     """f_P built on a velocity network v = eps - x_0 (see module doc). Same interface as ``Predictor``."""
 
     def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, s0_std_floor: float = 0.01,
-                 log_var_clip: float = 8.0, width: int = 64):
+                 log_var_clip: float = 8.0, width: int = 64, scale: str = "floor"):
         super().__init__()
+        if scale not in ("floor", "x0"):
+            raise ValueError(f"unknown velocity scale '{scale}' (use 'floor' or 'x0')")
         self.velocity = velocity
         self.floor = s0_std_floor
+        self.scale = scale
         self.clip = log_var_clip
         self.token_dim = token_dim
         if isinstance(velocity, ConditionedTransformer):
-            self.sigma_head = nn.Linear(velocity.proj_out.in_features, token_dim)
-            self.time_s = TimeEmbedding(velocity.proj_out.in_features)  # the backbone itself only sees t
+            width = velocity.proj_out.in_features
+            self.sigma_head = nn.Linear(width, token_dim)
             self.time_mlp = None
         else:
             self.sigma_head = nn.Linear(width, num_tokens * token_dim)
-            self.time_s = TimeEmbedding(width)
             self.time_mlp = TimeEmbedding(width)
+        # the backbone itself only sees t; the "floor" scale also needs s
+        self.time_s = TimeEmbedding(width) if scale == "floor" else None
         nn.init.zeros_(self.sigma_head.weight)
         nn.init.zeros_(self.sigma_head.bias)
 
     def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(v = eps - x_0, delta_sigma), each (B, N, D) fp32."""
+        """(v = eps - x_0, delta), each (B, N, D) fp32. In "x0" mode delta does not depend on s (the
+        uncertainty of x0_hat is a property of x_t alone)."""
+        s_emb = 0.0 if self.time_s is None else self.time_s(s)
         if self.time_mlp is None:
             h = self.velocity.hidden(u_t, t, None, y)
             v = self.velocity.proj_out(h).float()
-            delta = self.sigma_head(h + self.time_s(s)[:, None].to(h.dtype)).float()
+            delta = self.sigma_head(h if self.time_s is None else h + s_emb[:, None].to(h.dtype)).float()
         else:
             v = self.velocity(u_t, t, y).float()
-            delta = self.sigma_head(self.time_mlp(t) + self.time_s(s)).float().reshape(u_t.shape)
+            delta = self.sigma_head(self.time_mlp(t) + s_emb).float().reshape(u_t.shape)
         return v, soft_clip(delta, self.clip)
 
     def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
@@ -104,6 +110,9 @@ class VelocityPredictor(nn.Module):
         A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
         x0_hat = u_t - _col(t) * v
         mu = A * u_t + B * x0_hat
+        if self.scale == "x0":  # q(x_s | x_t) with x_0 ~ N(x0_hat, tau^2): variance C^2 + B^2 tau^2
+            tau = self.floor * torch.exp(delta)
+            return mu, torch.sqrt(C.square() + (B * tau).square())
         return mu, C.clamp_min(self.floor) * torch.exp(delta)
 
 
@@ -119,14 +128,17 @@ def aux_weight_at(progress: float, weight: float) -> float:
     return weight * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def finetune_config(fm_config: ModelConfig, preset: str | None = None) -> ModelConfig:
+FRESH_LR_FACTOR = 4.0  # learning rate of the fresh parts (transporter, scale head) over the pretrained weights
+
+
+def finetune_config(fm_config: ModelConfig, preset: str | None = None, velocity_scale: str = "x0") -> ModelConfig:
     """The NTM config that starts from an FM run's config: same backbone, a velocity predictor and the
     preset's transporter (default: ``mnist`` for images, ``toy`` for vectors)."""
     name = preset or ("mnist" if fm_config.data.kind == "image" else "toy")
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'")
     return replace(fm_config, kind="ntm", transporter=PRESETS[name].transporter,
-                   predictor=replace(fm_config.predictor, kind="velocity"))
+                   predictor=replace(fm_config.predictor, kind="velocity", velocity_scale=velocity_scale))
 
 
 def initial_weights(ntm_model: nn.Module, fm_model: nn.Module) -> dict[str, Tensor]:
@@ -152,9 +164,21 @@ def load_teacher(path: str | Path, device: torch.device | None = None):
     return fm.eval()
 
 
+def finetune_train_config(base: TrainConfig, steps: int, aux_weight: float, teacher: str | Path,
+                          fresh_lr_factor: float = FRESH_LR_FACTOR) -> TrainConfig:
+    """The optimisation of a finetune: the pretrained velocity weights keep ``base.lr``; the parts that
+    start fresh (transporter, scale head) train at ``fresh_lr_factor * base.lr``."""
+    if not (fresh_lr_factor > 0 and math.isfinite(fresh_lr_factor)):
+        raise ValueError(f"the fresh learning-rate factor must be a finite number > 0, got {fresh_lr_factor}")
+    return replace(base, steps=steps, aux_weight=aux_weight, teacher=str(Path(teacher).resolve()),
+                   lr=base.lr * fresh_lr_factor, pretrained_lr_scale=1.0 / fresh_lr_factor)
+
+
 def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = 2.5,
-             preset: str | None = None, train: TrainConfig | None = None, progress: bool = True) -> dict:
-    """Finetune an NTM from the FM run ``fm_run`` into ``out_dir`` (see module doc)."""
+             preset: str | None = None, train: TrainConfig | None = None, progress: bool = True,
+             velocity_scale: str = "x0", fresh_lr_factor: float = FRESH_LR_FACTOR) -> dict:
+    """Finetune an NTM from the FM run ``fm_run`` into ``out_dir`` (see module doc). ``train`` (default:
+    the preset's) gives the optimiser settings; see :func:`finetune_train_config` for the learning rates."""
     from .checkpoint import read_meta, resolve
     from .config import model_config_from_dict
     from .errors import ConfigError
@@ -165,8 +189,8 @@ def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None 
     fm_cfg = model_config_from_dict(read_meta(resolve(fm_run))["model"])
     if fm_cfg.kind != "fm":
         raise ConfigError(f"{fm_run} is not a flow-matching run (train one with `ntm train --model fm`)")
-    cfg = finetune_config(fm_cfg, preset)
+    cfg = finetune_config(fm_cfg, preset, velocity_scale)
     name = preset or ("mnist" if cfg.data.kind == "image" else "toy")
     base = train or PRESETS[name].train
-    tcfg = replace(base, steps=steps or base.steps, aux_weight=aux_weight, teacher=str(Path(fm_run).resolve()))
+    tcfg = finetune_train_config(base, steps or base.steps, aux_weight, fm_run, fresh_lr_factor)
     return run_training(cfg, tcfg, source, out_dir, progress=progress, init_from_teacher=True)

@@ -336,7 +336,7 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     the from-scratch NTM gets the teacher's steps plus the finetune's. Rows: FM at 4 and 50 Euler
     steps, the finetuned NTMs and the from-scratch NTM at 4 steps. Writes ``results/<data>-finetune[-quick].json``.
     """
-    from .finetune import finetune_config
+    from .finetune import finetune_config, finetune_train_config
 
     settings = bench_settings(quick, settings, n_samples)
     tag = f"{data}-quick" if quick else data
@@ -359,7 +359,7 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     real, _ = src.held_out(n, seed=4242)
     bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)
     ft_cfg = finetune_config(replace(base, kind="fm"), settings["preset"])
-    ft_train = replace(p.train, steps=ft_steps, teacher=str(teacher_dir.resolve()))
+    ft_train = finetune_train_config(p.train, ft_steps, 2.5, teacher_dir)
     runs, summaries = {}, {"fm": teacher_sum}
     for label, weight in (("ntm-ft", 2.5), ("ntm-ft-aux0", 0.0)):
         runs[label] = folder / "runs" / label

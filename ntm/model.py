@@ -114,7 +114,7 @@ class NTM(TokenModel):
             from .flow_matching import VelocityField
             pc = config.predictor
             predictor = VelocityPredictor(VelocityField(config), spec.num_tokens, spec.token_dim,
-                                          pc.s0_std_floor, pc.log_var_clip)
+                                          pc.s0_std_floor, pc.log_var_clip, scale=pc.velocity_scale)
         self.predictor = predictor if predictor is not None else Predictor(
             config.predictor, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)
         self.denoiser = None  # the distilled g_phi, attached by from_pretrained when the run has one

@@ -35,13 +35,24 @@ def default_device() -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only, and warmup + cosine decay to ``cfg.min_lr``.
+
+    When finetuning (``cfg.teacher`` set) with ``cfg.pretrained_lr_scale != 1``, the weights copied
+    from the teacher (``predictor.velocity.*``) get ``lr * pretrained_lr_scale`` and the parts that
+    start fresh (transporter, scale head) get ``lr``.
+    """
+    split = cfg.teacher is not None and cfg.pretrained_lr_scale != 1.0
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "pos" not in name and "start" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        decays = p.dim() >= 2 and "pos" not in name and "start" not in name
+        pretrained = split and name.startswith("predictor.velocity.")
+        groups.setdefault((pretrained, decays), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+                              "lr": cfg.lr * (cfg.pretrained_lr_scale if pretrained else 1.0)}
+                             for (pretrained, decays), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))],
+                            lr=cfg.lr, betas=cfg.betas)
     warmup = max(1, min(cfg.warmup, cfg.steps - 1)) if cfg.steps > 1 else 1
     sched = SequentialLR(opt, [LinearLR(opt, start_factor=1e-3, total_iters=warmup),
                                CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warmup), eta_min=cfg.min_lr)],

@@ -16,13 +16,13 @@ from ntm.trajectory import forward_trajectory, posterior_coefficients
 from conftest import randomize
 
 
-def _fm_and_ntm(seed=0):
+def _fm_and_ntm(seed=0, velocity_scale="floor"):
     fm_cfg = ModelConfig(kind="fm", data=DataSpec(shape=(3,), mean=(0.0,) * 3, std=(1.0,) * 3, num_classes=2),
                          trajectory=TrajectoryConfig(T=4, shift=-1.0), predictor=PredictorConfig(layers=2, width=16, heads=2))
     torch.manual_seed(seed)
     fm = FlowMatching(fm_cfg)
     randomize(fm, 0.3, seed)
-    ntm = NTM(finetune_config(fm_cfg, "tiny"))
+    ntm = NTM(finetune_config(fm_cfg, "tiny", velocity_scale))
     ntm.load_state_dict(initial_weights(ntm, fm))
     return fm.eval(), ntm.eval()
 
@@ -46,6 +46,65 @@ def test_step_zero_mean_and_scale_are_the_gaussian_posterior():
     for s_small in (0.0, 1e-4):  # the point-mass end: floored
         _, sigma0 = ntm.predictor(x, t, torch.full((32,), s_small), y)
         assert torch.allclose(sigma0, torch.full_like(sigma0, ntm.config.predictor.s0_std_floor))
+
+
+def test_x0_uncertainty_scale_is_the_posterior_marginalised_over_x0_hat():
+    """"x0" scale: sigma_P^2 = C^2 + B^2 tau^2, the variance of x_s | x_t when x_0 ~ N(x0_hat, tau^2),
+    with tau from the head alone (the same for every s). Checked in closed form and by sampling."""
+    fm, ntm = _fm_and_ntm(5, "x0")
+    floor = ntm.config.predictor.s0_std_floor
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 3, 1, generator=g)
+    t = torch.rand(16, generator=g) * 0.8 + 0.2
+    y = torch.randint(0, 2, (16,), generator=g)
+    s0 = torch.zeros(16)
+    mu0, sigma0 = ntm.predictor(x, t, s0, y)  # at init tau = floor; at s = 0, C = 0 and B = 1
+    assert torch.allclose(sigma0, torch.full_like(sigma0, floor), rtol=1e-6)
+    randomize(ntm.predictor.sigma_head, 0.5, 9)
+    _, tau = ntm.predictor(x, t, s0, y)  # sigma at s = 0 is tau itself
+    assert not torch.allclose(tau, torch.full_like(tau, floor))
+    for frac in (0.1, 0.5, 0.9):
+        s = frac * t
+        mu, sigma = ntm.predictor(x, t, s, y)
+        A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t, s))
+        assert torch.allclose(sigma, torch.sqrt(C ** 2 + (B * tau) ** 2), rtol=1e-5)
+        # Monte Carlo: draw x_0 ~ N(x0_hat, tau^2), then x_s ~ q(x_s | x_t, x_0)
+        x0_hat = (mu - A * x) / B
+        n = 20000
+        x0 = x0_hat + tau * torch.randn((n,) + x.shape, generator=g)
+        xs = A * x + B * x0 + C * torch.randn((n,) + x.shape, generator=g)
+        assert torch.allclose(xs.mean(0), mu, atol=4 * float(sigma.detach().max()) / n ** 0.5)
+        assert torch.allclose(xs.std(0), sigma, rtol=0.03)
+    # the s embedding is not used: the head's output is the same for every s
+    v1, d1 = ntm.predictor.velocity_and_log_scale(x, t, torch.full((16,), 0.1), y)
+    v2, d2 = ntm.predictor.velocity_and_log_scale(x, t, torch.full((16,), 0.01), y)
+    assert torch.equal(d1, d2) and torch.equal(v1, v2)
+
+
+def test_pretrained_weights_get_their_own_learning_rate():
+    from dataclasses import replace
+
+    from ntm.config import TrainConfig
+    from ntm.training import make_optimizer
+
+    _, ntm = _fm_and_ntm()
+    cfg = TrainConfig(lr=2e-3, steps=100, warmup=10)
+    opt, _ = make_optimizer(ntm, cfg)  # not finetuning: one learning rate
+    assert len(opt.param_groups) == 2
+    opt, sched = make_optimizer(ntm, replace(cfg, teacher="fm-run", pretrained_lr_scale=0.25))
+    velocity = {id(p) for p in ntm.predictor.velocity.parameters()}
+    seen = set()
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= velocity or not ids & velocity
+        assert group["initial_lr"] == pytest.approx(5e-4 if ids <= velocity else 2e-3)
+        seen |= ids
+    assert seen == {id(p) for p in ntm.parameters()}
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    lrs = {g["initial_lr"]: g["lr"] for g in opt.param_groups}
+    assert lrs[2e-3] == pytest.approx(4 * lrs[5e-4], rel=0.05)  # the warmup/cosine schedule scales both
 
 
 def test_step_zero_samples_and_nll_equal_the_fm_gaussian_posterior_sampler():
