@@ -459,13 +459,23 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
 def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), quick: bool = _QUICK,
                    n_samples: Optional[int] = _IMG_N, guidance: float = _IMG_W,
                    out: Optional[Path] = typer.Option(None, help="results JSON (default results/<data>-finetune[-quick].json)"),
+                   ablation: bool = typer.Option(False, help="instead: short finetunes comparing the predictor "
+                                                 "scale and learning rates (results/<data>-finetune-ablation.json)"),
                    progress: bool = typer.Option(True, help="show progress bars")):
     """NTM finetuned from the FM teacher of `ntm bench <data>` against the teacher and a from-scratch NTM."""
     from .benchmarks import check_bench_output
-    from .image_bench import markdown_image_table, run_finetune_bench
+    from .image_bench import markdown_ablation_table, markdown_image_table, run_finetune_ablation, run_finetune_bench
 
     if data not in ("mnist", "fashion"):
         raise UsageProblem(f"unknown image data '{data}' (use mnist or fashion)")
+    if ablation:
+        out = out or Path("results") / f"{data}-finetune-ablation{'-quick' if quick else ''}.json"
+        check_bench_output(out)
+        res = run_finetune_ablation(data, out=out, n_samples=n_samples or 1000, guidance=guidance, progress=progress,
+                                    quick=quick, steps=100 if quick else 1000)
+        typer.echo(markdown_ablation_table(res))
+        typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+        return
     out = out or Path("results") / f"{data}-finetune{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = run_finetune_bench(data, out=out, quick=quick, guidance=guidance, n_samples=n_samples, progress=progress)

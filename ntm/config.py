@@ -88,7 +88,8 @@ class PredictorConfig:
     read in u-space (``ntm.finetune``). Its scale (``velocity_scale``): "floor" is
     sigma_P = max(C, s0_std_floor) exp(delta) (C -> 0 as s -> 0, where the Gaussian posterior becomes
     a point mass); "x0" is sigma_P^2 = C^2 + B^2 tau^2 with a learned x0_hat uncertainty
-    tau = s0_std_floor exp(delta).
+    tau = s0_std_floor exp(delta). ``ntm finetune`` uses "x0"; the field defaults to "floor" so that
+    checkpoints written before "x0" existed load unchanged.
     """
 
     layers: int = 4

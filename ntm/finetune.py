@@ -4,24 +4,34 @@ The predictor becomes the FM velocity network read in u-space (``VelocityPredict
 
     x0_hat = u_t - t v(u_t, t, y)                 (v = eps - x_0; ``VelocityAdapter`` converts other conventions)
     mu_P   = A(t, s) u_t + B(t, s) x0_hat           (no mean correction: the paper's no_delta_mean)
-    sigma_P = max(C(t, s), floor) exp(delta_sigma)
 
-with a zero-initialised delta_sigma head and the transporter at its identity initialisation, so at
-step 0 the NTM *is* the FM model's Gaussian posterior sampler for every step with C >= floor, which
-includes every step of the sampling grid (t_0 = 0.02). As s -> 0 the Gaussian posterior becomes a
-point mass (C -> 0) and its NLL diverges (training draws t_0 ~ U[0, 0.05], so s is often tiny), so
-the scale is floored at ``s0_std_floor`` (0.01 in standardised units by default, about 1.3 grey
-levels of an 8-bit image in [-1, 1]) before the learned factor exp(delta_sigma).
+and the transporter starts at its identity initialisation. C(t, s) -> 0 as s -> 0 (the Gaussian
+posterior becomes a point mass and its NLL diverges; training draws t_0 ~ U[0, 0.05], so s is often
+tiny), so the paper's sigma_P = C exp(delta_sigma) needs a choice there. Two scales are built
+(``PredictorConfig.velocity_scale``), with tau_0 = ``s0_std_floor`` (0.01 in standardised units, about
+1.3 grey levels of an 8-bit image in [-1, 1]) and a zero-initialised head delta:
 
-The delta_sigma head reads the backbone's last features when the velocity network is the project's
-own ``VelocityField``; for any other velocity module it is a zero-initialised map of the (t, s)
-embedding to one value per token channel.
+* "x0" (default): sigma_P^2 = C^2 + B^2 tau^2, tau = tau_0 exp(delta(h)). This is the variance of
+  q(x_s | x_t, x_0) with x_0 ~ N(x0_hat, tau^2): delta is a per-token uncertainty of x0_hat that
+  does not depend on s, and the s-dependence comes from C and B in closed form. At step 0 the mean is
+  the FM posterior mean exactly and the scale is C widened by B tau_0.
+* "floor": sigma_P = max(C, tau_0) exp(delta(h, s)). At step 0 the NTM *is* the FM model's Gaussian
+  posterior sampler on every step with C >= tau_0 (every step of the sampling grid, t_0 = 0.02). But
+  log sigma_P is then a sum of a token term and an s term, which cannot follow the optimum
+  sqrt(C^2 + B^2 tau^2) for both near-certain (background) and uncertain (stroke) pixels as s -> 0;
+  on MNIST it is worse on bits/dim and FID (``ntm bench finetune --ablation``).
+
+The head reads the backbone's last features when the velocity network is the project's own
+``VelocityField``; for any other velocity module it is a zero-initialised map of the t (and, for
+"floor", s) embedding to one value per token channel.
 
 Training adds the mean-alignment loss against a frozen copy of the teacher working in x-space,
 
     L_aux = lambda(p) sum_k || mu_P^(k) - mu_FM^(k) ||^2 / dim,   mu_FM = A x_t + B (x_t - t v_frozen(x_t, t, y)),
 
 with lambda(p) = lambda_0 (1 + cos(pi p)) / 2 over training progress p in [0, 1] (lambda_0 = 2.5).
+The pretrained velocity weights train at the preset's learning rate and the parts that start fresh
+(transporter, scale head) at ``FRESH_LR_FACTOR`` (4) times that.
 """
 from __future__ import annotations
 
@@ -68,7 +78,7 @@ class VelocityPredictor(nn.Module):
     """f_P built on a velocity network v = eps - x_0 (see module doc). Same interface as ``Predictor``."""
 
     def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, s0_std_floor: float = 0.01,
-                 log_var_clip: float = 8.0, width: int = 64, scale: str = "floor"):
+                 log_var_clip: float = 8.0, width: int = 64, scale: str = "x0"):
         super().__init__()
         if scale not in ("floor", "x0"):
             raise ValueError(f"unknown velocity scale '{scale}' (use 'floor' or 'x0')")

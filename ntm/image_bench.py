@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .benchmarks import BenchStopped, _same_run, _train_or_reuse, _write_json
-from .checkpoint import load_model
-from .config import PRESETS, ModelConfig
-from .errors import ConfigError
+from .checkpoint import load_model, read_meta, resolve
+from .config import PRESETS, ModelConfig, model_config_from_dict
+from .errors import CheckpointError, ConfigError
 from .flow_matching import network_evaluations
 from .images import bits_per_dim, open_image_source
 from .likelihood import nll_bounds
@@ -423,3 +423,77 @@ def _aux_curves(run_aux: Path, run_no_aux: Path, path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, path, dpi=100)
+
+
+# (name, predictor scale, learning rate of the pretrained velocity weights, of the fresh parts)
+FINETUNE_VARIANTS = (
+    ("floor-same-lr", "floor", 5e-4, 5e-4),
+    ("floor-fresh-4x", "floor", 5e-4, 2e-3),
+    ("x0-same-lr", "x0", 5e-4, 5e-4),
+    ("x0-fresh-4x", "x0", 5e-4, 2e-3),
+    ("x0-slow-backbone", "x0", 1e-4, 2e-3),
+    ("x0-frozen-backbone", "x0", 0.0, 2e-3),
+)
+
+
+def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, steps: int = 1000,
+                          n_samples: int = 1000, n_bpd: int = 200, variants: tuple = FINETUNE_VARIANTS,
+                          guidance: float = 1.0, progress: bool = True, classifier_steps: int = 3000,
+                          quick: bool = False) -> dict:
+    """Short finetunes from the FM teacher of ``ntm bench <data>`` that compare the predictor's scale
+    ("floor" against "x0") and the learning rate of the fresh parts. Each variant is finetuned for
+    ``steps`` with lambda = 2.5, then scored by the ELBO bits/dim on ``n_bpd`` test images (2
+    trajectories each) and by FID / class accuracy on ``n_samples`` guided 4-step samples. Runs are
+    reused like the other benches. Writes ``results/<data>-finetune-ablation[-quick].json``."""
+    from .finetune import finetune_config, finetune_train_config
+
+    tag = f"{data}-quick" if quick else data
+    out = Path(out) if out else Path("results") / f"{data}-finetune-ablation{'-quick' if quick else ''}.json"
+    folder = out.with_suffix("")
+    src, spec = _labelled_source(data)
+    preset = "mnist-quick" if quick else "mnist"
+    p = PRESETS[preset]
+    base = ModelConfig(data=spec, trajectory=p.trajectory, transporter=p.transporter, predictor=p.predictor)
+    teacher_dir = Path("results") / tag / "runs" / "fm"
+    try:
+        same = model_config_from_dict(read_meta(resolve(teacher_dir))["model"]) == replace(base, kind="fm")
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(f"no FM teacher with this bench's model in {teacher_dir}; run "
+                          f"`ntm bench {data}{' --quick' if quick else ''}` first")
+    classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
+    real, _ = src.held_out(n_samples, seed=4242)
+    bpd_x, bpd_y = src.held_out(n_bpd, seed=4343)
+    results = {"config": {"data": data, "steps": steps, "aux_weight": 2.5, "n_samples": n_samples, "n_bpd": n_bpd,
+                          "bpd_trajectories": 2, "guidance": guidance, "teacher": str(teacher_dir),
+                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
+    for name, scale, lr, fresh_lr in variants:
+        cfg = finetune_config(replace(base, kind="fm"), preset, scale)
+        tcfg = replace(finetune_train_config(replace(p.train, lr=fresh_lr), steps, 2.5, teacher_dir, 1.0),
+                       pretrained_lr_scale=lr / fresh_lr)
+        summary = _train_or_reuse(folder / "runs" / name, cfg, tcfg, src, progress, init_from_teacher=True)
+        model = load_model(folder / "runs" / name)
+        row, _ = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, "project classifier")
+        with torch.no_grad():
+            _, logdet = model.transporter(model.to_tokens(bpd_x), torch.zeros(n_bpd, device=model.device))
+        results["rows"].append({"variant": name, "velocity_scale": scale, "pretrained_lr": lr, "fresh_lr": fresh_lr,
+                                "bpd": ntm_bits_per_dim(model, bpd_x, bpd_y, 2), "fid": row["fid"],
+                                "class_acc": row["class_acc"], "precision": row["precision"], "recall": row["recall"],
+                                "logdet_t0_per_dim": float(logdet.mean()) / spec.dim,
+                                "train_seconds": summary["seconds"]})
+        _write_json(out, results, markdown_ablation_table(results))
+    return results
+
+
+def markdown_ablation_table(results: dict) -> str:
+    c = results["config"]
+    lines = [f"Finetune ablation on {c['data']}: {c['steps']} steps, λ = {c['aux_weight']}; bits/dim on {c['n_bpd']} "
+             f"test images; FID on {c['n_samples']} samples (w = {c['guidance']}).", "",
+             "| variant | scale | pretrained lr | fresh lr | bits/dim | FID | class acc. | precision | recall | log-det t=0 /dim |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['variant']} | {r['velocity_scale']} | {r['pretrained_lr']:g} | {r['fresh_lr']:g} | "
+                     f"{r['bpd']:.3f} | {r['fid']:.3f} | {100 * r['class_acc']:.1f}% | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['logdet_t0_per_dim']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
     When finetuning (``cfg.teacher`` set) with ``cfg.pretrained_lr_scale != 1``, the weights copied
     from the teacher (``predictor.velocity.*``) get ``lr * pretrained_lr_scale`` and the parts that
-    start fresh (transporter, scale head) get ``lr``.
+    start fresh (transporter, scale head) get ``lr``; a scale of 0 freezes them.
     """
     split = cfg.teacher is not None and cfg.pretrained_lr_scale != 1.0
     groups: dict[tuple[bool, bool], list] = {}
@@ -48,6 +48,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
             continue
         decays = p.dim() >= 2 and "pos" not in name and "start" not in name
         pretrained = split and name.startswith("predictor.velocity.")
+        if pretrained and cfg.pretrained_lr_scale == 0:  # frozen: never updated
+            continue
         groups.setdefault((pretrained, decays), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
                               "lr": cfg.lr * (cfg.pretrained_lr_scale if pretrained else 1.0)}
@@ -237,6 +239,8 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
         cfg = train_config
     if cfg.mode not in ("e2e", "pairwise"):
         raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
+    if not (0.0 <= cfg.pretrained_lr_scale < math.inf):
+        raise ConfigError(f"pretrained_lr_scale must be a finite number >= 0, got {cfg.pretrained_lr_scale}")
     ctx = _Dist(device)
     try:
         return _train_loop(model_config, cfg, source, out_dir, state, ckpt if resume else None, ctx,

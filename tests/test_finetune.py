@@ -60,6 +60,11 @@ def test_x0_uncertainty_scale_is_the_posterior_marginalised_over_x0_hat():
     s0 = torch.zeros(16)
     mu0, sigma0 = ntm.predictor(x, t, s0, y)  # at init tau = floor; at s = 0, C = 0 and B = 1
     assert torch.allclose(sigma0, torch.full_like(sigma0, floor), rtol=1e-6)
+    s_mid = 0.5 * t  # at init: the FM posterior mean, and the posterior scale widened by B * floor
+    mu, sigma = ntm.predictor(x, t, s_mid, y)
+    A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t, s_mid))
+    assert torch.allclose(mu, A * x + B * (x - t.reshape(-1, 1, 1) * fm.velocity(x, t, y)), atol=1e-6)
+    assert torch.allclose(sigma, torch.sqrt(C ** 2 + (B * floor) ** 2).expand_as(sigma), rtol=1e-6)
     randomize(ntm.predictor.sigma_head, 0.5, 9)
     _, tau = ntm.predictor(x, t, s0, y)  # sigma at s = 0 is tau itself
     assert not torch.allclose(tau, torch.full_like(tau, floor))
@@ -105,6 +110,9 @@ def test_pretrained_weights_get_their_own_learning_rate():
         sched.step()
     lrs = {g["initial_lr"]: g["lr"] for g in opt.param_groups}
     assert lrs[2e-3] == pytest.approx(4 * lrs[5e-4], rel=0.05)  # the warmup/cosine schedule scales both
+    opt, _ = make_optimizer(ntm, replace(cfg, teacher="fm-run", pretrained_lr_scale=0.0))  # frozen backbone
+    kept = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not kept & velocity and kept == {id(p) for p in ntm.parameters()} - velocity
 
 
 def test_step_zero_samples_and_nll_equal_the_fm_gaussian_posterior_sampler():
@@ -177,6 +185,15 @@ def test_finetune_cli_with_and_without_aux(tmp_path, capsys):
         assert model.config.predictor.kind == "velocity" and model.sample(8).shape == (8, 2)
     assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
+    assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "z"), "--data", "moons",
+                 "--velocity-scale", "wide"]) == 2
+    assert not (tmp_path / "z").exists() or not any((tmp_path / "z").iterdir())
+
+
+def test_ablation_needs_the_bench_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "finetune", "--ablation", "--quick", "--no-progress"]) == 1
+    assert "no FM teacher" in capsys.readouterr().err
 
 
 def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
@@ -191,3 +208,10 @@ def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
     assert res["config"]["finetune_steps"] == 1 and res["config"]["scratch_steps"] == 5
     assert (tmp_path / "results" / "mnist-finetune-quick.json").is_file()
     assert (tmp_path / "results" / "mnist-finetune-quick" / "finetune-loss-curves.png").is_file()
+    # the ablation reuses that teacher
+    from ntm.image_bench import run_finetune_ablation
+    abl = run_finetune_ablation("mnist", quick=True, steps=2, n_samples=20, n_bpd=4, progress=False,
+                                classifier_steps=10, variants=(("a", "floor", 1e-3, 1e-3), ("b", "x0", 0.0, 4e-3)))
+    assert [r["variant"] for r in abl["rows"]] == ["a", "b"] and abl["rows"][1]["fresh_lr"] == pytest.approx(4e-3)
+    assert all(math.isfinite(r["bpd"]) and math.isfinite(r["fid"]) for r in abl["rows"])
+    assert (tmp_path / "results" / "mnist-finetune-ablation-quick.md").is_file()
