@@ -141,14 +141,16 @@ def aux_weight_at(progress: float, weight: float) -> float:
 FRESH_LR_FACTOR = 4.0  # learning rate of the fresh parts (transporter, scale head) over the pretrained weights
 
 
-def finetune_config(fm_config: ModelConfig, preset: str | None = None, velocity_scale: str = "x0") -> ModelConfig:
+def finetune_config(fm_config: ModelConfig, preset: str | None = None, velocity_scale: str = "x0",
+                    s0_std_floor: float | None = None) -> ModelConfig:
     """The NTM config that starts from an FM run's config: same backbone, a velocity predictor and the
     preset's transporter (default: ``mnist`` for images, ``toy`` for vectors)."""
     name = preset or ("mnist" if fm_config.data.kind == "image" else "toy")
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'")
     return replace(fm_config, kind="ntm", transporter=PRESETS[name].transporter,
-                   predictor=replace(fm_config.predictor, kind="velocity", velocity_scale=velocity_scale))
+                   predictor=replace(fm_config.predictor, kind="velocity", velocity_scale=velocity_scale,
+                                     s0_std_floor=s0_std_floor or fm_config.predictor.s0_std_floor))
 
 
 def initial_weights(ntm_model: nn.Module, fm_model: nn.Module) -> dict[str, Tensor]:
@@ -186,7 +188,8 @@ def finetune_train_config(base: TrainConfig, steps: int, aux_weight: float, teac
 
 def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = 2.5,
              preset: str | None = None, train: TrainConfig | None = None, progress: bool = True,
-             velocity_scale: str = "x0", fresh_lr_factor: float = FRESH_LR_FACTOR) -> dict:
+             velocity_scale: str = "x0", fresh_lr_factor: float = FRESH_LR_FACTOR,
+             s0_std_floor: float | None = None) -> dict:
     """Finetune an NTM from the FM run ``fm_run`` into ``out_dir`` (see module doc). ``train`` (default:
     the preset's) gives the optimiser settings; see :func:`finetune_train_config` for the learning rates."""
     from .checkpoint import read_meta, resolve
@@ -199,7 +202,7 @@ def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None 
     fm_cfg = model_config_from_dict(read_meta(resolve(fm_run))["model"])
     if fm_cfg.kind != "fm":
         raise ConfigError(f"{fm_run} is not a flow-matching run (train one with `ntm train --model fm`)")
-    cfg = finetune_config(fm_cfg, preset, velocity_scale)
+    cfg = finetune_config(fm_cfg, preset, velocity_scale, s0_std_floor)
     name = preset or ("mnist" if cfg.data.kind == "image" else "toy")
     base = train or PRESETS[name].train
     tcfg = finetune_train_config(base, steps or base.steps, aux_weight, fm_run, fresh_lr_factor)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .benchmarks import BenchStopped, _same_run, _train_or_reuse, _write_json
-from .checkpoint import load_model, read_meta, resolve
+from .checkpoint import build_model, load_model, read_meta, resolve
 from .config import PRESETS, ModelConfig, model_config_from_dict
 from .errors import CheckpointError, ConfigError
 from .flow_matching import network_evaluations
@@ -415,24 +415,30 @@ def _aux_curves(run_aux: Path, run_no_aux: Path, path: Path) -> None:
     from .plotting import _save
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run, label in ((run_aux, "λ = 2.5 (cosine-decayed)"), (run_no_aux, "λ = 0")):
+    for (run, label), color in zip(((run_aux, "λ = 2.5 (cosine-decayed)"), (run_no_aux, "λ = 0")), ("C0", "C1")):
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        ax.plot([r["step"] for r in recs], [r.get("nll", r["loss"]) for r in recs], lw=1, label=label)
+        steps = np.array([r["step"] for r in recs])
+        nll = np.array([r.get("nll", r["loss"]) for r in recs])
+        ax.plot(steps, nll, lw=0.6, alpha=0.35, color=color)
+        k = min(8, len(nll))  # running mean over k logged batches
+        smooth = np.convolve(nll, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, color=color, label=f"{label}, mean of {k} logs")
     ax.set_xlabel("finetuning step")
-    ax.set_ylabel("trajectory NLL, nats/dim")
+    ax.set_ylabel("NLL part of the loss, nats/dim")
     ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, path, dpi=100)
 
 
-# (name, predictor scale, learning rate of the pretrained velocity weights, of the fresh parts)
+# (name, predictor scale, learning rate of the pretrained velocity weights, of the fresh parts, tau_0)
 FINETUNE_VARIANTS = (
-    ("floor-same-lr", "floor", 5e-4, 5e-4),
-    ("floor-fresh-4x", "floor", 5e-4, 2e-3),
-    ("x0-same-lr", "x0", 5e-4, 5e-4),
-    ("x0-fresh-4x", "x0", 5e-4, 2e-3),
-    ("x0-slow-backbone", "x0", 1e-4, 2e-3),
-    ("x0-frozen-backbone", "x0", 0.0, 2e-3),
+    ("floor-same-lr", "floor", 5e-4, 5e-4, 0.01),
+    ("floor-fresh-4x", "floor", 5e-4, 2e-3, 0.01),
+    ("x0-same-lr", "x0", 5e-4, 5e-4, 0.01),
+    ("x0-fresh-4x", "x0", 5e-4, 2e-3, 0.01),
+    ("x0-fresh-4x-tau0.0025", "x0", 5e-4, 2e-3, 0.0025),
+    ("x0-slow-backbone", "x0", 1e-4, 2e-3, 0.01),
+    ("x0-frozen-backbone", "x0", 0.0, 2e-3, 0.01),
 )
 
 
@@ -468,16 +474,25 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
     results = {"config": {"data": data, "steps": steps, "aux_weight": 2.5, "n_samples": n_samples, "n_bpd": n_bpd,
                           "bpd_trajectories": 2, "guidance": guidance, "teacher": str(teacher_dir),
                           "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
-    for name, scale, lr, fresh_lr in variants:
-        cfg = finetune_config(replace(base, kind="fm"), preset, scale)
-        tcfg = replace(finetune_train_config(replace(p.train, lr=fresh_lr), steps, 2.5, teacher_dir, 1.0),
-                       pretrained_lr_scale=lr / fresh_lr)
-        summary = _train_or_reuse(folder / "runs" / name, cfg, tcfg, src, progress, init_from_teacher=True)
-        model = load_model(folder / "runs" / name)
+    for name, scale, lr, fresh_lr, tau0 in (("step-0", "x0", 0.0, 0.0, 0.01),) + tuple(variants):
+        cfg = finetune_config(replace(base, kind="fm"), preset, scale, tau0)
+        if name == "step-0":  # the untrained finetune: the FM Gaussian posterior sampler (widened by B tau_0)
+            from .finetune import initial_weights, load_teacher
+            model = build_model(cfg)
+            model.load_state_dict(initial_weights(model, load_teacher(teacher_dir)))
+            model.eval()
+            summary = {"seconds": 0.0}
+        else:
+            tcfg = replace(finetune_train_config(replace(p.train, lr=fresh_lr), steps, 2.5, teacher_dir, 1.0),
+                           pretrained_lr_scale=lr / fresh_lr)
+            summary = _train_or_reuse(folder / "runs" / name, cfg, tcfg, src, progress, init_from_teacher=True)
+            model = load_model(folder / "runs" / name)
         row, _ = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, "project classifier")
         with torch.no_grad():
             _, logdet = model.transporter(model.to_tokens(bpd_x), torch.zeros(n_bpd, device=model.device))
-        results["rows"].append({"variant": name, "velocity_scale": scale, "pretrained_lr": lr, "fresh_lr": fresh_lr,
+        trained = name != "step-0"
+        results["rows"].append({"variant": name, "velocity_scale": scale, "tau0": tau0,
+                                "pretrained_lr": lr if trained else None, "fresh_lr": fresh_lr if trained else None,
                                 "bpd": ntm_bits_per_dim(model, bpd_x, bpd_y, 2), "fid": row["fid"],
                                 "class_acc": row["class_acc"], "precision": row["precision"], "recall": row["recall"],
                                 "logdet_t0_per_dim": float(logdet.mean()) / spec.dim,
@@ -490,10 +505,11 @@ def markdown_ablation_table(results: dict) -> str:
     c = results["config"]
     lines = [f"Finetune ablation on {c['data']}: {c['steps']} steps, λ = {c['aux_weight']}; bits/dim on {c['n_bpd']} "
              f"test images; FID on {c['n_samples']} samples (w = {c['guidance']}).", "",
-             "| variant | scale | pretrained lr | fresh lr | bits/dim | FID | class acc. | precision | recall | log-det t=0 /dim |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | scale | τ_0 | pretrained lr | fresh lr | bits/dim | FID | class acc. | precision | recall | log-det t=0 /dim |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['variant']} | {r['velocity_scale']} | {r['pretrained_lr']:g} | {r['fresh_lr']:g} | "
+        lrs = "— | —" if r["fresh_lr"] is None else f"{r['pretrained_lr']:g} | {r['fresh_lr']:g}"
+        lines.append(f"| {r['variant']} | {r['velocity_scale']} | {r['tau0']:g} | {lrs} | "
                      f"{r['bpd']:.3f} | {r['fid']:.3f} | {100 * r['class_acc']:.1f}% | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['logdet_t0_per_dim']:.3f} |")
     return "\n".join(lines) + "\n"

@@ -211,7 +211,7 @@ def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
     # the ablation reuses that teacher
     from ntm.image_bench import run_finetune_ablation
     abl = run_finetune_ablation("mnist", quick=True, steps=2, n_samples=20, n_bpd=4, progress=False,
-                                classifier_steps=10, variants=(("a", "floor", 1e-3, 1e-3), ("b", "x0", 0.0, 4e-3)))
-    assert [r["variant"] for r in abl["rows"]] == ["a", "b"] and abl["rows"][1]["fresh_lr"] == pytest.approx(4e-3)
+                                classifier_steps=10, variants=(("a", "floor", 1e-3, 1e-3, 0.01), ("b", "x0", 0.0, 4e-3, 0.005)))
+    assert [r["variant"] for r in abl["rows"]] == ["step-0", "a", "b"] and abl["rows"][2]["fresh_lr"] == pytest.approx(4e-3)
     assert all(math.isfinite(r["bpd"]) and math.isfinite(r["fid"]) for r in abl["rows"])
     assert (tmp_path / "results" / "mnist-finetune-ablation-quick.md").is_file()
