@@ -319,7 +319,8 @@ def markdown_image_table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         bpd = "n/a" if r["bpd"] is None or not math.isfinite(r["bpd"]) else f"{r['bpd']:.3f}"
-        model = r["model"] + (f" (λ={r['aux_weight']:g})" if r.get("aux_weight") is not None else "")
+        model = r["model"] + (f" (λ={r['aux_weight']:g}{', frozen backbone' if r.get('backbone') == 'frozen' else ''})"
+                              if r.get("aux_weight") is not None else "")
         lines.append(f"| {model} | {r['steps']} | {r['decode'] or r['solver']} | {r['nfe']} | {r['fid']:.3f} | "
                      f"{1e3 * r['kid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {100 * r['class_acc']:.1f}% | "
                      f"{bpd} | {r['img_per_s']:.1f} | {r['train_seconds']:.0f} |")
@@ -332,7 +333,8 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     """NTM finetuned from the FM teacher against the teacher and a from-scratch NTM (issue: FM start).
 
     The teacher is the FM run of ``ntm bench <data>`` (trained here if that bench has not run). The
-    finetunes get a quarter of the teacher's steps (lambda = 2.5, and lambda = 0 for the loss curves);
+    finetunes get a quarter of the teacher's steps (lambda = 2.5; lambda = 0 for the loss curves; and
+    lambda = 2.5 with the pretrained backbone frozen, only the transporter and scale head trained);
     the from-scratch NTM gets the teacher's steps plus the finetune's. Rows: FM at 4 and 50 Euler
     steps, the finetuned NTMs and the from-scratch NTM at 4 steps. Writes ``results/<data>-finetune[-quick].json``.
     """
@@ -361,10 +363,14 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     ft_cfg = finetune_config(replace(base, kind="fm"), settings["preset"])
     ft_train = finetune_train_config(p.train, ft_steps, 2.5, teacher_dir)
     runs, summaries = {}, {"fm": teacher_sum}
-    for label, weight in (("ntm-ft", 2.5), ("ntm-ft-aux0", 0.0)):
+    # (label, lambda, learning-rate scale of the pretrained weights: 0 freezes the backbone)
+    finetunes = (("ntm-ft", 2.5, ft_train.pretrained_lr_scale), ("ntm-ft-aux0", 0.0, ft_train.pretrained_lr_scale),
+                 ("ntm-ft-frozen", 2.5, 0.0))
+    for label, weight, lr_scale in finetunes:
         runs[label] = folder / "runs" / label
-        summaries[label] = _train_or_reuse(runs[label], ft_cfg, replace(ft_train, aux_weight=weight), src, progress,
-                                           init_from_teacher=True)
+        summaries[label] = _train_or_reuse(runs[label], ft_cfg, replace(ft_train, aux_weight=weight,
+                                                                        pretrained_lr_scale=lr_scale),
+                                           src, progress, init_from_teacher=True)
     folder.mkdir(parents=True, exist_ok=True)
     _aux_curves(runs["ntm-ft"], runs["ntm-ft-aux0"], folder / "finetune-loss-curves.png")
     results = {"config": {"data": data, "quick": quick, "teacher_steps": p.train.steps, "finetune_steps": ft_steps,
@@ -389,15 +395,16 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         row, images = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, extractor)
         extra = teacher_sum["seconds"] if label != "ntm" else 0.0
         row.update(model="ntm-ft" if label.startswith("ntm-ft") else "ntm",
-                   aux_weight=2.5 if label == "ntm-ft" else 0.0 if label == "ntm-ft-aux0" else None,
+                   aux_weight=0.0 if label == "ntm-ft-aux0" else 2.5 if label.startswith("ntm-ft") else None,
+                   backbone=("frozen" if label == "ntm-ft-frozen" else "trained") if label != "ntm" else None,
                    bpd=ntm_bits_per_dim(model, bpd_x, bpd_y, settings["bpd_trajectories"]), bpd_kind="elbo bound",
                    train_seconds=summaries[label]["seconds"] + extra, train_steps=summaries[label]["steps"])
         results["rows"].append(row)
         _grid(images, folder, row["model"], p.trajectory.T, None, "inverse", guidance, label=label)
         _write_json(out, results, markdown_image_table(results))
 
-    ntm_row("ntm-ft")
-    ntm_row("ntm-ft-aux0")
+    for label, _, _ in finetunes:
+        ntm_row(label)
     # the from-scratch NTM last: it is the longest training, and the rows above are written by then
     runs["ntm"] = folder / "runs" / "ntm-scratch"
     summaries["ntm"] = _train_or_reuse(runs["ntm"], base, replace(p.train, steps=p.train.steps + ft_steps), src, progress)

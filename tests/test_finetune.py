@@ -204,7 +204,8 @@ def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
     res = run_finetune_bench("mnist", quick=True, steps=4, n_samples=20, progress=False, classifier_steps=10,
                              settings={"n_bpd": 4, "n_bpd_fm": 2, "fm_ode_steps": 2, "bpd_trajectories": 1})
     assert [(r["model"], r["steps"], r.get("aux_weight")) for r in res["rows"]] == [
-        ("fm", 4, None), ("fm", 50, None), ("ntm-ft", 4, 2.5), ("ntm-ft", 4, 0.0), ("ntm", 4, None)]
+        ("fm", 4, None), ("fm", 50, None), ("ntm-ft", 4, 2.5), ("ntm-ft", 4, 0.0), ("ntm-ft", 4, 2.5), ("ntm", 4, None)]
+    assert [r.get("backbone") for r in res["rows"][2:]] == ["trained", "trained", "frozen", None]
     assert res["config"]["finetune_steps"] == 1 and res["config"]["scratch_steps"] == 5
     assert (tmp_path / "results" / "mnist-finetune-quick.json").is_file()
     assert (tmp_path / "results" / "mnist-finetune-quick" / "finetune-loss-curves.png").is_file()
