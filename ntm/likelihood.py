@@ -1,6 +1,7 @@
 """Likelihood estimators built on the exact per-step density.
 
 * ``trajectory_nll``: the exact NLL of one forward trajectory (training objective, Eq. 3.4).
+* ``bound_by_step``: the same bound split into its per-step terms (where the nats go).
 * ``nll_bound``: an upper bound on -log p(x_0) (digest §14 item 15), with t_0 = 0 so x_{t_0} = x_0:
 
     log p(x_0) >= E_q [ log p(x_1) + sum_k log p(x_{t_{k-1}} | x_{t_k}) - sum_k log q(x_{t_k} | x_{t_{k-1}}) ]
@@ -44,17 +45,46 @@ def trajectory_nll(model, x: Tensor, y: Tensor | None = None, t_min: float | Non
     return nll + (t.shape[1] - 1) * log_scale_correction(model.spec)
 
 
+def _elbo_parts(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None,
+                steps: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = 0).
+    -> (t (B, T + 1), log p(x_{t_{k-1}} | x_{t_k}) (B, T), log q(x_{t_k} | x_{t_{k-1}}) (B, T), log N(x_1) (B,))."""
+    B = x0.shape[0]
+    t = model.grid(B, 0.0, T=steps)
+    X = forward_trajectory(x0, t, generator=generator)
+    log_p = model.trajectory_log_probs(X, t, y)
+    log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
+    log_q = torch.stack([transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1])
+                         for k in range(t.shape[1] - 1)], 1)
+    return t, log_p, log_q, log_prior
+
+
 @torch.no_grad()
 def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None = None,
                steps: int | None = None) -> Tensor:
     """log p(x_{0:T}) - log q(x_{1:T} | x_0) of one trajectory per sample, standardised x0 (B, N, D)."""
-    B = x0.shape[0]
-    t = model.grid(B, 0.0, T=steps)
-    X = forward_trajectory(x0, t, generator=generator)
-    log_p = model.trajectory_log_probs(X, t, y).sum(1)
-    log_p = log_p + gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
-    log_q = sum(transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1]) for k in range(t.shape[1] - 1))
-    return log_p - log_q
+    _, log_p, log_q, log_prior = _elbo_parts(model, x0, y, generator, steps)
+    return log_p.sum(1) + log_prior - log_q.sum(1)
+
+
+@torch.no_grad()
+def bound_by_step(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 4,
+                  generator: torch.Generator | None = None, steps: int | None = None) -> dict:
+    """Where the ELBO bound's nats go, step by step (means over samples and trajectories).
+
+    For each reverse step k = 1..T (x_{t_{k-1}} given x_{t_k}, on the bound's grid with t_0 = 0):
+    ``neg_log_p[k-1]`` = -log p and ``log_q[k-1]`` = log q(x_{t_k} | x_{t_{k-1}}); ``neg_log_prior`` =
+    -log N(x_1; 0, I). All in nats per sample in standardised units; the ELBO bound in raw units is
+    sum(neg_log_p) + neg_log_prior + sum(log_q) + ``raw_correction``. ``times`` is the grid.
+    """
+    x0, y = _prepare(model, x, y)
+    parts = [_elbo_parts(model, x0, y, generator, steps) for _ in range(num_trajectories)]
+    t = parts[0][0]
+    return {"times": t[0].tolist(),
+            "neg_log_p": torch.stack([-p[1] for p in parts]).mean((0, 1)).tolist(),
+            "log_q": torch.stack([p[2] for p in parts]).mean((0, 1)).tolist(),
+            "neg_log_prior": float(torch.stack([-p[3] for p in parts]).mean()),
+            "raw_correction": float(log_scale_correction(model.spec))}
 
 
 @torch.no_grad()

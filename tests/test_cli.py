@@ -47,6 +47,12 @@ def test_train_sample_eval_end_to_end(tiny_run, tmp_path, capsys):
     assert res["nll_bound_nats"] > res["entropy_floor_nats"]
     code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--trajectories", "2")
     assert code == 0 and "NLL bound" in out
+    code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--trajectories", "2",
+                       "--by-step", "--json")
+    by = json.loads(out)["by_step"]
+    assert code == 0 and len(by["neg_log_p"]) == 4 and by["times"][0] == 0.0
+    code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--by-step")
+    assert code == 0 and "step 4 (t=1.000" in out and "prior" in out
 
 
 def test_sample_at_other_step_counts(tiny_run, tmp_path, capsys):
