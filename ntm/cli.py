@@ -296,6 +296,8 @@ def finetune(
                                        "uncertainty tau) or floor (max(C, 0.01) exp(delta))"),
     fresh_lr_factor: float = typer.Option(4.0, min=1e-6, help="learning rate of the transporter and scale head "
                                           "over the pretrained weights' (the preset's lr)"),
+    freeze_backbone: bool = typer.Option(False, help="keep the pretrained velocity weights fixed; train only the "
+                                         "transporter and the scale head"),
     resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
@@ -319,7 +321,8 @@ def finetune(
         if velocity_scale not in ("x0", "floor"):
             raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
         summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
-                               progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor)
+                               progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor,
+                               freeze_backbone=freeze_backbone)
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
                f"{summary['final_loss']:.4f}; run: {out}")

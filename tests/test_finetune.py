@@ -183,6 +183,13 @@ def test_finetune_cli_with_and_without_aux(tmp_path, capsys):
             assert all("aux" not in r for r in recs)
         model = NTM.from_pretrained(run)
         assert model.config.predictor.kind == "velocity" and model.sample(8).shape == (8, 2)
+    frozen = tmp_path / "ft-frozen"
+    assert main(["finetune", "--from", str(fm_run), "--out", str(frozen), "--data", "moons", "--preset", "tiny",
+                 "--steps", "6", "--freeze-backbone", "--no-progress"]) == 0
+    fm, ft = FlowMatching.from_pretrained(fm_run), NTM.from_pretrained(frozen)
+    for k, v in fm.velocity.state_dict().items():  # the backbone did not move; the fresh parts did
+        assert torch.equal(ft.predictor.velocity.state_dict()[k], v)
+    assert any(b.proj_out.weight.abs().sum() > 0 for b in ft.transporter.blocks)  # zero at init
     assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "z"), "--data", "moons",
