@@ -312,14 +312,17 @@ def finetune(
     cfg = model_config_from_dict(read_meta(resolve(from_run))["model"])
     source = open_source(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
     _check_same_data(cfg.data, source.spec())
+    if velocity_scale not in ("x0", "floor"):
+        raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
+        if velocity_scale != "x0" or fresh_lr_factor != 4.0 or freeze_backbone:
+            raise UsageProblem("--velocity-scale, --fresh-lr-factor and --freeze-backbone are fixed by the run; "
+                               "drop them with --resume")
         summary = run_training(None, None, source, out, resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
-        if velocity_scale not in ("x0", "floor"):
-            raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
         summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
                                progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor,
                                freeze_backbone=freeze_backbone)

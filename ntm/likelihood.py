@@ -69,7 +69,7 @@ def elbo_terms(model, x0: Tensor, y: Tensor | None, generator: torch.Generator |
 
 @torch.no_grad()
 def bound_by_step(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 4,
-                  generator: torch.Generator | None = None, steps: int | None = None) -> dict:
+                  generator: torch.Generator | None = None, steps: int | None = None, batch_size: int = 4096) -> dict:
     """Where the ELBO bound's nats go, step by step (means over samples and trajectories).
 
     For each reverse step k = 1..T (x_{t_{k-1}} given x_{t_k}, on the bound's grid with t_0 = 0):
@@ -78,13 +78,16 @@ def bound_by_step(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
     sum(neg_log_p) + neg_log_prior + sum(log_q) + ``raw_correction``. ``times`` is the grid.
     """
     x0, y = _prepare(model, x, y)
-    parts = [_elbo_parts(model, x0, y, generator, steps) for _ in range(num_trajectories)]
-    t = parts[0][0]
-    return {"times": t[0].tolist(),
-            "neg_log_p": torch.stack([-p[1] for p in parts]).mean((0, 1)).tolist(),
-            "log_q": torch.stack([p[2] for p in parts]).mean((0, 1)).tolist(),
-            "neg_log_prior": float(torch.stack([-p[3] for p in parts]).mean()),
-            "raw_correction": float(log_scale_correction(model.spec))}
+    neg_log_p, log_q, neg_prior = 0.0, 0.0, 0.0  # sums over samples and trajectories
+    for lo in range(0, x0.shape[0], batch_size):  # same batches and draw order as nll_bounds
+        xb = x0[lo:lo + batch_size]
+        yb = None if y is None else y[lo:lo + batch_size]
+        for _ in range(num_trajectories):
+            t, lp, lq, lprior = _elbo_parts(model, xb, yb, generator, steps)
+            neg_log_p, log_q, neg_prior = neg_log_p - lp.sum(0), log_q + lq.sum(0), neg_prior - lprior.sum()
+    count = x0.shape[0] * num_trajectories
+    return {"times": t[0].tolist(), "neg_log_p": (neg_log_p / count).tolist(), "log_q": (log_q / count).tolist(),
+            "neg_log_prior": float(neg_prior / count), "raw_correction": float(log_scale_correction(model.spec))}
 
 
 @torch.no_grad()

@@ -241,6 +241,8 @@ def train(model_config: ModelConfig | None, train_config: TrainConfig | None, so
         raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
     if not (0.0 <= cfg.pretrained_lr_scale < math.inf):
         raise ConfigError(f"pretrained_lr_scale must be a finite number >= 0, got {cfg.pretrained_lr_scale}")
+    if cfg.pretrained_lr_scale != 1.0 and not cfg.teacher:
+        raise ConfigError("pretrained_lr_scale applies to finetuning only (a run with a teacher)")
     ctx = _Dist(device)
     try:
         return _train_loop(model_config, cfg, source, out_dir, state, ckpt if resume else None, ctx,
@@ -264,6 +266,8 @@ def _train_loop(model_config: ModelConfig, cfg: TrainConfig, source: DataSource,
         if init_from_teacher:
             model.load_state_dict(initial_weights(model, teacher))
         model.set_teacher(teacher)
+        if cfg.pretrained_lr_scale == 0:  # frozen backbone: no gradients, so clipping sees only the trained parts
+            model.predictor.velocity.requires_grad_(False)
     net = _wrap(model, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
