@@ -226,7 +226,7 @@ def _is_bench_output(f: Path, out: Path) -> bool:
         ok = isinstance(res, dict) and "rows" in res and "config" in res
     except (OSError, ValueError):
         return False
-    return ok and (f == out or f.read_text().startswith(("| data | model |", "| model | steps |")))
+    return ok and (f == out or f.read_text().startswith(("| data | model |", "| model | steps |", "Finetune ablation on ")))
 
 
 def _replaceable_run(run_dir: Path) -> None:

@@ -237,3 +237,5 @@ def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
     assert [r["variant"] for r in abl["rows"]] == ["step-0", "a", "b"] and abl["rows"][2]["fresh_lr"] == pytest.approx(4e-3)
     assert all(math.isfinite(r["bpd"]) and math.isfinite(r["fid"]) for r in abl["rows"])
     assert (tmp_path / "results" / "mnist-finetune-ablation-quick.md").is_file()
+    from ntm.benchmarks import check_bench_output
+    check_bench_output(tmp_path / "results" / "mnist-finetune-ablation-quick.json")  # a re-run may replace it
