@@ -102,14 +102,17 @@ class VelocityPredictor(nn.Module):
     def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
         """(v = eps - x_0, delta), each (B, N, D) fp32. In "x0" mode delta does not depend on s (the
         uncertainty of x0_hat is a property of x_t alone)."""
-        s_emb = 0.0 if self.time_s is None else self.time_s(s)
-        if self.time_mlp is None:
+        if self.time_mlp is None:  # the head reads the backbone's features (B, N, W)
             h = self.velocity.hidden(u_t, t, None, y)
             v = self.velocity.proj_out(h).float()
-            delta = self.sigma_head(h if self.time_s is None else h + s_emb[:, None].to(h.dtype)).float()
-        else:
+            feats = h
+        else:  # the head reads a time embedding (B, W)
             v = self.velocity(u_t, t, y).float()
-            delta = self.sigma_head(self.time_mlp(t) + s_emb).float().reshape(u_t.shape)
+            feats = self.time_mlp(t)
+        if self.time_s is not None:  # "floor": the head also sees s
+            s_emb = self.time_s(s)
+            feats = feats + (s_emb[:, None] if feats.dim() == 3 else s_emb).to(feats.dtype)
+        delta = self.sigma_head(feats).float().reshape(u_t.shape)
         return v, soft_clip(delta, self.clip)
 
     def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,

@@ -390,21 +390,19 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
         _grid(images, folder, "fm", k, "euler", None, guidance)
         _write_json(out, results, markdown_image_table(results))
 
-    def ntm_row(label: str) -> None:
+    def ntm_row(label: str, aux_weight: float | None = None, backbone: str | None = None) -> None:
         model = load_model(runs[label])
         row, images = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, extractor)
         extra = teacher_sum["seconds"] if label != "ntm" else 0.0
-        row.update(model="ntm-ft" if label.startswith("ntm-ft") else "ntm",
-                   aux_weight=0.0 if label == "ntm-ft-aux0" else 2.5 if label.startswith("ntm-ft") else None,
-                   backbone=("frozen" if label == "ntm-ft-frozen" else "trained") if label != "ntm" else None,
+        row.update(model="ntm" if label == "ntm" else "ntm-ft", aux_weight=aux_weight, backbone=backbone,
                    bpd=ntm_bits_per_dim(model, bpd_x, bpd_y, settings["bpd_trajectories"]), bpd_kind="elbo bound",
                    train_seconds=summaries[label]["seconds"] + extra, train_steps=summaries[label]["steps"])
         results["rows"].append(row)
         _grid(images, folder, row["model"], p.trajectory.T, None, "inverse", guidance, label=label)
         _write_json(out, results, markdown_image_table(results))
 
-    for label, _, _ in finetunes:
-        ntm_row(label)
+    for label, weight, lr_scale in finetunes:
+        ntm_row(label, weight, "frozen" if lr_scale == 0 else "trained")
     # the from-scratch NTM last: it is the longest training, and the rows above are written by then
     runs["ntm"] = folder / "runs" / "ntm-scratch"
     summaries["ntm"] = _train_or_reuse(runs["ntm"], base, replace(p.train, steps=p.train.steps + ft_steps), src, progress)
