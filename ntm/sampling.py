@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .denoising import trajectory_score_denoise
 from .trajectory import randn
 
 
@@ -51,9 +52,10 @@ def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps:
         raise ValueError("the number of samples must be at least 1")
     if decode not in DECODERS:
         raise ValueError(f"unknown decoder '{decode}' (use {', '.join(DECODERS)})")
+    denoiser = getattr(model, "denoiser", None)
     if decode == "auto":
-        decode = "denoiser" if getattr(model, "denoiser", None) is not None else "inverse"
-    if decode == "denoiser" and getattr(model, "denoiser", None) is None:
+        decode = "denoiser" if denoiser is not None else "inverse"
+    if decode == "denoiser" and denoiser is None:
         raise ValueError("this run has no distilled denoiser (run `ntm distill RUN_DIR` first)")
     y = model.check_labels(y)
     if y is not None and y.shape[0] != n:
@@ -61,12 +63,10 @@ def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps:
     U, t = sample_u_trajectory(model, n, y, guidance, steps, t_min, generator)
     T = t.shape[1] - 1
     if decode == "denoiser":
-        return model.from_tokens(model.denoiser(U[:, 0], t[:, 0], y))
+        return model.from_tokens(denoiser.to(U.device)(U[:, 0], t[:, 0], y))
     if decode == "inverse":
         x_t0 = model.transporter.inverse(U[:, 0], t[:, 0], model.steps_tensor(n, T), method=inverse_method)
         return model.from_tokens(x_t0 / (1 - t[:, 0]).reshape(-1, 1, 1))
-    from .denoising import trajectory_score_denoise
-
     shape = U.shape[2:]
     levels = model.transporter.inverse(U[:, :T].reshape((n * T,) + shape), t[:, :T].reshape(-1),
                                        model.steps_tensor(n * T, T), method=inverse_method)

@@ -1,0 +1,1 @@
+"""Benchmark drivers (``ntm bench ...``) and the report that builds every table from results/*.json."""

@@ -1,0 +1,97 @@
+"""What every benchmark shares: output checks, run reuse (an interrupted bench loses no finished
+training), the results writer and the default results folder."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import FMConfig, NTMConfig, TrainConfig, from_dict
+from ..errors import CheckpointError, ConfigError, NTMError
+from ..hub import MODEL_CLASSES
+from ..io import read_meta, resolve, write_json, write_text
+from ..train import train
+from ..train.loop import default_device
+from .tables import TABLE_PREFIXES, table_for
+
+
+class BenchStopped(NTMError):
+    """The user stopped a bench; its trainings are checkpointed and resume on the next run."""
+
+
+def results_dir() -> Path:
+    """Where benches write by default: $NTM_RESULTS_DIR, else ./results."""
+    return Path(os.environ.get("NTM_RESULTS_DIR", "results"))
+
+
+def bench_device() -> torch.device:
+    """The device benches train and evaluate on (CUDA when there is one)."""
+    return default_device()
+
+
+def check_bench_output(out: Path) -> None:
+    """Refuse an output that is not a .json path or would replace a file that is not a bench result."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ConfigError(f"the bench output must be a .json file, got {out}")
+    for f in (out, out.with_suffix(".md")):
+        if f.exists() and not is_bench_output(f, out):
+            raise ConfigError(f"{f} exists and is not a previous bench result; choose another --out")
+
+
+def is_bench_output(f: Path, out: Path) -> bool:
+    """Is ``f`` (the JSON ``out`` or the table beside it) a bench result that a re-run may replace?"""
+    try:
+        res = json.loads(out.read_text())
+        ok = isinstance(res, dict) and "rows" in res and "config" in res
+    except (OSError, ValueError):
+        return False
+    return ok and (f == out or f.read_text().startswith(TABLE_PREFIXES))
+
+
+def replaceable_run(run_dir: Path) -> None:
+    """A bench work folder may be replaced only if it is (the start of) an ntm run."""
+    if run_dir.exists() and not ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()):
+        raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
+
+
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "mode", "class_dropout", "finetune")
+
+
+def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:
+    """Does ``run_dir`` hold (the start of) a run with this model config and these training settings?"""
+    try:
+        meta = read_meta(resolve(run_dir), tuple(MODEL_CLASSES))
+        saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
+        saved_train = from_dict(TrainConfig, meta["train"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return False
+    return saved_model == model_cfg and all(getattr(saved_train, k) == getattr(train_cfg, k) for k in TRAIN_KEYS)
+
+
+def train_or_reuse(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig, src, progress: bool) -> dict:
+    """Reuse a finished run with the same configs, resume an unfinished one, or train afresh."""
+    if same_run(run_dir, model_cfg, train_cfg):
+        summary = train(None, train_cfg, src, run_dir, resume=True, progress=progress, device=bench_device())
+    else:
+        replaceable_run(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        summary = train(model_cfg, train_cfg, src, run_dir, progress=progress, device=bench_device())
+    if summary["stopped"]:  # Ctrl-C / SIGTERM: stop the whole bench; a re-run resumes this training
+        raise BenchStopped(f"stopped during the training in {run_dir}; run the same command again to resume")
+    return summary
+
+
+def write_results(out: str | Path, results: dict) -> None:
+    """Write the results JSON and the markdown table beside it, each atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, results)
+    write_text(out.with_suffix(".md"), table_for(results))
+
+
+__all__ = ["BenchStopped", "results_dir", "bench_device", "check_bench_output", "is_bench_output", "same_run",
+           "train_or_reuse", "write_results"]

@@ -1,0 +1,304 @@
+"""``ntm bench mnist|fashion``: NTM (T = 4) against the flow-matching baseline on the same backbone.
+
+Both models are trained with the same preset (backbone, optimiser, batch, step budget) on the same
+data stream; then every row draws ``n_samples`` class-conditional samples (labels 0..K-1 in turn, with
+guidance ``guidance``: the product rule for NTM, linear CFG on the velocity for FM) and is scored in
+the feature space of the project's own classifier (see :mod:`ntm.metrics`) against the same number
+of test images. Rows: NTM at 4 and 8 steps (decode "inverse": one transporter inverse), FM Euler at
+4, 8 and 50 steps and Heun at 4. Bits/dim: NTM's ELBO bound of -log p(x | y) on test images; FM's
+ODE estimate (Hutchinson, one probe) on a smaller subset.
+
+Output: ``results/<data>[-quick].json`` ({"rows", "config"}), a markdown table beside it, and a
+folder ``results/<data>[-quick]/`` with sample grids and training curves (runs in its ``runs/``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import DISTILL_TRAIN, NTMConfig, TrainConfig, get_preset
+from ..data import to_tokens
+from ..denoising import denoiser_dir
+from ..errors import ConfigError
+from ..flow_matching import FlowMatching, network_evaluations
+from ..hub import build_model, load_model
+from ..images import open_image_source
+from ..io import latest_checkpoint, read_meta
+from ..likelihood import bits_per_dim, nll_bounds
+from ..sampling import sample_u_trajectory
+from ..tools.metrics import classifier_accuracy, image_quality, load_or_train_classifier
+from ..tools.plots import image_grid, loss_curves
+from ..train import distill, make_optimizer
+from ..train.runs import make_objective
+from .common import BenchStopped, bench_device, results_dir, train_or_reuse, write_results
+
+NTM_STEPS = (4, 8)
+FM_ROWS = (("euler", 4), ("euler", 8), ("euler", 50), ("heun", 4))
+
+
+def bench_settings(quick: bool, overrides: dict | None = None, n_samples: int | None = None) -> dict:
+    """Sample counts and budgets of the full or the quick bench, with ``overrides`` applied."""
+    settings = {**_base_settings(quick), **(overrides or {})}
+    if n_samples is not None:
+        settings["n_samples"] = n_samples
+    return settings
+
+
+def labelled_source(data: str):
+    """The image source of a bench and its spec; the benches need class labels."""
+    src = open_image_source(data, patch=4)
+    spec = src.spec()
+    if spec.num_classes == 0:
+        raise ConfigError(f"the image bench needs class labels; '{data}' has none")
+    return src, spec
+
+
+def _base_settings(quick: bool) -> dict:
+    if quick:
+        return {"preset": "mnist-quick", "n_samples": 1000, "n_bpd": 200, "n_bpd_fm": 32, "bpd_trajectories": 2,
+                "fm_ode_steps": 16}
+    return {"preset": "mnist", "n_samples": 2000, "n_bpd": 1000, "n_bpd_fm": 200, "bpd_trajectories": 4,
+            "fm_ode_steps": 32}
+
+
+def timed_samples(sample_fn, n: int, num_classes: int, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Draw n samples with labels 0..K-1 in turn, in chunks; returns (images, labels, seconds)."""
+    labels = torch.arange(n) % num_classes
+    out, seconds = [], 0.0
+    for lo in range(0, n, chunk):
+        g = torch.Generator().manual_seed(1000 + lo)
+        t0 = time.perf_counter()
+        out.append(sample_fn(labels[lo:lo + chunk], g).cpu())
+        seconds += time.perf_counter() - t0
+    return torch.cat(out).clamp(-1, 1), labels, seconds
+
+
+def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: bool = False,
+                    steps: int | None = None, n_samples: int | None = None, guidance: float = 1.0,
+                    progress: bool = True, classifier_steps: int = 3000, settings: dict | None = None,
+                    distill_steps: int = 0) -> dict:
+    """Train NTM and FM with the same budget on ``data`` and write the comparison (see module doc).
+
+    With ``distill_steps`` > 0 the NTM run also gets a distilled denoiser (``ntm.denoising``) and the
+    table gains NTM rows decoded by "inverse+score" and "denoiser", the denoiser's distance to the
+    score-refined output, and a sequential-vs-Jacobi inverse timing. Rows already present in ``out``
+    for the same configuration are reused, so a re-run after a stop loses no finished row.
+    """
+    settings = bench_settings(quick, settings, n_samples)
+    tag = f"{data}-quick" if quick else data
+    out = Path(out) if out else results_dir() / f"{tag}.json"
+    folder = out.with_suffix("")
+    src, spec = labelled_source(data)
+    p = get_preset(settings["preset"])
+    train_cfg = p.train if steps is None else replace(p.train, steps=steps)
+    configs = {"ntm": p.ntm(spec), "fm": p.fm(spec)}
+    classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
+    n = settings["n_samples"]
+    real, _ = src.held_out(n, seed=4242)
+    bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)
+    results = {"config": {"data": data, "quick": quick, "preset": settings["preset"], "train_steps": train_cfg.steps,
+                          "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "ntm_mode": train_cfg.mode,
+                          "T": p.trajectory.T, "guidance": guidance, "n_samples": n,
+                          "n_bpd": settings["n_bpd"], "bpd_trajectories": settings["bpd_trajectories"],
+                          "n_bpd_fm": settings["n_bpd_fm"], "fm_ode_steps": settings["fm_ode_steps"],
+                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")},
+                          "torch_threads": torch.get_num_threads()},
+               "rows": []}
+    summaries, models, runs = {}, {}, {}
+    for kind in ("ntm", "fm"):
+        runs[kind] = folder / "runs" / kind
+        summaries[kind] = train_or_reuse(runs[kind], configs[kind], train_cfg, src, progress)
+    if distill_steps > 0:
+        results["config"]["distill_steps"] = distill_steps
+        results["config"]["distill"] = distilled(runs["ntm"], src, distill_steps, progress)
+    for kind in ("ntm", "fm"):
+        models[kind] = load_model(runs[kind], map_location=bench_device())
+    previous = previous_rows(out, results["config"])
+    step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
+    results["config"]["seconds_per_step"] = step_cost
+    results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
+    results["config"]["step_cost_probe"] = step_cost_probe(configs, train_cfg, src)
+    folder.mkdir(parents=True, exist_ok=True)
+    loss_curves(runs, folder / "training-curves.png")
+    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+
+    ntm_bpd = ntm_bits_per_dim(models["ntm"], bpd_x, bpd_y, settings["bpd_trajectories"])
+    m = settings["n_bpd_fm"]
+    fm_bpd = fm_bits_per_dim(models["fm"], bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"])
+    fm_bpd_kind = f"ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})"
+
+    decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
+    jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
+        [("ntm", "inverse", None, T) for T in NTM_STEPS if T != p.trajectory.T] + \
+        [("fm", None, solver, k) for solver, k in FM_ROWS]
+    if distill_steps > 0:
+        results["config"]["inverse_timing"] = inverse_timing(models["ntm"], min(n, 500), spec.num_classes, guidance)
+    refined = None
+    for kind, decode, solver, k in jobs:
+        key = (kind, k, decode, solver)
+        if reusable(previous, key, distill_steps):
+            results["rows"].append(previous[key])
+            continue
+        row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
+                                         decode=decode)
+        row.update(bpd=ntm_bpd if kind == "ntm" else fm_bpd, bpd_kind="elbo bound" if kind == "ntm" else fm_bpd_kind,
+                   train_seconds=summaries[kind]["seconds"], train_steps=summaries[kind]["steps"])
+        if decode == "inverse+score":
+            refined = images
+        if decode == "denoiser" and refined is not None:  # same seeds: the same predictor trajectories
+            row["rmse_to_score"] = float((images - refined).pow(2).mean().sqrt())
+            with torch.no_grad():
+                f_a, f_b = classifier.features(images), classifier.features(refined)
+            row["feature_dist_to_score"] = float((f_a - f_b).norm(dim=1).mean() / f_b.norm(dim=1).mean())
+        results["rows"].append(row)
+        if decode == "denoiser":
+            row["distill_steps"] = distill_steps
+        save_grid(images, folder, kind, k, solver, decode, guidance)
+        write_results(out, results)
+    write_results(out, results)  # also when every row was reused
+    return results
+
+
+def distilled(run: Path, src, steps: int, progress: bool) -> dict:
+    """Distil the denoiser of the bench's NTM run for ``steps`` (reusing a finished distillation of
+    that length; the bench owns its runs, so one of another length is redone). -> its summary."""
+    folder = denoiser_dir(run)
+    ckpt = latest_checkpoint(folder) if folder.is_dir() else None
+    if ckpt is not None and read_meta(ckpt)["train"]["steps"] != steps:
+        shutil.rmtree(folder)
+        ckpt = None
+    if ckpt is None or read_meta(ckpt)["step"] < steps:
+        res = distill(run, src, train_config=replace(DISTILL_TRAIN, steps=steps), progress=progress,
+                      device=bench_device())
+        if res["stopped"]:
+            raise BenchStopped("stopped during the distillation; run the same command again to resume")
+    meta = read_meta(latest_checkpoint(folder))
+    return {"steps": meta["step"], "config": meta["config"], "batch_size": meta["train"]["batch_size"],
+            "lr": meta["train"]["lr"], "ntm_step": meta.get("ntm_step")}
+
+
+def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, steps: int = 12,
+                    warmup: int = 3) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of fresh NTM and FM models on the same
+    batches, timed back to back so both see the same machine load. The wall times of the bench's
+    own trainings are also reported, but they include whatever else ran meanwhile."""
+    out = {}
+    device = bench_device()
+    for kind in ("ntm", "fm"):
+        torch.manual_seed(0)
+        model = build_model(configs[kind]).to(device)
+        objective = make_objective(model, train_cfg, device)
+        opt, _ = make_optimizer(model, train_cfg)
+        g = torch.Generator().manual_seed(0)
+        seconds = 0.0
+        for i in range(warmup + steps):
+            x, y = src.sample(train_cfg.batch_size, g)
+            t0 = time.perf_counter()
+            loss, _ = objective(to_tokens(x, model.spec).to(device), None if y is None else y.to(device),
+                                objective.draw_noise(train_cfg.batch_size, g, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                seconds += time.perf_counter() - t0
+        out[f"{kind}_seconds_per_step"] = seconds / steps
+    out["ratio"] = out["ntm_seconds_per_step"] / out["fm_seconds_per_step"]
+    out["steps_timed"] = steps
+    return out
+
+
+def ntm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int) -> float:
+    """Bits/dim of NTM's ELBO bound on -log p(x | y) (test images x (n, C, H, W))."""
+    elbo, _ = nll_bounds(model, x, y=y, num_trajectories=trajectories, generator=torch.Generator().manual_seed(99))
+    return float(bits_per_dim(float(elbo.mean()), model.spec.dim))
+
+
+def fm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, ode_steps: int) -> float:
+    """Bits/dim of the FM ODE estimate of -log p(x | y) (Hutchinson, one probe)."""
+    nll = model.nll(x, y, steps=ode_steps, generator=torch.Generator().manual_seed(98))
+    return float(bits_per_dim(float(nll.mean()), model.spec.dim))
+
+
+def evaluate_image_row(model, steps: int, guidance: float, real: torch.Tensor, classifier, extractor: str,
+                       solver: str | None = None, decode: str | None = "inverse") -> tuple[dict, torch.Tensor]:
+    """Sample len(real) class-conditional images with one sampler and score them. -> (row, images)."""
+    n = real.shape[0]
+    if isinstance(model, FlowMatching):
+        fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, solver=solver, generator=gen)  # noqa: E731
+        kind, nfe, decode = "fm", network_evaluations(steps, solver, guidance > 0), None
+    else:
+        fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, generator=gen, decode=decode)  # noqa: E731
+        kind, nfe, solver = "ntm", steps * (2 if guidance > 0 else 1), None
+    images, labels, seconds = timed_samples(fn, n, model.spec.num_classes)
+    row = {"model": kind, "steps": steps, "decode": decode, "solver": solver, "nfe": nfe,
+           **image_quality(real, images, classifier),
+           "class_acc": classifier_accuracy(classifier, images, labels),
+           "img_per_s": n / seconds, "extractor": extractor, "n_samples": n}
+    return row, images
+
+
+def save_grid(images: torch.Tensor, folder: Path, kind: str, k: int, solver: str | None, decode: str | None,
+          guidance: float, label: str | None = None) -> None:
+    name = label or f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
+    image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
+               title=f"{(label or kind).upper()} {k} steps ({solver or decode}), guidance {guidance}")
+
+
+def reusable(previous: dict, key: tuple, distill_steps: int) -> bool:
+    """May an earlier row be reused? Denoiser rows only for the same distillation; the score-refined
+    row only when the denoiser row is reusable too (the denoiser row needs its images)."""
+    kind, k, decode, _ = key
+    if key not in previous:
+        return False
+    denoiser_key = ("ntm", k, "denoiser", None)
+    den_ok = denoiser_key in previous and previous[denoiser_key].get("distill_steps") == distill_steps
+    if decode == "denoiser":
+        return den_ok
+    if decode == "inverse+score":
+        return den_ok
+    return True
+
+
+def previous_rows(out: Path, config: dict) -> dict:
+    """Rows of an earlier run of the same bench configuration, keyed by (model, steps, decode, solver)."""
+    try:
+        old = json.loads(Path(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    volatile = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
+                "distill_steps", "step_cost_probe")
+    same = {k: v for k, v in old.get("config", {}).items() if k not in volatile} == \
+        {k: v for k, v in config.items() if k not in volatile}
+    if not same:
+        return {}
+    return {(r["model"], r["steps"], r["decode"], r["solver"]): r for r in old.get("rows", [])}
+
+
+@torch.no_grad()
+def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: int = 2) -> dict:
+    """Sequential (KV-cached) against block-Jacobi transporter inverse on the same n sampled u_{t_0}."""
+    y = torch.arange(n) % num_classes
+    U, t = sample_u_trajectory(model, n, y, guidance, None, None, torch.Generator().manual_seed(5))
+    T = model.steps_tensor(n, t.shape[1] - 1)
+    out = {"n": n, "tokens": model.spec.num_tokens, "blocks": len(model.transporter.blocks)}
+    results = {}
+    for method in ("sequential", "jacobi"):
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            x, sweeps = model.transporter.inverse_with_stats(U[:, 0], t[:, 0], T, method=method)
+            best = min(best, time.perf_counter() - t0)
+        results[method] = x
+        out[f"{method}_seconds"] = best
+        out[f"{method}_sweeps"] = sweeps
+    out["jacobi_speedup"] = out["sequential_seconds"] / out["jacobi_seconds"]
+    out["max_abs_diff"] = float((results["sequential"] - results["jacobi"]).abs().max())
+    return out
+
+

@@ -1,0 +1,489 @@
+"""The ``ntm`` command line: a thin typed layer over the library (train, sample, eval, finetune,
+distill, bench, report). It prints what the library returns."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+
+from ..bench.common import check_bench_output, results_dir
+from ..bench.finetune import run_finetune_ablation, run_finetune_bench
+from ..bench.images import run_image_bench
+from ..bench.report import report as run_report
+from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table
+from ..bench.toy import run_multi_t_bench, run_toy_bench
+from ..config import DISTILL_TRAIN, PRESETS, FMConfig, default_preset, from_dict, get_preset
+from ..data import ENTROPY_FLOOR, TOY_NAMES
+from ..errors import ConfigError, DataError, NTMError
+from ..flow_matching import DEFAULT_SAMPLING_STEPS, FlowMatching, ode_likelihood_report
+from ..hub import MODEL_CLASSES, load_model
+from ..io import read_meta, resolve, save_npy
+from ..likelihood import likelihood_report
+from ..tools.datasets import open_data
+from ..tools.plots import image_grid, scatter_with_data
+from ..train import distill as run_distill, finetune as run_finetune, train as run_training
+from ..train.loop import default_device
+from ..train.runs import check_same_data
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Normalizing Trajectory Models: exact-likelihood few-step generators.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (write results/<name>.json and .md).")
+app.add_typer(bench_app, name="bench")
+
+
+class UsageProblem(NTMError):
+    """A bad combination of command-line options (exit code 2)."""
+
+
+# Typer vendors click in recent releases; find its exception base classes without importing click.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class Mode(str, Enum):
+    e2e = "e2e"
+    pairwise = "pairwise"
+
+
+class Kind(str, Enum):
+    ntm = "ntm"
+    fm = "fm"
+
+
+class Solver(str, Enum):
+    euler = "euler"
+    heun = "heun"
+
+
+class Decode(str, Enum):
+    auto = "auto"
+    inverse = "inverse"
+    inverse_score = "inverse+score"
+    denoiser = "denoiser"
+
+
+class InverseMethod(str, Enum):
+    sequential = "sequential"
+    jacobi = "jacobi"
+
+
+def _saved_config(run: Path):
+    """The model config stored in a run (or checkpoint) folder."""
+    meta = read_meta(resolve(run), tuple(MODEL_CLASSES))
+    return from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
+
+
+def _run_source(run: Path, data: str):
+    """The data a run was trained on, opened as the run expects (labels for conditional toys)."""
+    cfg = _saved_config(run)
+    source = open_data(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
+    check_same_data(cfg.data, source.spec())
+    return source
+
+
+def _fresh_output_dir(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageProblem(f"output folder {path} exists and is not empty; use --resume or a new folder")
+
+
+def _fresh_output_file(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UsageProblem(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise UsageProblem(f"folder {path.parent} does not exist")
+
+
+@app.command()
+def train(
+    data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy"),
+    out: Path = typer.Option(..., help="run directory for checkpoints and logs"),
+    preset: Optional[str] = typer.Option(None, help="named preset (see `ntm presets`; default: mnist for images, toy otherwise)"),
+    model: Kind = typer.Option(Kind.ntm, "--model", help="ntm, or fm: the flow-matching baseline on the predictor's backbone"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
+    seed: int = typer.Option(0, help="random seed"),
+    mode: Optional[Mode] = typer.Option(None, help="NTM loss: e2e (all T steps per trajectory) or pairwise (one random step); default: the preset's"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
+    conditional: bool = typer.Option(False, help="toys: train class-conditional on the square/component/moon/arm label (image sets with labels always are)"),
+    patch: int = typer.Option(4, min=1, help="images: patch size p (tokens of C p^2 channels)"),
+    resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
+    fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (meant for CUDA; untested on GPU here)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
+    (multi-process: torchrun --nproc_per_node K -m ntm train ...)."""
+    if preset is not None:
+        get_preset(preset)  # an unknown name fails before any data are read
+    if resume:
+        if not out.exists():
+            raise UsageProblem(f"--resume: no run at {out}")
+        conditional = _saved_config(out).data.num_classes > 0
+    source = open_data(data, conditional=conditional, patch=patch)
+    p = get_preset(preset or default_preset(source.spec()))
+    if resume:
+        summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
+                               resume=True, progress=progress)
+    else:
+        _fresh_output_dir(out)
+        model_cfg = p.ntm(source.spec()) if model == Kind.ntm else p.fm(source.spec())
+        train_cfg = replace(p.train, seed=seed, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
+                            batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
+                            checkpoint_every=checkpoint_every or p.train.checkpoint_every)
+        summary = run_training(model_cfg, train_cfg, source, out, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
+    typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, "
+               f"final loss {summary['final_loss']:.4f} nats/dim, {summary['skipped']} non-finite steps skipped; run: {out}")
+
+
+@app.command()
+def sample(
+    run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
+    n: int = typer.Option(..., min=1, help="number of samples"),
+    out: Path = typer.Option(..., help="output .npy file"),
+    steps: Optional[int] = typer.Option(None, min=1, help="trajectory steps T (default: the trained T)"),
+    seed: int = typer.Option(0, help="random seed"),
+    png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
+    class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
+    guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
+    t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
+    solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
+    decode: Decode = typer.Option(Decode.auto, help="NTM decoder: auto (the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
+    inverse: InverseMethod = typer.Option(InverseMethod.sequential, "--inverse", help="NTM transporter inverse: sequential (KV cache) or block-Jacobi"),
+    overwrite: bool = typer.Option(False, help="replace existing output files"),
+):
+    """Draw samples: NTM in T predictor steps and one transporter inverse; FM by Euler/Heun (default 50 steps)."""
+    if not out.name.endswith(".npy"):
+        raise UsageProblem("--out must be a .npy file")
+    _fresh_output_file(out, overwrite)
+    if png is not None:
+        _fresh_output_file(png, overwrite)
+    if guidance != 0.0 and class_label is None:
+        raise UsageProblem("--guidance needs --class")
+    model = load_model(run, map_location=default_device())
+    y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    is_fm = isinstance(model, FlowMatching)
+    if is_fm:
+        if t_min is not None:
+            raise UsageProblem("--t-min applies to NTM models only")
+        steps = steps or DEFAULT_SAMPLING_STEPS
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
+    else:
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g, decode=decode.value,
+                         inverse_method=inverse.value)
+    arr = x.cpu().numpy()
+    save_npy(out, arr)
+    typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")
+    if png is not None:
+        title = f"{steps or model.config.trajectory.T}-step {'FM (' + solver.value + ')' if is_fm else 'NTM'} samples"
+        if class_label is not None:
+            title += f", class {class_label}" + (f", guidance {guidance:g}" if guidance else "")
+        if model.spec.kind == "image":
+            image_grid(arr, png, title=title)
+        else:
+            scatter_with_data(arr, model.spec.name, png, title=title)
+        typer.echo(f"wrote {png}")
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
+    data: str = typer.Option(..., help="toy name (held-out samples), a .npy/.csv file, mnist/fashion (test split) or an image folder"),
+    n: int = typer.Option(5000, min=1, help="held-out toy points (or test images) to evaluate"),
+    trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
+    steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
+    t_min: Optional[float] = typer.Option(None, help="t_0 of the trajectory NLL (default: the model's sampling t_min; the bound always uses 0)"),
+    seed: int = typer.Option(0, help="random seed"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    by_step: bool = typer.Option(False, "--by-step", help="also split the bound into its per-step terms (4 more trajectories)"),
+):
+    """Likelihood: the NLL bound of x_0 and the exact trajectory NLL, in nats per sample."""
+    model = load_model(run, map_location=default_device())
+    source = open_data(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
+    x, y = source.held_out(n, seed=12345)
+    if model.spec.num_classes == 0:
+        y = None
+    if tuple(x.shape[1:]) != tuple(model.spec.shape):
+        raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(model, FlowMatching):
+        res = {"data": data, **ode_likelihood_report(model, x, y, steps=steps or 64, generator=g)}
+        _print_flow(res, as_json)
+        return
+    if steps is not None and model.multi_T and steps not in model.train_Ts:
+        raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
+    res = {"data": data, **likelihood_report(model, x, y, num_trajectories=trajectories, steps=steps, t_min=t_min,
+                                             by_step=by_step, generator=g),
+           "entropy_floor_nats": ENTROPY_FLOOR.get(data) if source.is_toy and y is None else None}
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f} ± {res['nll_bound_se']:.4f} nats/sample  (ELBO, {trajectories} trajectories)")
+    typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f} ± {res['iw_bound_se']:.4f} nats/sample")
+    typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({res['steps']} steps)")
+    if "bits_per_dim" in res:
+        typer.echo(f"bits/dim (bound):      {res['bits_per_dim']:.4f}  (IW {res['iw_bits_per_dim']:.4f})")
+    if res["entropy_floor_nats"] is not None:
+        floor = res["entropy_floor_nats"]
+        typer.echo(f"entropy floor:         {floor:.4f} nats/sample  (bound gap {res['nll_bound_nats'] - floor:+.4f})")
+    if by_step:
+        b, d = res["by_step"], model.spec.dim
+        typer.echo(f"bound by step, nats/dim (standardised units; grid {', '.join(f'{v:.3f}' for v in b['times'])}):")
+        for k, (nlp, lq) in enumerate(zip(b["neg_log_p"], b["log_q"]), start=1):
+            typer.echo(f"  step {k} (t={b['times'][k]:.3f} -> {b['times'][k - 1]:.3f}): -log p {nlp / d:+.4f}   log q {lq / d:+.4f}")
+        typer.echo(f"  prior -log N(x_1): {b['neg_log_prior'] / d:+.4f}")
+
+
+def _print_flow(res: dict, as_json: bool) -> None:
+    """``ntm eval`` of a flow-matching run: the ODE estimate of -log p(x_0)."""
+    steps = res["ode_steps"]
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"ODE NLL of x_0 (estimate): {res['ode_nll_nats']:.4f} nats/sample  ({steps} Heun steps, {res['divergence']} divergence)")
+    if "bits_per_dim" in res:
+        typer.echo(f"bits/dim (estimate):       {res['bits_per_dim']:.4f}")
+
+
+@app.command()
+def finetune(
+    from_run: Path = typer.Option(..., "--from", help="the flow-matching run to start from (ntm train --model fm)"),
+    out: Path = typer.Option(..., help="run directory of the finetuned NTM"),
+    data: str = typer.Option(..., help="the data the FM run was trained on"),
+    aux_weight: float = typer.Option(2.5, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
+    preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
+    velocity_scale: str = typer.Option("x0", help="predictor scale: x0 (C^2 + B^2 tau^2, learned x0_hat "
+                                       "uncertainty tau) or floor (max(C, 0.01) exp(delta))"),
+    fresh_lr_factor: float = typer.Option(4.0, min=1e-6, help="learning rate of the transporter and scale head "
+                                          "over the pretrained weights' (the preset's lr)"),
+    freeze_backbone: bool = typer.Option(False, help="keep the pretrained velocity weights fixed; train only the "
+                                         "transporter and the scale head"),
+    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Start an NTM from a flow-matching model and finetune it by the trajectory likelihood plus the
+    mean-alignment loss against the frozen teacher."""
+    source = _run_source(from_run, data)
+    if not isinstance(_saved_config(from_run), FMConfig):
+        raise ConfigError(f"--from {from_run} is not a flow-matching run (train one with `ntm train --model fm`)")
+    if velocity_scale not in ("x0", "floor"):
+        raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
+    if resume:
+        if not out.exists():
+            raise UsageProblem(f"--resume: no run at {out}")
+        if velocity_scale != "x0" or fresh_lr_factor != 4.0 or freeze_backbone:
+            raise UsageProblem("--velocity-scale, --fresh-lr-factor and --freeze-backbone are fixed by the run; "
+                               "drop them with --resume")
+        summary = run_training(None, None, source, out, resume=True, progress=progress)
+    else:
+        _fresh_output_dir(out)
+        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
+                               progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor,
+                               freeze_backbone=freeze_backbone)
+    state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
+    typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
+               f"{summary['final_loss']:.4f}; run: {out}")
+
+
+@app.command()
+def distill(
+    run: Path = typer.Argument(..., help="NTM run directory; the denoiser is stored in RUN/denoiser"),
+    data: str = typer.Option(..., help="the data the run was trained on (targets come from real-data trajectories)"),
+    steps: int = typer.Option(2000, min=1, help="denoiser training steps"),
+    batch_size: int = typer.Option(64, min=1, help="batch size"),
+    seed: int = typer.Option(0, help="random seed"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Distil the lightweight denoiser g_phi (u_{t_0} -> x_0) from the run's own trajectory score
+    denoising; afterwards `ntm sample RUN --decode denoiser` skips the inverse. Resumable."""
+    source = _run_source(run, data)
+    cfg = replace(DISTILL_TRAIN, steps=steps, batch_size=batch_size, seed=seed)
+    res = run_distill(run, source, train_config=cfg, progress=progress, device=default_device())
+    state = "stopped early (run the same command to resume)" if res["stopped"] else "done"
+    typer.echo(f"{state}: {res['steps']} steps in {res['seconds']:.1f} s, MSE {res['first_loss']:.4g} -> "
+               f"{res['final_loss']:.4g}; stored in {run / 'denoiser'}")
+
+
+@app.command()
+def presets():
+    """List the named presets."""
+    for name, p in PRESETS.items():
+        typer.echo(f"{name:18s} {p.description}")
+
+
+@bench_app.command("toy")
+def bench_toy(
+    preset: str = typer.Option("toy", help="preset of the trained models"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
+    data: str = typer.Option("checkerboard,8gaussians,moons", help="comma-separated toys"),
+    out: Optional[Path] = typer.Option(None, help="results JSON (default results/<preset>.json)"),
+    n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
+    n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
+    seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
+    models: str = typer.Option("ntm,ntm-no-transporter,gaussian-ceiling,fm", help="comma-separated samplers to compare (fm: the flow-matching baseline at 1, 2, 4, 8, 64 Euler and 4 Heun steps)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
+    names = tuple(d.strip() for d in data.split(",") if d.strip())
+    unknown = [d for d in names if d not in TOY_NAMES]
+    if unknown or not names:
+        raise UsageProblem(f"unknown toy(s) {', '.join(unknown) or '(none)'} (known: {', '.join(TOY_NAMES)})")
+    out = out or results_dir() / f"{preset}.json"
+    check_bench_output(out)
+    res = run_toy_bench(out, preset=preset, data=names, steps=steps,
+                        n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress,
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()))
+    typer.echo(markdown_table(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+@bench_app.command("multi-t")
+def bench_multi_t(
+    data: str = typer.Option("checkerboard", help="toy to train on"),
+    Ts: str = typer.Option("4,8,16", "--Ts", help="comma-separated trajectory lengths"),
+    steps: Optional[int] = typer.Option(None, min=1, help="training steps per model (default: the toy preset's)"),
+    out: Optional[Path] = typer.Option(None, help="results JSON (default results/multi-t.json)"),
+    n_eval: int = typer.Option(5000, min=10, help="held-out points for the bounds"),
+    n_samples: int = typer.Option(5000, min=10, help="samples per seed for energy distance"),
+    seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+):
+    """One model trained over several T against single-T models of the same budget."""
+    if data not in TOY_NAMES:
+        raise UsageProblem(f"unknown toy '{data}' (known: {', '.join(TOY_NAMES)})")
+    try:
+        t_list = tuple(int(v) for v in Ts.split(",") if v.strip())
+    except ValueError:
+        raise UsageProblem(f"--Ts must be comma-separated integers, got '{Ts}'") from None
+    if not t_list or min(t_list) < 1:
+        raise UsageProblem("--Ts needs at least one length >= 1")
+    out = out or results_dir() / "multi-t.json"
+    check_bench_output(out)
+    res = run_multi_t_bench(out, data=data, Ts=t_list, steps=steps, n_eval=n_eval, n_samples=n_samples,
+                            seeds=tuple(range(seeds)), progress=progress)
+    typer.echo(markdown_table(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
+                  out: Optional[Path], progress: bool, distill_steps: int = 0) -> None:
+    out = out or results_dir() / f"{data}{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
+                          progress=progress, distill_steps=distill_steps)
+    typer.echo(markdown_image_table(res))
+    probe = res["config"]["step_cost_probe"]
+    typer.echo(f"NTM/FM training step cost: {probe['ratio']:.2f}x back to back ({probe['ntm_seconds_per_step']:.3f} s "
+               f"vs {probe['fm_seconds_per_step']:.3f} s); {res['config']['ntm_fm_step_cost_ratio']:.2f}x from the runs' wall times")
+    if "inverse_timing" in res["config"]:
+        it = res["config"]["inverse_timing"]
+        typer.echo(f"inverse of {it['n']} samples: sequential {it['sequential_seconds']:.2f} s, Jacobi "
+                   f"{it['jacobi_seconds']:.2f} s ({it['jacobi_sweeps']} sweeps), speed-up {it['jacobi_speedup']:.2f}x, "
+                   f"max |diff| {it['max_abs_diff']:.2e}")
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+_QUICK = typer.Option(False, "--quick", help="the smoke-check budget (preset mnist-quick: 600 steps, 1000 samples)")
+_IMG_STEPS = typer.Option(None, min=1, help="training steps per model (default: the preset's)")
+_IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1000)")
+_IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
+_IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
+_IMG_DISTILL = typer.Option(0, min=0, help="also distil the denoiser for this many steps and add inverse+score and denoiser rows")
+
+
+@bench_app.command("mnist")
+def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
+                guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
+                progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps)
+
+
+@bench_app.command("fashion")
+def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
+                  guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
+                  progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps)
+
+
+@bench_app.command("finetune")
+def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), quick: bool = _QUICK,
+                   n_samples: Optional[int] = _IMG_N, guidance: float = _IMG_W,
+                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/<data>-finetune[-quick].json)"),
+                   ablation: bool = typer.Option(False, help="instead: short finetunes comparing the predictor "
+                                                 "scale and learning rates (results/<data>-finetune-ablation.json)"),
+                   progress: bool = typer.Option(True, help="show progress bars")):
+    """NTM finetuned from the FM teacher of `ntm bench <data>` against the teacher and a from-scratch NTM."""
+    if data not in ("mnist", "fashion"):
+        raise UsageProblem(f"unknown image data '{data}' (use mnist or fashion)")
+    if ablation:
+        out = out or results_dir() / f"{data}-finetune-ablation{'-quick' if quick else ''}.json"
+        check_bench_output(out)
+        res = run_finetune_ablation(data, out=out, n_samples=n_samples or 1000, guidance=guidance, progress=progress,
+                                    quick=quick, steps=100 if quick else 1000)
+        typer.echo(markdown_ablation_table(res))
+        typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+        return
+    out = out or results_dir() / f"{data}-finetune{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_finetune_bench(data, out=out, quick=quick, guidance=guidance, n_samples=n_samples, progress=progress)
+    typer.echo(markdown_image_table(res))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+@app.command()
+def report(root: Path = typer.Option(Path("."), help="project folder holding results/, README.md and docs/")):
+    """Regenerate every benchmark table from results/*.json: results/<name>.md and the marked tables
+    in README.md and docs/*.md."""
+    res = run_report(root)
+    pairs = sum(res["documents"].values())
+    typer.echo(f"{len(res['tables'])} results tables; {pairs} marked tables in {len(res['documents'])} documents")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns every user-facing error into one line and exit code 1 or 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="ntm", standalone_mode=False)
+    except _ClickException as exc:
+        print(f"ntm: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except UsageProblem as exc:
+        print(f"ntm: error: {exc}", file=sys.stderr)
+        return 2
+    except (NTMError, ValueError, OSError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        print(f"ntm: error: {msg}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("ntm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        if type(exc).__name__ == "Exit":  # typer/click Exit and Abort are RuntimeErrors in recent releases
+            return int(getattr(exc, "exit_code", 0))
+        if type(exc).__name__ == "Abort":
+            print("ntm: interrupted", file=sys.stderr)
+            return 130
+        if os.environ.get("NTM_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"ntm: error: unexpected {exc.__class__.__name__}: {msg} (set NTM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tools on top of the library: plots, image metrics, image folders (optional dependencies)."""

@@ -1,0 +1,294 @@
+"""Training objectives: each is a module holding the model it trains, with
+
+    objective.draw_noise(batch, generator, device) -> noise     (every random choice of a batch, shardable)
+    objective(x0 (B, N, D), y (B,) | None, noise, progress) -> (loss, parts)
+
+``progress`` in [0, 1] is the share of training done (for scheduled weights); ``parts`` is a dict of
+floats that the fit loop logs. DDP and FSDP wrap the objective, so everything it computes is in the
+one forward pass they see. ``objective.model`` is the module that is trained and saved.
+
+* :class:`NTMObjective`: the paper's trajectory NLL (Eq. 3.4), end-to-end over all T steps or
+  pair-wise (one uniformly drawn step, scaled by T: an unbiased estimate of the same sum);
+* :class:`FinetuneObjective`: the same plus the mean-alignment loss against a frozen FM teacher;
+* :class:`FlowMatchingObjective`: the velocity MSE of the FM baseline;
+* :class:`DistillObjective`: the denoiser g_phi regressed on trajectory score denoising targets.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import DataSpec
+from ..denoising import Denoiser, trajectory_score_denoise
+from ..flow_matching import FlowMatching
+from ..model import NTM, StepOutput
+from ..predictor import posterior_mean_from_velocity
+from ..trajectory import forward_trajectory, rand, randn, shift_time
+
+
+def drop_labels(y: Tensor | None, drop: Tensor, num_classes: int) -> Tensor | None:
+    """Replace the labels where ``drop`` (B,) is true by the null label ``num_classes``."""
+    if y is None or num_classes == 0:
+        return y
+    return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+# ------------------------------------------------------------------------------------------ NTM
+@dataclass
+class TrainingNoise:
+    """All randomness of one NTM training batch, drawn up front so it can be split across processes.
+
+    t_min (B,), T (B,) long trajectory lengths, drop (B,) bool label dropout, eps (B, T_max + 1, N, D)
+    trajectory noise (sample i uses its first T_i + 1 levels), k_unif (B,) in [0, 1) picking the step
+    scored in pairwise mode.
+    """
+
+    t_min: Tensor
+    T: Tensor
+    drop: Tensor
+    eps: Tensor
+    k_unif: Tensor
+
+    def shard(self, lo: int, hi: int) -> "TrainingNoise":
+        return TrainingNoise(*(v[lo:hi] for v in (self.t_min, self.T, self.drop, self.eps, self.k_unif)))
+
+
+@dataclass
+class ScoredSteps:
+    """The reverse steps scored for one group of samples (one trajectory length T): M = n * per_sample
+    steps ordered (sample, step). x_t (M, N, D) is each step's input level at times t (M,) towards
+    s (M,), y (M,) its label; ``weight`` scales each step (T in pair-wise mode, else 1)."""
+
+    out: StepOutput
+    x_t: Tensor
+    t: Tensor
+    s: Tensor
+    y: Tensor | None
+    per_sample: int
+    weight: float
+
+    def per_sample_sum(self, values: Tensor) -> Tensor:
+        """(M,) per-step values -> (n,) weighted sums over each sample's steps."""
+        return self.weight * values.reshape(-1, self.per_sample).sum(1)
+
+
+class NTMObjective(nn.Module):
+    """The exact trajectory NLL per sample and dimension (nats) of an :class:`NTM`.
+
+    ``mode`` "e2e" sums all T step NLLs of each sampled trajectory; "pairwise" scores one uniformly
+    drawn step per sample, scaled by T. Multi-T models draw T per sample. ``class_dropout`` replaces
+    that share of labels by the null label (for guidance).
+    """
+
+    def __init__(self, model: NTM, mode: str = "e2e", class_dropout: float = 0.1):
+        super().__init__()
+        if mode not in ("e2e", "pairwise"):
+            raise ValueError(f"unknown training mode '{mode}' (use 'e2e' or 'pairwise')")
+        self.model = model
+        self.mode = mode
+        self.class_dropout = class_dropout
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.model.spec
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | None = None) -> TrainingNoise:
+        """Every random choice of a training batch (see :class:`TrainingNoise`)."""
+        m = self.model
+        tc = m.config.trajectory
+        dev = device or m.device
+        Ts = torch.tensor(m.train_Ts, device=dev)
+        T = Ts[(rand((batch,), generator, dev) * len(Ts)).long().clamp(max=len(Ts) - 1)]
+        # t_min ~ U[lo, hi_T] with hi_T = min(t_min_high, t_1(T) / 2), so t_0 < t_1 even for long grids
+        hi = torch.tensor([m.t_min_high(int(v)) for v in m.train_Ts], device=dev)[
+            (T[:, None] == Ts[None]).float().argmax(1)]
+        t_min = tc.t_min_low + (hi - tc.t_min_low).clamp_min(0) * rand((batch,), generator, dev)
+        drop = rand((batch,), generator, dev) < self.class_dropout
+        eps = randn((batch, int(Ts.max()) + 1, m.spec.num_tokens, m.spec.token_dim), generator, dev)
+        k_unif = rand((batch,), generator, dev)
+        return TrainingNoise(t_min, T, drop, eps, k_unif)
+
+    def scored_steps(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, idx: Tensor, T: int) -> ScoredSteps:
+        """Draw the trajectories of samples ``idx`` (all of length T) and score their steps."""
+        m = self.model
+        yi = None if y is None else y[idx]
+        t = m.grid(len(idx), noise.t_min[idx], T=T)
+        X = forward_trajectory(x0[idx], t, noise=noise.eps[idx, : T + 1])
+        shape = X.shape[2:]
+        if self.mode == "e2e":
+            out = m.trajectory_steps(X, t, yi)
+            return ScoredSteps(out, X[:, 1:].reshape((-1,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1),
+                               None if yi is None else yi.repeat_interleave(T), T, 1.0)
+        k = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
+        rows = torch.arange(len(idx), device=X.device)
+        out = m.pair_steps(X, t, k, yi)
+        return ScoredSteps(out, X[rows, k], t[rows, k], t[rows, k - 1], yi, 1, float(T))
+
+    def extra_terms(self, steps: ScoredSteps, progress: float) -> dict[str, Tensor]:
+        """Further loss terms per sample (n,), before the weights of :meth:`term_weights` (none here)."""
+        return {}
+
+    def term_weights(self, progress: float) -> dict[str, float]:
+        return {}
+
+    def forward(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, progress: float = 0.0):
+        """x0 (B, N, D) standardised tokens -> (loss, parts); loss = NLL / dim + weighted extra terms."""
+        m = self.model
+        B = x0.shape[0]
+        y = drop_labels(y, noise.drop, m.spec.num_classes)
+        nll = torch.zeros(B, device=x0.device)
+        extras: dict[str, Tensor] = {}
+        # a fixed order over all trained lengths (empty groups included) keeps the sequence of forward
+        # passes identical on every process, which FSDP's collectives require
+        for T in m.train_Ts:
+            idx = (noise.T == T).nonzero().squeeze(1)
+            steps = self.scored_steps(x0, y, noise, idx, T)
+            nll = nll.index_put((idx,), -steps.per_sample_sum(steps.out.log_prob()))
+            for name, value in self.extra_terms(steps, progress).items():
+                extras[name] = extras.get(name, torch.zeros(B, device=x0.device)).index_put((idx,), value)
+        loss = nll.mean() / m.spec.dim
+        parts = {"nll": float(loss.detach())}
+        weights = self.term_weights(progress)
+        for name, value in extras.items():
+            term = value.mean() / m.spec.dim
+            parts[name] = float(term.detach())
+            parts[f"{name}_weight"] = weights[name]
+            if weights[name] > 0:
+                loss = loss + weights[name] * term
+        return loss, parts
+
+
+def aux_weight_at(progress: float, weight: float) -> float:
+    """Cosine decay of the mean-alignment weight: weight (1 + cos(pi p)) / 2, p in [0, 1]."""
+    p = min(max(progress, 0.0), 1.0)
+    return weight * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+class FinetuneObjective(NTMObjective):
+    """The NTM objective plus the mean-alignment loss against a frozen flow-matching teacher
+    (paper §3.3) working in x-space:
+
+        L_aux = lambda(p) sum_k || mu_P^(k) - mu_FM^(k) ||^2 / dim,   mu_FM = A x_t + B (x_t - t v_teacher(x_t, t, y)),
+
+    with lambda(p) = ``aux_weight`` (1 + cos(pi p)) / 2 over training progress p. The teacher is held
+    here, frozen and out of the trained model.
+    """
+
+    def __init__(self, model: NTM, teacher: FlowMatching, aux_weight: float = 2.5, mode: str = "e2e",
+                 class_dropout: float = 0.1):
+        super().__init__(model, mode, class_dropout)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher = teacher.eval()
+        self.aux_weight = aux_weight
+
+    def extra_terms(self, steps: ScoredSteps, progress: float) -> dict[str, Tensor]:
+        if self.aux_weight == 0:
+            return {}
+        with torch.no_grad():
+            v = self.teacher.velocity(steps.x_t, steps.t, steps.y).float()
+            target = posterior_mean_from_velocity(v, steps.x_t.float(), steps.t, steps.s)
+        return {"aux": steps.per_sample_sum((steps.out.mu - target).pow(2).flatten(1).sum(1))}
+
+    def term_weights(self, progress: float) -> dict[str, float]:
+        return {"aux": aux_weight_at(progress, self.aux_weight)}
+
+
+# ------------------------------------------------------------------------------- flow matching
+@dataclass
+class FlowNoise:
+    """All randomness of one flow-matching batch: t (B,), eps (B, N, D), drop (B,) label dropout."""
+
+    t: Tensor
+    eps: Tensor
+    drop: Tensor
+
+    def shard(self, lo: int, hi: int) -> "FlowNoise":
+        return FlowNoise(self.t[lo:hi], self.eps[lo:hi], self.drop[lo:hi])
+
+
+class FlowMatchingObjective(nn.Module):
+    """Velocity MSE per sample and dimension, || v(x_t, t, y) - (eps - x_0) ||^2 / dim, with training
+    times t = shift(u), u ~ U[0, 1] (the model's time shift)."""
+
+    def __init__(self, model: FlowMatching, class_dropout: float = 0.1):
+        super().__init__()
+        self.model = model
+        self.class_dropout = class_dropout
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.model.spec
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | None = None) -> FlowNoise:
+        m = self.model
+        dev = device or m.device
+        t = shift_time(rand((batch,), generator, dev), m.time_shift)
+        eps = randn((batch, m.spec.num_tokens, m.spec.token_dim), generator, dev)
+        drop = rand((batch,), generator, dev) < self.class_dropout
+        return FlowNoise(t, eps, drop)
+
+    def forward(self, x0: Tensor, y: Tensor | None, noise: FlowNoise, progress: float = 0.0):
+        m = self.model
+        y = drop_labels(y, noise.drop, m.spec.num_classes)
+        tt = noise.t.reshape(-1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * noise.eps
+        v = m.velocity(x_t, noise.t, y)
+        loss = ((v - (noise.eps - x0)) ** 2).flatten(1).sum(1).mean() / m.spec.dim
+        return loss, {"mse": float(loss.detach())}
+
+
+# ------------------------------------------------------------------------------------- denoiser
+@dataclass
+class DistillNoise:
+    """Randomness of one distillation batch: t_min (B,) and trajectory noise eps (B, T + 1, N, D)."""
+
+    t_min: Tensor
+    eps: Tensor
+
+    def shard(self, lo: int, hi: int) -> "DistillNoise":
+        return DistillNoise(self.t_min[lo:hi], self.eps[lo:hi])
+
+
+class DistillObjective(nn.Module):
+    """MSE per dimension between g_phi(f_T(x_{t_0}, t_0), t_0, y) and the trajectory score denoising
+    estimate of x_0 from the frozen NTM, on forward trajectories of real data (t_0 ~ U[t_min_low,
+    t_min_high], as in training). ``model`` is the denoiser; the NTM is held frozen."""
+
+    def __init__(self, ntm: NTM, denoiser: Denoiser, clip_percentile: float | None = None):
+        super().__init__()
+        for p in ntm.parameters():
+            p.requires_grad_(False)
+        self.ntm = ntm.eval()
+        self.model = denoiser
+        self.clip_percentile = clip_percentile
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.ntm.spec
+
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None,
+                   device: torch.device | None = None) -> DistillNoise:
+        m = self.ntm
+        tc = m.config.trajectory
+        dev = device or m.device
+        t_min = tc.t_min_low + (m.t_min_high(tc.T) - tc.t_min_low) * rand((batch,), generator, dev)
+        eps = randn((batch, tc.T + 1, m.spec.num_tokens, m.spec.token_dim), generator, dev)
+        return DistillNoise(t_min, eps)
+
+    def forward(self, x0: Tensor, y: Tensor | None, noise: DistillNoise, progress: float = 0.0):
+        m = self.ntm
+        B = x0.shape[0]
+        y = None if m.spec.num_classes == 0 else y
+        t = m.grid(B, noise.t_min)
+        X = forward_trajectory(x0, t, noise=noise.eps)
+        target = trajectory_score_denoise(m, X, t, y, self.clip_percentile)
+        with torch.no_grad():
+            u0, _ = m.transporter(X[:, 0], t[:, 0], m.steps_tensor(B, m.config.trajectory.T))
+        loss = ((self.model(u0, t[:, 0], y) - target) ** 2).flatten(1).sum(1).mean() / m.spec.dim
+        return loss, {"mse": float(loss.detach())}

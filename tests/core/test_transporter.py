@@ -1,0 +1,91 @@
+"""The transporter against autograd Jacobians, its inverse, cached decoding and causality."""
+
+import pytest
+import torch
+from conftest import randomize
+
+from ntm.config import TransporterConfig
+from ntm.transporter import AffineARBlock, Transporter
+
+
+def _transporter(blocks=2, layers=2, N=5, D=3, seed=0):
+    torch.manual_seed(seed)
+    tr = Transporter(TransporterConfig(blocks=blocks, layers=layers, width=16, heads=2), N, D)
+    randomize(tr, 0.3, seed)
+    return tr.eval()
+
+
+@pytest.mark.parametrize("blocks,layers", [(1, 1), (2, 2), (3, 4)])
+def test_logdet_equals_slogdet_of_autograd_jacobian(blocks, layers):
+    N, D = 4, 2
+    tr = _transporter(blocks, layers, N, D)
+    for t in (0.0, 0.3, 0.9):
+        x = torch.randn(1, N, D)
+        tt = torch.tensor([t])
+        with torch.no_grad():
+            u, logdet = tr(x, tt)
+        J = torch.autograd.functional.jacobian(lambda z: tr(z.reshape(1, N, D), tt)[0].reshape(-1), x.reshape(-1))
+        sign, logabs = torch.linalg.slogdet(J.double())
+        assert sign != 0
+        assert float(logdet) == pytest.approx(float(logabs), abs=1e-4)
+        assert float(logdet) != pytest.approx(0.0, abs=1e-3)  # the weights really transform
+
+
+def test_inverse_round_trip_and_cached_equals_uncached():
+    tr = _transporter(2, 2, N=6, D=3)
+    x = torch.randn(8, 6, 3)
+    t = torch.rand(8) * 0.9
+    u, _ = tr(x, t)
+    with torch.no_grad():
+        x_cached = tr.inverse(u, t, use_cache=True)
+        x_plain = tr.inverse(u, t, use_cache=False)
+    assert torch.allclose(x_cached, x, atol=1e-4)
+    assert torch.allclose(x_cached, x_plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_block_is_causal_in_scan_order(flip):
+    torch.manual_seed(0)
+    N, D = 6, 2
+    block = AffineARBlock(TransporterConfig(width=16, heads=2, layers=2), N, D, flip=flip)
+    randomize(block, 0.3)
+    x = torch.randn(1, N, D)
+    t = torch.tensor([0.4])
+    u, _ = block(x, t)
+    order = list(range(N))[::-1] if flip else list(range(N))
+    for pos in range(N):
+        n = order[pos]
+        x2 = x.clone()
+        x2[0, n] += 1.0
+        u2, _ = block(x2, t)
+        before = order[:pos]
+        after = order[pos + 1:]
+        if before:
+            assert torch.allclose(u2[0, before], u[0, before], atol=0)
+        assert not torch.allclose(u2[0, n], u[0, n])  # every token is transformed (by its own value)
+        if after:
+            assert not torch.allclose(u2[0, after], u[0, after])
+
+
+def test_identity_at_init_and_at_t_equal_one():
+    torch.manual_seed(0)
+    fresh = Transporter(TransporterConfig(width=16, heads=2), 5, 2)
+    x = torch.randn(4, 5, 2)
+    t = torch.rand(4)
+    u, ld = fresh(x, t)
+    assert torch.equal(u, x) and torch.equal(ld, torch.zeros(4))
+    tr = _transporter(2, 2, N=5, D=2)
+    t = torch.tensor([0.5, 1.0, 0.2, 1.0])
+    u, ld = tr(x, t)
+    assert torch.equal(u[[1, 3]], x[[1, 3]]) and torch.equal(ld[[1, 3]], torch.zeros(2))
+    assert not torch.allclose(u[[0, 2]], x[[0, 2]])
+    assert torch.equal(tr.inverse(u, t)[[1, 3]], x[[1, 3]])
+
+
+def test_disabled_transporter_is_identity():
+    tr = Transporter(TransporterConfig(enabled=False), 3, 1)
+    x = torch.randn(2, 3, 1)
+    u, ld = tr(x, torch.tensor([0.1, 0.5]))
+    assert torch.equal(u, x) and torch.equal(ld, torch.zeros(2))
+    assert len(list(tr.parameters())) == 0
+

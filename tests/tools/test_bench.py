@@ -1,0 +1,91 @@
+"""Benchmarks end to end on tiny budgets: toy FM rows, the quick image bench, the finetune bench."""
+import json
+import math
+
+import pytest
+
+from ntm.cli import main
+
+
+def test_toy_bench_fm_rows(tmp_path, capsys):
+    out = tmp_path / "fm.json"
+    assert main(["bench", "toy", "--preset", "tiny", "--steps", "4", "--data", "8gaussians", "--models", "fm",
+                 "--out", str(out), "--n-eval", "40", "--n-samples", "60", "--seeds", "1", "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["steps"], r["solver"], r["nfe"]) for r in rows] == [
+        ("fm", 1, "euler", 1), ("fm", 2, "euler", 2), ("fm", 4, "euler", 4), ("fm", 8, "euler", 8),
+        ("fm", 64, "euler", 64), ("fm", 4, "heun", 7)]
+    assert all(math.isfinite(r["nll_bound"]) and r["iw_bound"] is None and "ODE" in r["nll_kind"] for r in rows)
+    assert "4 heun" in out.with_suffix(".md").read_text()
+
+
+def test_ablation_needs_the_bench_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "finetune", "--ablation", "--quick", "--no-progress"]) == 1
+    assert "no FM teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
+    from ntm.bench.finetune import run_finetune_bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_finetune_bench("mnist", quick=True, steps=4, n_samples=20, progress=False, classifier_steps=10,
+                             settings={"n_bpd": 4, "n_bpd_fm": 2, "fm_ode_steps": 2, "bpd_trajectories": 1})
+    assert [(r["model"], r["steps"], r.get("aux_weight")) for r in res["rows"]] == [
+        ("fm", 4, None), ("fm", 50, None), ("ntm-ft", 4, 2.5), ("ntm-ft", 4, 0.0), ("ntm-ft", 4, 2.5), ("ntm", 4, None)]
+    assert [r.get("backbone") for r in res["rows"][2:]] == ["trained", "trained", "frozen", None]
+    assert res["config"]["finetune_steps"] == 1 and res["config"]["scratch_steps"] == 5
+    assert (tmp_path / "results" / "mnist-finetune-quick.json").is_file()
+    assert (tmp_path / "results" / "mnist-finetune-quick" / "finetune-loss-curves.png").is_file()
+    # the ablation reuses that teacher
+    from ntm.bench.finetune import run_finetune_ablation
+    abl = run_finetune_ablation("mnist", quick=True, steps=2, n_samples=20, n_bpd=4, progress=False,
+                                classifier_steps=10, variants=(("a", "floor", 1e-3, 1e-3, 0.01), ("b", "x0", 0.0, 4e-3, 0.005)))
+    assert [r["variant"] for r in abl["rows"]] == ["step-0", "a", "b"] and abl["rows"][2]["fresh_lr"] == pytest.approx(4e-3)
+    assert all(math.isfinite(r["bpd"]) and math.isfinite(r["fid"]) for r in abl["rows"])
+    assert (tmp_path / "results" / "mnist-finetune-ablation-quick.md").is_file()
+    from ntm.bench.common import check_bench_output
+    check_bench_output(tmp_path / "results" / "mnist-finetune-ablation-quick.json")  # a re-run may replace it
+
+
+@pytest.mark.slow
+def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    import ntm.cli as cli
+
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    real = cli.run_image_bench
+
+    def tiny(*args, **kwargs):
+        return real(*args, **{**kwargs, "classifier_steps": 20,
+                              "settings": {"n_bpd": 8, "n_bpd_fm": 2, "fm_ode_steps": 2, "bpd_trajectories": 1}})
+
+    monkeypatch.setattr(cli, "run_image_bench", tiny)
+    out = tmp_path / "mnist-quick.json"
+    argv = ["bench", "mnist", "--quick", "--steps", "3", "--n-samples", "20", "--distill-steps", "2",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    keys = {"model", "steps", "decode", "solver", "nfe", "fid", "kid", "precision", "recall", "class_acc", "bpd",
+            "img_per_s", "train_seconds", "extractor", "n_samples"}
+    assert [(r["model"], r["steps"], r["decode"], r["solver"]) for r in res["rows"]] == [
+        ("ntm", 4, "inverse", None), ("ntm", 4, "inverse+score", None), ("ntm", 4, "denoiser", None),
+        ("ntm", 8, "inverse", None), ("fm", 4, None, "euler"), ("fm", 8, None, "euler"),
+        ("fm", 50, None, "euler"), ("fm", 4, None, "heun")]
+    for r in res["rows"]:
+        assert keys <= set(r) and r["n_samples"] == 20
+    # the denoiser and the score-refined decode of the same trajectories differ, by less than the image range
+    assert 0 < res["rows"][2]["rmse_to_score"] < 2 and 0 < res["rows"][2]["feature_dist_to_score"] < 10
+    timing = res["config"]["inverse_timing"]
+    assert timing["max_abs_diff"] < 1e-3 and timing["jacobi_seconds"] > 0
+    assert res["config"]["train_steps"] == 3 and res["config"]["ntm_fm_step_cost_ratio"] > 0
+    folder = tmp_path / "mnist-quick"
+    assert (folder / "training-curves.png").is_file() and (folder / "samples-ntm-4.png").is_file()
+    assert (folder / "samples-fm-heun-4.png").is_file()
+    assert out.with_suffix(".md").read_text().startswith("| model | steps |")
+    # a re-run of the same command reuses the trained runs and every finished row
+    assert main(argv) == 0
+    again = json.loads(out.read_text())
+    assert [r["img_per_s"] for r in again["rows"]] == [r["img_per_s"] for r in res["rows"]]
+

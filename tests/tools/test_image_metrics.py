@@ -1,0 +1,74 @@
+"""Image metrics (classifier features, FID/KID, precision/recall) and the image bench end to end."""
+
+import json
+
+import pytest
+import torch
+
+from ntm.images import open_image_source
+from ntm.tools.metrics import ImageClassifier, classifier_accuracy, image_quality, knn_precision_recall, load_or_train_classifier
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return open_image_source("mnist")
+
+
+@pytest.fixture(scope="module")
+def classifier(mnist, tmp_path_factory):
+    clf, info = load_or_train_classifier(mnist, cache_dir=tmp_path_factory.mktemp("clf") / "mnist", steps=150)
+    return clf, info
+
+
+@pytest.mark.slow
+def test_classifier_learns_and_is_cached(mnist, classifier, tmp_path_factory):
+    clf, info = classifier
+    assert info["test_accuracy"] > 0.8  # 150 steps is enough to be far above chance (0.1)
+    again, info2 = load_or_train_classifier(mnist, cache_dir=info["path"], steps=150)
+    for a, b in zip(clf.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # loaded, not retrained
+    x, y = mnist.held_out(500, seed=1)
+    assert classifier_accuracy(again, x, y) == pytest.approx(classifier_accuracy(clf, x, y))
+
+
+@pytest.mark.slow
+def test_corrupt_classifier_cache_is_retrained(mnist, tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    clf, info = load_or_train_classifier(mnist, cache_dir=folder, steps=5)
+    assert isinstance(clf, ImageClassifier) and json.loads((folder / "config.json").read_text())["config"]["steps"] == 5
+
+
+@pytest.mark.slow
+def test_identical_sets_score_as_identical(mnist, classifier):
+    clf, _ = classifier
+    x, _ = mnist.held_out(600, seed=2)
+    q = image_quality(x, x.clone(), clf, kid_subset=300)
+    assert abs(q["fid"]) < 1e-2
+    assert abs(q["kid"]) < 3 * q["kid_std"] + 1e-3  # unbiased estimate over random subsets: centred on 0
+    assert q["precision"] == 1.0 and q["recall"] == 1.0
+
+
+@pytest.mark.slow
+def test_different_sets_score_as_different(mnist, classifier):
+    clf, _ = classifier
+    x, _ = mnist.held_out(600, seed=2)
+    same = image_quality(x, mnist.sample(600, torch.Generator().manual_seed(3))[0], clf, kid_subset=300)
+    noise = torch.rand_like(x) * 2 - 1
+    diff = image_quality(x, noise, clf, kid_subset=300)
+    assert diff["fid"] > 20 * max(same["fid"], 1e-3) and diff["kid"] > 10 * max(same["kid"], 1e-4)
+    assert diff["precision"] < 0.1 < same["precision"]
+    ones = x[mnist.held_out(600, seed=2)[1] == 1]
+    only_ones = image_quality(x, ones, clf, kid_subset=50)
+    assert only_ones["recall"] < 0.5 * same["recall"]  # one class out of ten: low recall
+
+
+def test_knn_precision_recall_by_hand():
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    fake = torch.tensor([[0.5], [10.0]], dtype=torch.float64)
+    # k = 1: every real radius is 1, so 0.5 is inside and 10 is not; fake radii are 9.5 (covers all)
+    p, r = knn_precision_recall(real, fake, k=1)
+    assert p == 0.5 and r == 1.0
+
