@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import types
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
@@ -20,7 +20,9 @@ class DataSpec:
     kind "vector": a sample (d,) becomes d tokens of 1 channel; ``mean`` and ``std`` are per raw
     feature, the model works on (x - mean) / std and reports likelihoods in raw units.
     kind "image": a sample (C, H, W) in [-1, 1] becomes (H / patch)(W / patch) tokens of C patch^2
-    channels; no standardisation.
+    channels; no standardisation. ``token_mean`` and ``token_var`` (N * D values, token order) are
+    the training set's per-dimension mean and variance in model units (images: measured; vectors:
+    empty, i.e. 0 and 1 after standardisation), read by the predictor's "data" preconditioning.
     """
 
     name: str = "data"
@@ -30,6 +32,8 @@ class DataSpec:
     std: tuple[float, ...] = (1.0, 1.0)
     num_classes: int = 0
     patch: int = 1
+    token_mean: tuple[float, ...] = ()
+    token_var: tuple[float, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +92,9 @@ class PredictorConfig:
     """f_P: a bidirectional transformer over the N tokens of one level u_t.
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
+    ``precondition`` "unit" reads the network around the exact reverse kernel of zero-mean,
+    unit-variance data; "data" uses the data's per-dimension mean and variance
+    (``DataSpec.token_mean``/``token_var``, EDM's sigma_data) instead.
     ``kind`` "gaussian" is the from-scratch predictor; "velocity" is a flow-matching velocity network
     read in u-space (``ntm.predictor.VelocityPredictor``). Its scale (``velocity_scale``): "floor" is
     sigma_P = max(C, s0_std_floor) exp(delta) (C -> 0 as s -> 0, where the Gaussian posterior becomes
@@ -103,6 +110,7 @@ class PredictorConfig:
     kind: str = "gaussian"
     s0_std_floor: float = 0.01
     velocity_scale: str = "floor"
+    precondition: str = "unit"
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,15 @@ class TrainConfig:
     """Optimisation and objective: AdamW, linear warmup (``warmup`` 0: none) then cosine decay to
     ``min_lr``, EMA, clipping. ``mode`` scores every step of a trajectory ("e2e") or one random step
     ("pairwise"); ``class_dropout`` replaces that share of labels by the null label; ``finetune`` is
-    set when the run starts from a flow-matching teacher."""
+    set when the run starts from a flow-matching teacher.
+
+    The NTM objective (``ntm.train.objectives.NTMObjective``): ``objective`` "nll" is the paper's
+    exact trajectory NLL; "nll-rb" subtracts a Rao-Blackwellised control variate (same expectation,
+    less gradient noise). ``stratified`` spreads the pair-wise steps evenly over the batch.
+    ``step_weights`` (one per step k = 1..T, empty: all 1) weight the step NLLs (any other choice
+    than 1 is no longer the likelihood). ``hybrid_weight`` lambda adds the x0_hat regression
+    lambda sum_{k >= 2} ||x0_hat - x_0||^2 / t_k^2 / dim on the noisy steps; ``hybrid_schedule``
+    "constant" keeps lambda, "cosine" decays it to 0 over the second half of training."""
 
     steps: int = 6000
     batch_size: int = 512
@@ -178,9 +194,16 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     finetune: FinetuneConfig | None = None
+    objective: str = "nll"
+    stratified: bool = False
+    step_weights: tuple[float, ...] = ()
+    hybrid_weight: float = 0.0
+    hybrid_schedule: str = "constant"
 
 
 MODES = ("e2e", "pairwise")
+OBJECTIVES = ("nll", "nll-rb")
+HYBRID_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -208,6 +231,9 @@ _TOY_TRAIN = TrainConfig(steps=5000, batch_size=256)
 # baseline's velocity network is the same predictor transformer
 _IMAGE_TRANSPORTER = TransporterConfig(blocks=2, layers=1, width=32, heads=2)
 _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
+_IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
+_IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
+_IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=1.0)
 
 PRESETS: dict[str, Preset] = {
     "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
@@ -220,12 +246,13 @@ PRESETS: dict[str, Preset] = {
                        _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a 4-block transporter"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
-    "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR,
-                    TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise"),
-                    "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens): pair-wise training, 8000 steps"),
-    "mnist-quick": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR,
-                          TrainConfig(steps=600, batch_size=64, lr=5e-4, warmup=100, mode="pairwise",
-                                      checkpoint_every=200),
+    "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                    "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens), 8000 pair-wise steps: the "
+                    "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 1), data preconditioning"),
+    "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
+                          "the mnist preset with the paper's plain trajectory NLL and unit preconditioning"),
+    "mnist-quick": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA,
+                          replace(_IMAGE_TRAIN, steps=600, warmup=100, checkpoint_every=200),
                           "the mnist preset with 600 steps (smoke checks; `ntm bench mnist --quick`)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
@@ -345,6 +372,11 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
     if isinstance(cfg, FMConfig):
         return
     pr, tr, tj = cfg.predictor, cfg.transporter, cfg.trajectory
+    if pr.precondition not in ("unit", "data"):
+        raise ValueError(f"unknown preconditioning '{pr.precondition}' (use 'unit' or 'data')")
+    n = d.num_tokens * d.token_dim
+    if (d.token_mean or d.token_var) and (len(d.token_mean) != n or len(d.token_var) != n or min(d.token_var) <= 0):
+        raise ValueError(f"token_mean / token_var need {n} values each (variances > 0)")
     if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0 or pr.velocity_scale not in ("floor", "x0"):
         raise ValueError(f"invalid predictor kind '{pr.kind}', floor {pr.s0_std_floor} or velocity scale "
                          f"'{pr.velocity_scale}'")
@@ -358,6 +390,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or not 0.0 <= cfg.class_dropout < 1.0:
         raise ConfigError("steps and batch size must be >= 1, warmup >= 0 and class dropout in [0, 1)")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{cfg.objective}' (use {' or '.join(OBJECTIVES)})")
+    if cfg.hybrid_schedule not in HYBRID_SCHEDULES:
+        raise ConfigError(f"unknown hybrid schedule '{cfg.hybrid_schedule}' (use {' or '.join(HYBRID_SCHEDULES)})")
+    if not (0.0 <= cfg.hybrid_weight < math.inf) or any(not (0.0 <= w < math.inf) for w in cfg.step_weights):
+        raise ConfigError("the hybrid weight and the step weights must be finite numbers >= 0")
     ft = cfg.finetune
     if ft is not None:
         if not ft.teacher:

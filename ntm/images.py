@@ -115,12 +115,23 @@ def images_from_array(arr: np.ndarray, path: Path) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.astype(np.uint8).transpose(0, 3, 1, 2)))
 
 
+def image_statistics(images: Tensor, patch: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-dimension mean and variance of the dequantised images x = (q + u) / 128 - 1, u ~ U[0, 1),
+    in token order (N * D values each): E[x] = (E[q] + 1/2) / 128 - 1, Var[x] = (Var[q] + 1/12) / 128^2."""
+    q = images.double()
+    mean = (q.mean(0) + 0.5) / 128.0 - 1.0
+    var = (q.var(0, unbiased=False) + 1.0 / 12.0) / 128.0**2
+    as_tokens = (patchify(v[None].float(), patch).flatten() for v in (mean, var))
+    return tuple(tuple(float(f"{v:.6g}") for v in t.tolist()) for t in as_tokens)
+
+
 def image_spec(name: str, images: Tensor, num_classes: int, patch: int) -> DataSpec:
     C, H, W = images.shape[1:]
     if H % patch or W % patch:
         raise DataError(f"image size {H}x{W} is not divisible by the patch size {patch}")
+    mean, var = image_statistics(images, patch)
     return DataSpec(name=name, kind="image", shape=(int(C), int(H), int(W)), mean=(0.0,), std=(1.0,),
-                    num_classes=num_classes, patch=patch)
+                    num_classes=num_classes, patch=patch, token_mean=mean, token_var=var)
 
 
 class ImageSource:

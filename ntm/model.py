@@ -33,14 +33,15 @@ from .transporter import Transporter
 class StepOutput:
     """Everything one batch of reverse steps computes, M steps of tokens (N, D).
 
-    u_s = f_T(x_s, s) (M, N, D), logdet = log|det df_T/dx (x_s, s)| (M,), and the predictor's
-    Gaussian (mu, sigma) of u_s given u_t (M, N, D). All fp32.
+    u_s = f_T(x_s, s) (M, N, D), logdet = log|det df_T/dx (x_s, s)| (M,), the predictor's input
+    u_t = f_T(x_t, t) (M, N, D) and its Gaussian (mu, sigma) of u_s (M, N, D). All fp32.
     """
 
     u_s: Tensor
     logdet: Tensor
     mu: Tensor
     sigma: Tensor
+    u_t: Tensor
 
     def log_prob(self) -> Tensor:
         """Exact log p(x_s | x_t, y) per step (M,)."""
@@ -136,7 +137,7 @@ class NTM(TokenModel):
         TT = None if T is None else torch.cat([T, T])
         U, logdets = self.transporter(torch.cat([x_s, x_t]), torch.cat([s, t]), TT)  # one pass for both levels
         mu, sigma = self.predictor(U[B:], t, s, y, T)
-        return StepOutput(U[:B], logdets[:B], mu, sigma)
+        return StepOutput(U[:B], logdets[:B], mu, sigma, U[B:])
 
     def step_log_prob(self, x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None,
                       T: Tensor | None = None) -> Tensor:
@@ -157,8 +158,9 @@ class NTM(TokenModel):
         U, logdet = self.transporter(X[:, :T].reshape((B * T,) + shape), t[:, :T].reshape(-1), TT)
         inputs = torch.cat([U.reshape((B, T) + shape)[:, 1:], X[:, T:].float()], dim=1)  # u_{t_k}, k = 1..T
         yk = None if y is None else y.repeat_interleave(T)
-        mu, sigma = self.predictor(inputs.reshape((B * T,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
-        return StepOutput(U, logdet, mu, sigma)
+        u_t = inputs.reshape((B * T,) + shape)
+        mu, sigma = self.predictor(u_t, t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
+        return StepOutput(U, logdet, mu, sigma, u_t)
 
     def trajectory_log_probs(self, X: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_{t_{k-1}} | x_{t_k}, y) for k = 1..T: X (B, T + 1, N, D), t (B, T + 1) -> (B, T)."""
@@ -189,13 +191,14 @@ class NTM(TokenModel):
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",
-               inverse_method: str = "sequential") -> Tensor:
+               inverse_method: str = "sequential", noise_scale: float = 1.0) -> Tensor:
         """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T).
 
         ``decode``: "inverse" (one transporter inverse), "inverse+score" (inverse of every level and
         trajectory score denoising), "denoiser" (the distilled g_phi; see ``ntm distill``) or "auto"
         (the default: the denoiser when the model has one, else the inverse).
-        ``inverse_method``: "sequential" or "jacobi".
+        ``inverse_method``: "sequential" or "jacobi". ``noise_scale`` gamma != 1 scales sigma_P on the
+        noisy steps (k >= 2): such samples leave the model's density.
         """
         return sample(self, n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=generator,
-                      decode=decode, inverse_method=inverse_method)
+                      decode=decode, inverse_method=inverse_method, noise_scale=noise_scale)

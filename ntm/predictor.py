@@ -1,12 +1,16 @@
 """The predictor f_P: a diagonal Gaussian N(mu_P, sigma_P^2) over u_s given u_t, (t, s) and a label.
 
 Parameterisation (our choice; the paper only says "a linear projection"). The network output F
-(zero-initialised) is read as a correction to the exact reverse kernel of unit-Gaussian data,
-written with the posterior coefficients A, B, C of q(x_s | x_t, x_0):
+(zero-initialised) is read as a correction to the exact reverse kernel of Gaussian data with
+per-dimension mean m and variance w (EDM's sigma_data preconditioning), written with the posterior
+coefficients A, B, C of q(x_s | x_t, x_0):
 
-    x0_hat  = c_skip(t) u_t + sqrt(v(t)) F_mu,          c_skip = (1 - t) / ((1 - t)^2 + t^2)
-    mu_P    = A u_t + B x0_hat                            v      = t^2 / ((1 - t)^2 + t^2)
-    sigma_P^2 = C^2 + B^2 v(t) exp(2 delta),              delta  = clip * tanh(F_sigma / clip)
+    x0_hat  = m + c_skip(t) (u_t - (1 - t) m) + sqrt(v(t)) F_mu,    c_skip = (1 - t) w / ((1 - t)^2 w + t^2)
+    mu_P    = A u_t + B x0_hat                                       v      = w t^2 / ((1 - t)^2 w + t^2)
+    sigma_P^2 = C^2 + B^2 v(t) exp(2 delta),                         delta  = clip * tanh(F_sigma / clip)
+
+``PredictorConfig.precondition`` "unit" takes m = 0, w = 1 (the data assumed standardised); "data"
+takes the training set's per-dimension statistics stored in ``DataSpec.token_mean``/``token_var``.
 
 So a new predictor is the exact reverse step for standardised Gaussian data, sigma_P stays positive
 at s = 0 where C = 0 (sigma_P = C e^delta is singular there), and the variance can shrink to C^2
@@ -63,10 +67,16 @@ class Predictor(ConditionedTransformer):
     """f_P(u_t, t, s, y) -> (mu_P, sigma_P), each (B, N, D) fp32. Label ``num_classes`` is the null label."""
 
     def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0,
-                 multi_T: bool = False):
+                 multi_T: bool = False, data_stats: tuple | None = None):
         super().__init__(cfg.width, cfg.layers, cfg.heads, num_tokens, token_dim, 2 * token_dim, num_classes,
                          two_times=True, multi_T=multi_T)
         self.clip = cfg.log_var_clip
+        mean, var = torch.zeros(num_tokens, token_dim), torch.ones(num_tokens, token_dim)
+        if data_stats is not None:
+            mean, var = (torch.as_tensor(v, dtype=torch.float32).reshape(num_tokens, token_dim) for v in data_stats)
+        # fixed by the config (not trained, not saved): the data statistics the read-out is centred on
+        self.register_buffer("data_mean", mean, persistent=False)
+        self.register_buffer("data_var", var, persistent=False)
 
     def forward(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None,
                 T: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -75,9 +85,10 @@ class Predictor(ConditionedTransformer):
         u_t = u_t.float()
         f_mu, f_sigma = self.backbone(u_t, t, s, y, T).split(self.token_dim, dim=-1)
         tt = _col(t)
-        denom = (1 - tt) ** 2 + tt**2
-        v = tt**2 / denom
-        x0_mean = (1 - tt) / denom * u_t + torch.sqrt(v) * f_mu
+        m, w = self.data_mean, self.data_var
+        denom = (1 - tt) ** 2 * w + tt**2
+        v = w * tt**2 / denom
+        x0_mean = m + (1 - tt) * w / denom * (u_t - (1 - tt) * m) + torch.sqrt(v) * f_mu
         x0_var = v * torch.exp(2 * soft_clip(f_sigma, self.clip))
         return gaussian_step(u_t, t, s, x0_mean, x0_var)
 
@@ -249,4 +260,9 @@ def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False)
     """The predictor a config names: ``Predictor`` (from scratch) or ``VelocityPredictor`` (from FM)."""
     if cfg.kind == "velocity":
         return VelocityPredictor.from_config(cfg, spec)
-    return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T)
+    stats = None
+    if cfg.precondition == "data":
+        if not spec.token_mean:
+            raise ValueError("'data' preconditioning needs the data statistics (DataSpec.token_mean/token_var)")
+        stats = (spec.token_mean, spec.token_var)
+    return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T, data_stats=stats)

@@ -6,7 +6,8 @@
     x_0 = x_{t_0} / (1 - t_0)
 
 The sampler state is fp32. Guidance combines conditional and null-label predictions per step by the
-Gaussian product rule.
+Gaussian product rule. A noise scale gamma != 1 multiplies sigma_P on the noisy steps (k >= 2; the last
+step keeps sigma_P): the samples then no longer follow the model's density.
 """
 from __future__ import annotations
 
@@ -19,8 +20,12 @@ from .trajectory import randn
 
 @torch.no_grad()
 def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-                        t_min: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Run the T predictor steps. Returns (u levels (n, T + 1, N, D) ascending in time, t (n, T + 1))."""
+                        t_min: float | None = None, generator: torch.Generator | None = None,
+                        noise_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Run the T predictor steps. Returns (u levels (n, T + 1, N, D) ascending in time, t (n, T + 1)).
+    ``noise_scale`` gamma scales sigma_P on the steps k >= 2 (1: the model's own density)."""
+    if not noise_scale >= 0:
+        raise ValueError(f"the noise scale must be >= 0, got {noise_scale}")
     spec = model.spec
     t_min = model.config.trajectory.sample_t_min if t_min is None else t_min
     t = model.grid(n, t_min, T=steps)
@@ -34,7 +39,8 @@ def sample_u_trajectory(model, n: int, y: Tensor | None = None, guidance: float 
     levels = [u]
     for k in range(t.shape[1] - 1, 0, -1):
         mu, sigma = model.predict(u, t[:, k], t[:, k - 1], y, guidance, TT)
-        u = mu + sigma * randn(shape, generator, dev)
+        scale = noise_scale if k >= 2 else 1.0
+        u = mu + scale * sigma * randn(shape, generator, dev)
         levels.append(u)
     return torch.stack(levels[::-1], dim=1), t
 
@@ -45,7 +51,8 @@ DECODERS = ("auto", "inverse", "inverse+score", "denoiser")
 @torch.no_grad()
 def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
            t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",
-           inverse_method: str = "sequential", clip_percentile: float | None = None) -> Tensor:
+           inverse_method: str = "sequential", clip_percentile: float | None = None,
+           noise_scale: float = 1.0) -> Tensor:
     """n raw samples (n, *shape). ``decode`` "auto": the distilled denoiser when the model has one
     (the best FID and the most images per second measured on MNIST), else one inverse."""
     if n < 1:
@@ -60,7 +67,7 @@ def sample(model, n: int, y: Tensor | None = None, guidance: float = 0.0, steps:
     y = model.check_labels(y)
     if y is not None and y.shape[0] != n:
         raise ValueError(f"got {y.shape[0]} labels for {n} samples")
-    U, t = sample_u_trajectory(model, n, y, guidance, steps, t_min, generator)
+    U, t = sample_u_trajectory(model, n, y, guidance, steps, t_min, generator, noise_scale)
     T = t.shape[1] - 1
     if decode == "denoiser":
         return model.from_tokens(denoiser.to(U.device)(U[:, 0], t[:, 0], y))

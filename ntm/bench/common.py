@@ -58,7 +58,8 @@ def replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "mode", "class_dropout", "finetune")
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "mode", "class_dropout", "finetune", "objective", "stratified",
+              "step_weights", "hybrid_weight", "hybrid_schedule")
 
 
 def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:

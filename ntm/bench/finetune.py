@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FMConfig, from_dict, get_preset
+from ..config import FMConfig, TrainConfig, from_dict, get_preset
 from ..errors import CheckpointError, ConfigError
 from ..hub import build_model, load_model
 from ..io import read_meta, resolve
@@ -18,6 +18,11 @@ from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import initial_weights, load_teacher
 from .common import results_dir, same_run, train_or_reuse, write_results, bench_device
 from .images import bench_settings, evaluate_image_row, fm_bits_per_dim, labelled_source, ntm_bits_per_dim, save_grid
+
+
+def paper_objective(cfg: TrainConfig) -> TrainConfig:
+    """The finetunes train by the paper's plain NLL (plus the alignment loss), as when they were measured."""
+    return replace(cfg, objective="nll", stratified=False, step_weights=(), hybrid_weight=0.0)
 
 
 def teacher_folder(out: Path, tag: str) -> Path:
@@ -57,7 +62,7 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     real, _ = src.held_out(n, seed=4242)
     bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)
     ft_cfg = finetune_config(fm_cfg, settings["preset"])
-    ft_train = finetune_train_config(p.train, ft_steps, 2.5, teacher_dir)
+    ft_train = finetune_train_config(paper_objective(p.train), ft_steps, 2.5, teacher_dir)
     runs, summaries = {}, {"fm": teacher_sum}
     # (label, lambda, learning-rate scale of the pretrained weights: 0 freezes the backbone)
     scale = ft_train.finetune.pretrained_lr_scale
@@ -156,7 +161,7 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
             model = model.eval().to(bench_device())
             summary = {"seconds": 0.0}
         else:
-            tcfg = finetune_train_config(replace(p.train, lr=fresh_lr), steps, 2.5, teacher_dir, 1.0)
+            tcfg = finetune_train_config(replace(paper_objective(p.train), lr=fresh_lr), steps, 2.5, teacher_dir, 1.0)
             tcfg = replace(tcfg, finetune=replace(tcfg.finetune, pretrained_lr_scale=lr / fresh_lr))
             summary = train_or_reuse(folder / "runs" / name, cfg, tcfg, src, progress)
             model = load_model(folder / "runs" / name, map_location=bench_device())

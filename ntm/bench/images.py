@@ -39,6 +39,22 @@ from ..train.runs import make_objective
 from .common import BenchStopped, bench_device, results_dir, train_or_reuse, write_results
 
 NTM_STEPS = (4, 8)
+# the image objective ablation: (label, preset, training options over the preset's), same budget each
+ABLATION = (
+    ("paper-nll", "mnist-paper", {}),
+    ("nll-rb-stratified", "mnist-paper", {"objective": "nll-rb", "stratified": True}),
+    ("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),
+    ("default", "mnist", {}),
+)
+
+
+def ablation_runs(spec, steps: int, variants: tuple = ABLATION) -> list[tuple[str, NTMConfig, TrainConfig]]:
+    """(label, model config, training config) of each ablation variant at ``steps`` training steps."""
+    out = []
+    for label, preset, options in variants:
+        p = get_preset(preset)
+        out.append((label, p.ntm(spec), replace(p.train, steps=steps, **options)))
+    return out
 FM_ROWS = (("euler", 4), ("euler", 8), ("euler", 50), ("heun", 4))
 
 

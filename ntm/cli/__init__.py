@@ -57,6 +57,21 @@ class Kind(str, Enum):
     fm = "fm"
 
 
+class Objective(str, Enum):
+    nll = "nll"
+    nll_rb = "nll-rb"
+
+
+class HybridSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Precondition(str, Enum):
+    unit = "unit"
+    data = "data"
+
+
 class Solver(str, Enum):
     euler = "euler"
     heun = "heun"
@@ -116,6 +131,11 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
     fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (meant for CUDA; untested on GPU here)"),
+    objective: Optional[Objective] = typer.Option(None, help="NTM: nll (the paper's) or nll-rb (Rao-Blackwellised, same expectation); default: the preset's"),
+    hybrid_weight: Optional[float] = typer.Option(None, min=0.0, help="NTM: weight lambda of the x0_hat regression on the noisy steps (0: off); default: the preset's"),
+    hybrid_schedule: Optional[HybridSchedule] = typer.Option(None, help="NTM: constant lambda, or cosine decay over the second half"),
+    stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="NTM pair-wise: every step B/T times per batch"),
+    precondition: Optional[Precondition] = typer.Option(None, help="NTM predictor read-out: unit, or data (per-dimension mean and variance)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
@@ -134,9 +154,15 @@ def train(
     else:
         _fresh_output_dir(out)
         model_cfg = p.ntm(source.spec()) if model == Kind.ntm else p.fm(source.spec())
+        if precondition is not None and model == Kind.ntm:
+            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, precondition=precondition.value))
+        options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
+                   "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
+                   "stratified": stratified}
         train_cfg = replace(p.train, seed=seed, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
                             batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
-                            checkpoint_every=checkpoint_every or p.train.checkpoint_every)
+                            checkpoint_every=checkpoint_every or p.train.checkpoint_every,
+                            **{k: v for k, v in options.items() if v is not None})
         summary = run_training(model_cfg, train_cfg, source, out, progress=progress)
     if os.environ.get("RANK", "0") != "0":
         return
@@ -159,6 +185,7 @@ def sample(
     solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
     decode: Decode = typer.Option(Decode.auto, help="NTM decoder: auto (the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
     inverse: InverseMethod = typer.Option(InverseMethod.sequential, "--inverse", help="NTM transporter inverse: sequential (KV cache) or block-Jacobi"),
+    noise_scale: float = typer.Option(1.0, min=0.0, help="NTM: scale gamma of sigma_P on the noisy steps (1: the model's density; other values leave it)"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):
     """Draw samples: NTM in T predictor steps and one transporter inverse; FM by Euler/Heun (default 50 steps)."""
@@ -180,7 +207,7 @@ def sample(
         x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
     else:
         x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g, decode=decode.value,
-                         inverse_method=inverse.value)
+                         inverse_method=inverse.value, noise_scale=noise_scale)
     arr = x.cpu().numpy()
     save_npy(out, arr)
     typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")

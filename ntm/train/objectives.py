@@ -26,7 +26,7 @@ from ..denoising import Denoiser, trajectory_score_denoise
 from ..flow_matching import FlowMatching
 from ..model import NTM, StepOutput
 from ..predictor import posterior_mean_from_velocity
-from ..trajectory import forward_trajectory, rand, randn, shift_time
+from ..trajectory import forward_trajectory, posterior_coefficients, rand, randn, shift_time
 
 
 def drop_labels(y: Tensor | None, drop: Tensor, num_classes: int) -> Tensor | None:
@@ -59,13 +59,17 @@ class TrainingNoise:
 @dataclass
 class ScoredSteps:
     """The reverse steps scored for one group of samples (one trajectory length T): M = n * per_sample
-    steps ordered (sample, step). x_t (M, N, D) is each step's input level at times t (M,) towards
-    s (M,), y (M,) its label; ``weight`` scales each step (T in pair-wise mode, else 1)."""
+    steps ordered (sample, step). Each step k (M,) goes from level x_t at time t to x_s at time s
+    (M, N, D; s, t (M,)) of a trajectory of the clean x0 (M, N, D), with label y (M,); ``weight``
+    scales each step (T in pair-wise mode, else 1)."""
 
     out: StepOutput
+    x_s: Tensor
     x_t: Tensor
-    t: Tensor
+    x0: Tensor
     s: Tensor
+    t: Tensor
+    k: Tensor
     y: Tensor | None
     per_sample: int
     weight: float
@@ -74,22 +78,75 @@ class ScoredSteps:
         """(M,) per-step values -> (n,) weighted sums over each sample's steps."""
         return self.weight * values.reshape(-1, self.per_sample).sum(1)
 
+    def x0_hat(self) -> Tensor:
+        """The predictor's own estimate of x_0 inside mu_P = A u_t + B x0_hat, (M, N, D)."""
+        A, B, _ = (_col(c) for c in posterior_coefficients(self.t, self.s))
+        return (self.out.mu - A * self.out.u_t) / B
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.float().reshape(-1, 1, 1)
+
+
+def rao_blackwell_cv(steps: ScoredSteps) -> Tensor:
+    """The control variate of each step (M,), zero-mean given (x_t, x_0) for every parameter value:
+
+        cv = sum_{n,d} [ B C (x_0 - x0_hat) eps_post / sigma_P^2 + 1/2 C^2 (eps_post^2 - 1) / sigma_P^2 ],
+        eps_post = (x_s - A x_t - B x_0) / C ~ N(0, I) given (x_t, x_0)   (0 where C < 1e-4).
+
+    With an identity transporter, NLL - cv is the NLL's analytic expectation over eps_post. Gradients
+    flow through x0_hat and sigma_P (detaching them would break the zero mean)."""
+    A, B, C = (_col(c) for c in posterior_coefficients(steps.t, steps.s))
+    usable = C > 1e-4
+    eps = torch.where(usable, (steps.x_s - A * steps.x_t - B * steps.x0) / C.clamp_min(1e-4), torch.zeros_like(steps.x_s))
+    var = steps.out.sigma.square()
+    cv = B * C * (steps.x0 - steps.x0_hat()) * eps / var + 0.5 * C.square() * (eps.square() - 1) / var
+    return torch.where(usable, cv, torch.zeros_like(cv)).flatten(1).sum(1)
+
+
+def hybrid_weight_at(progress: float, weight: float, schedule: str) -> float:
+    """lambda(p): constant, or "cosine": constant for p < 1/2, then (1 + cos(pi (2p - 1))) / 2 down to 0."""
+    if schedule == "constant" or progress <= 0.5:
+        return weight
+    p = min(progress, 1.0)
+    return weight * 0.5 * (1.0 + math.cos(math.pi * (2 * p - 1)))
+
 
 class NTMObjective(nn.Module):
-    """The exact trajectory NLL per sample and dimension (nats) of an :class:`NTM`.
+    """The trajectory NLL per sample and dimension (nats) of an :class:`NTM`, and its variants.
 
-    ``mode`` "e2e" sums all T step NLLs of each sampled trajectory; "pairwise" scores one uniformly
-    drawn step per sample, scaled by T. Multi-T models draw T per sample. ``class_dropout`` replaces
-    that share of labels by the null label (for guidance).
+    ``mode`` "e2e" sums all T step NLLs of each sampled trajectory; "pairwise" scores one step per
+    sample, scaled by T (uniform, or ``stratified``: each step gets B/T samples of the batch). Multi-T
+    models draw T per sample. ``class_dropout`` replaces that share of labels by the null label.
+    ``objective`` "nll" (the paper's) or "nll-rb" (minus :func:`rao_blackwell_cv`: the same
+    expectation); ``step_weights`` w_k multiply the step NLLs; ``hybrid_weight`` adds
+    lambda(p) sum_{k >= 2} ||x0_hat - x_0||^2 / t_k^2 / dim (see ``TrainConfig``).
     """
 
-    def __init__(self, model: NTM, mode: str = "e2e", class_dropout: float = 0.1):
+    def __init__(self, model: NTM, mode: str = "e2e", class_dropout: float = 0.1, objective: str = "nll",
+                 stratified: bool = False, step_weights: tuple[float, ...] = (), hybrid_weight: float = 0.0,
+                 hybrid_schedule: str = "constant"):
         super().__init__()
         if mode not in ("e2e", "pairwise"):
             raise ValueError(f"unknown training mode '{mode}' (use 'e2e' or 'pairwise')")
+        if objective not in ("nll", "nll-rb"):
+            raise ValueError(f"unknown objective '{objective}' (use 'nll' or 'nll-rb')")
+        if step_weights and any(T != len(step_weights) for T in model.train_Ts):
+            raise ValueError(f"{len(step_weights)} step weights for a model of T in {list(model.train_Ts)}")
         self.model = model
         self.mode = mode
         self.class_dropout = class_dropout
+        self.objective = objective
+        self.stratified = stratified
+        self.step_weights = tuple(step_weights)
+        self.hybrid_weight = hybrid_weight
+        self.hybrid_schedule = hybrid_schedule
+
+    @classmethod
+    def from_config(cls, model: NTM, cfg) -> "NTMObjective":
+        """The objective a ``TrainConfig`` names."""
+        return cls(model, cfg.mode, cfg.class_dropout, cfg.objective, cfg.stratified, cfg.step_weights,
+                   cfg.hybrid_weight, cfg.hybrid_schedule)
 
     @property
     def spec(self) -> DataSpec:
@@ -110,6 +167,9 @@ class NTMObjective(nn.Module):
         drop = rand((batch,), generator, dev) < self.class_dropout
         eps = randn((batch, int(Ts.max()) + 1, m.spec.num_tokens, m.spec.token_dim), generator, dev)
         k_unif = rand((batch,), generator, dev)
+        if self.stratified:  # sample b scores step (b + offset) mod T: every step B / T times, each uniform
+            offset = torch.floor(k_unif[:1] * T.float())
+            k_unif = (torch.remainder(torch.arange(batch, device=dev) + offset, T.float()) + 0.5) / T.float()
         return TrainingNoise(t_min, T, drop, eps, k_unif)
 
     def scored_steps(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, idx: Tensor, T: int) -> ScoredSteps:
@@ -121,37 +181,56 @@ class NTMObjective(nn.Module):
         shape = X.shape[2:]
         if self.mode == "e2e":
             out = m.trajectory_steps(X, t, yi)
-            return ScoredSteps(out, X[:, 1:].reshape((-1,) + shape), t[:, 1:].reshape(-1), t[:, :T].reshape(-1),
+            k = torch.arange(1, T + 1, device=X.device).repeat(len(idx))
+            return ScoredSteps(out, X[:, :T].reshape((-1,) + shape), X[:, 1:].reshape((-1,) + shape),
+                               x0[idx].float().repeat_interleave(T, 0), t[:, :T].reshape(-1), t[:, 1:].reshape(-1), k,
                                None if yi is None else yi.repeat_interleave(T), T, 1.0)
         k = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
         rows = torch.arange(len(idx), device=X.device)
         out = m.pair_steps(X, t, k, yi)
-        return ScoredSteps(out, X[rows, k], t[rows, k], t[rows, k - 1], yi, 1, float(T))
+        return ScoredSteps(out, X[rows, k - 1], X[rows, k], x0[idx].float(), t[rows, k - 1], t[rows, k], k, yi, 1,
+                           float(T))
+
+    def step_losses(self, steps: ScoredSteps) -> tuple[Tensor, Tensor]:
+        """(the NLL of each step (M,), the training loss of each step (M,): weighted, minus the
+        control variate for "nll-rb")."""
+        nll = -steps.out.log_prob()
+        loss = nll - rao_blackwell_cv(steps) if self.objective == "nll-rb" else nll
+        if self.step_weights:
+            loss = loss * torch.tensor(self.step_weights, device=loss.device)[steps.k - 1]
+        return nll, loss
 
     def extra_terms(self, steps: ScoredSteps, progress: float) -> dict[str, Tensor]:
-        """Further loss terms per sample (n,), before the weights of :meth:`term_weights` (none here)."""
-        return {}
+        """Further loss terms per sample (n,), before the weights of :meth:`term_weights`."""
+        if self.hybrid_weight == 0:
+            return {}
+        err = (steps.x0_hat() - steps.x0).square().flatten(1).sum(1) / steps.t.square()
+        return {"hybrid": steps.per_sample_sum(torch.where(steps.k >= 2, err, torch.zeros_like(err)))}
 
     def term_weights(self, progress: float) -> dict[str, float]:
-        return {}
+        return {"hybrid": hybrid_weight_at(progress, self.hybrid_weight, self.hybrid_schedule)}
 
     def forward(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, progress: float = 0.0):
-        """x0 (B, N, D) standardised tokens -> (loss, parts); loss = NLL / dim + weighted extra terms."""
+        """x0 (B, N, D) standardised tokens -> (loss, parts): loss = the (variance-reduced, weighted)
+        NLL / dim + weighted extra terms; parts["nll"] is the plain NLL / dim of the same steps."""
         m = self.model
         B = x0.shape[0]
         y = drop_labels(y, noise.drop, m.spec.num_classes)
         nll = torch.zeros(B, device=x0.device)
+        base = torch.zeros(B, device=x0.device)
         extras: dict[str, Tensor] = {}
         # a fixed order over all trained lengths (empty groups included) keeps the sequence of forward
         # passes identical on every process, which FSDP's collectives require
         for T in m.train_Ts:
             idx = (noise.T == T).nonzero().squeeze(1)
             steps = self.scored_steps(x0, y, noise, idx, T)
-            nll = nll.index_put((idx,), -steps.per_sample_sum(steps.out.log_prob()))
+            step_nll, step_loss = self.step_losses(steps)
+            nll = nll.index_put((idx,), steps.per_sample_sum(step_nll))
+            base = base.index_put((idx,), steps.per_sample_sum(step_loss))
             for name, value in self.extra_terms(steps, progress).items():
                 extras[name] = extras.get(name, torch.zeros(B, device=x0.device)).index_put((idx,), value)
-        loss = nll.mean() / m.spec.dim
-        parts = {"nll": float(loss.detach())}
+        loss = base.mean() / m.spec.dim
+        parts = {"nll": float(nll.mean().detach()) / m.spec.dim}
         weights = self.term_weights(progress)
         for name, value in extras.items():
             term = value.mean() / m.spec.dim
@@ -179,23 +258,24 @@ class FinetuneObjective(NTMObjective):
     """
 
     def __init__(self, model: NTM, teacher: FlowMatching, aux_weight: float = 2.5, mode: str = "e2e",
-                 class_dropout: float = 0.1):
-        super().__init__(model, mode, class_dropout)
+                 class_dropout: float = 0.1, **objective_options):
+        super().__init__(model, mode, class_dropout, **objective_options)
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.teacher = teacher.eval()
         self.aux_weight = aux_weight
 
     def extra_terms(self, steps: ScoredSteps, progress: float) -> dict[str, Tensor]:
+        terms = super().extra_terms(steps, progress)
         if self.aux_weight == 0:
-            return {}
+            return terms
         with torch.no_grad():
             v = self.teacher.velocity(steps.x_t, steps.t, steps.y).float()
             target = posterior_mean_from_velocity(v, steps.x_t.float(), steps.t, steps.s)
-        return {"aux": steps.per_sample_sum((steps.out.mu - target).pow(2).flatten(1).sum(1))}
+        return {**terms, "aux": steps.per_sample_sum((steps.out.mu - target).pow(2).flatten(1).sum(1))}
 
     def term_weights(self, progress: float) -> dict[str, float]:
-        return {"aux": aux_weight_at(progress, self.aux_weight)}
+        return {**super().term_weights(progress), "aux": aux_weight_at(progress, self.aux_weight)}
 
 
 # ------------------------------------------------------------------------------- flow matching

@@ -55,13 +55,15 @@ def make_objective(model: NTM | FlowMatching, cfg: TrainConfig, device: torch.de
         return FlowMatchingObjective(model, cfg.class_dropout)
     ft = cfg.finetune
     if ft is None:
-        return NTMObjective(model, cfg.mode, cfg.class_dropout)
+        return NTMObjective.from_config(model, cfg)
     teacher = load_teacher(ft.teacher, device)
     if start:
         model.load_state_dict(initial_weights(model, teacher))
     if ft.pretrained_lr_scale == 0:  # frozen backbone: no gradients, so clipping sees only the trained parts
         model.predictor.velocity.requires_grad_(False)
-    return FinetuneObjective(model, teacher, ft.aux_weight, cfg.mode, cfg.class_dropout)
+    return FinetuneObjective(model, teacher, ft.aux_weight, cfg.mode, cfg.class_dropout, objective=cfg.objective,
+                             stratified=cfg.stratified, step_weights=cfg.step_weights,
+                             hybrid_weight=cfg.hybrid_weight, hybrid_schedule=cfg.hybrid_schedule)
 
 
 def train(model_config: NTMConfig | FMConfig | None, train_config: TrainConfig | None, source,

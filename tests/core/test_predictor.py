@@ -2,6 +2,8 @@
 Gaussian posterior sampler at step 0, the x0-uncertainty scale, and the sign convention."""
 
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import fm_and_ntm, randomize
@@ -117,3 +119,36 @@ def test_both_velocity_sign_conventions_give_the_same_model():
     with pytest.raises(ValueError):
         VelocityAdapter(eps_minus_x0, spec, 2.0)
 
+
+
+def test_data_preconditioning_starts_at_the_data_mean_and_survives_save_load(tmp_path):
+    """With "data" preconditioning an untrained predictor's x0_hat is the exact posterior mean for
+    Gaussian data of the stored per-dimension mean and variance (at t = 1: the mean itself); the
+    statistics are part of the config, so a reloaded model predicts the same."""
+    from ntm.config import DataSpec, NTMConfig, PredictorConfig, TrajectoryConfig, TransporterConfig
+    from ntm.io import write_artifact
+    from ntm.model import NTM
+    from ntm.predictor import GaussianDataPosterior
+
+    mean, var = (0.5, -0.7, 0.1, 0.9), (0.2, 0.05, 1.0, 0.3)
+    spec = DataSpec(kind="image", shape=(1, 2, 2), mean=(0.0,), std=(1.0,), patch=1, token_mean=mean, token_var=var)
+    cfg = NTMConfig(data=spec, trajectory=TrajectoryConfig(T=4, shift=-1.0), transporter=TransporterConfig(enabled=False),
+                    predictor=PredictorConfig(layers=1, width=16, heads=2, precondition="data"))
+    model = NTM(cfg).eval()
+    exact = GaussianDataPosterior(torch.tensor(mean).reshape(4, 1), torch.tensor(var).reshape(4, 1))
+    u, t = torch.randn(8, 4, 1), torch.rand(8) * 0.9 + 0.05
+    s = t * 0.5
+    mu, sigma = model.predictor(u, t, s)
+    mu_ref, sigma_ref = exact(u, t, s)
+    assert torch.allclose(mu, mu_ref, atol=1e-5) and torch.allclose(sigma, sigma_ref, atol=1e-5)
+    B = posterior_coefficients(torch.ones(8), torch.zeros(8))[1].reshape(-1, 1, 1)
+    mu1, _ = model.predictor(u, torch.ones(8), torch.zeros(8))
+    assert torch.allclose(mu1, B * torch.tensor(mean).reshape(1, 4, 1).expand(8, 4, 1), atol=1e-6)
+    unit = NTM(replace(cfg, predictor=replace(cfg.predictor, precondition="unit"))).eval()
+    assert not torch.allclose(unit.predictor(u, t, s)[0], mu)
+    from ntm.config import to_dict
+
+    write_artifact(tmp_path / "m", "ntm", to_dict(cfg), {"model": model.state_dict()}, meta={"step": 0})
+    again = NTM.from_pretrained(tmp_path / "m")
+    assert again.config.data.token_var == var
+    assert torch.allclose(again.predictor(u, t, s)[0], mu)

@@ -118,3 +118,125 @@ def test_mean_alignment_term_against_the_teacher_by_hand():
     assert parts["aux_weight"] == pytest.approx(aux_weight_at(0.25, 2.5))
     assert float(loss) == pytest.approx(parts["nll"] + parts["aux_weight"] * parts["aux"], rel=1e-5)
     assert not any(p.requires_grad for p in objective.teacher.parameters())
+
+
+def _identity_model(seed=0):
+    """A randomised predictor on 3-d data behind an identity transporter."""
+    from conftest import randomize
+
+    from ntm.config import DataSpec, NTMConfig, PredictorConfig, TransporterConfig
+    from ntm.model import NTM
+
+    torch.manual_seed(seed)
+    model = NTM(NTMConfig(data=DataSpec(shape=(3,), mean=(0.0,) * 3, std=(1.0,) * 3),
+                          trajectory=TrajectoryConfig(T=4, shift=-1.0), transporter=TransporterConfig(enabled=False),
+                          predictor=PredictorConfig(layers=1, width=16, heads=2)))
+    randomize(model.predictor, 0.3, seed)
+    return model.eval()
+
+
+def test_rao_blackwellised_step_is_the_closed_form_expectation():
+    """With an identity transporter, NLL - cv = sum [ (B^2 (x0 - x0_hat)^2 + C^2) / (2 sigma^2) + log sigma ] + D/2 log 2 pi."""
+    from ntm.train.objectives import NTMObjective, rao_blackwell_cv
+    from ntm.trajectory import posterior_coefficients
+
+    model = _identity_model()
+    objective = NTMObjective(model, "e2e", 0.0, objective="nll-rb")
+    x0 = torch.randn(64, 3, 1)
+    noise = objective.draw_noise(64, torch.Generator().manual_seed(0))
+    noise.t_min.fill_(0.02)  # every step has C > 0
+    with torch.no_grad():
+        steps = objective.scored_steps(x0, None, noise, torch.arange(64), 4)
+        nll, loss = objective.step_losses(steps)
+        A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(steps.t, steps.s))
+        x0_hat = (steps.out.mu - A * steps.x_t) / B
+        sigma = steps.out.sigma
+        closed = (0.5 * (B**2 * (steps.x0 - x0_hat) ** 2 + C**2) / sigma**2 + torch.log(sigma)).flatten(1).sum(1) \
+            + 1.5 * math.log(2 * math.pi)
+    assert torch.allclose(loss, closed, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(loss, nll - rao_blackwell_cv(steps), atol=1e-5) and not torch.allclose(loss, nll)
+
+
+def test_control_variate_has_mean_zero_and_keeps_the_objective():
+    """For fixed (x_t, x_0), cv averages to 0 over x_s ~ q(x_s | x_t, x_0); over whole trajectories,
+    the "nll-rb" and "nll" losses agree in expectation, and the RB one varies less."""
+    from ntm.train.objectives import NTMObjective, ScoredSteps, rao_blackwell_cv
+    from ntm.trajectory import posterior_coefficients
+
+    model = _identity_model(1)
+    n = 20_000
+    x0 = torch.randn(1, 3, 1).expand(n, 3, 1)
+    t, s = torch.full((n,), 0.7), torch.full((n,), 0.4)
+    g = torch.Generator().manual_seed(2)
+    x_t = 0.3 * x0 + 0.7 * torch.randn(1, 3, 1, generator=g)  # one fixed noisy level
+    A, B, C = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t, s))
+    x_s = A * x_t + B * x0 + C * torch.randn(n, 3, 1, generator=g)
+    with torch.no_grad():
+        out = model.step(x_s, x_t, s, t)
+        cv = rao_blackwell_cv(ScoredSteps(out, x_s, x_t, x0, s, t, torch.full((n,), 2), None, 1, 1.0))
+    assert abs(float(cv.mean())) < 4 * float(cv.std()) / math.sqrt(n) and float(cv.std()) > 0.1
+    plain, rb = NTMObjective(model, "e2e", 0.0), NTMObjective(model, "e2e", 0.0, objective="nll-rb")
+    data = torch.randn(4096, 3, 1, generator=g)
+    with torch.no_grad():
+        a = torch.stack([plain(data, None, plain.draw_noise(4096, torch.Generator().manual_seed(i)))[0] for i in range(8)])
+        b = torch.stack([rb(data, None, rb.draw_noise(4096, torch.Generator().manual_seed(i)))[0] for i in range(8)])
+    diff = a - b  # same noise: the difference is the control variate's batch mean
+    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(8) + 1e-3
+    assert float(b.std()) < float(a.std())
+
+
+def test_hybrid_weight_zero_is_exactly_the_nll_objective_and_the_term_by_hand(random_model):
+    from ntm.train.objectives import NTMObjective, hybrid_weight_at
+    from ntm.trajectory import forward_trajectory, posterior_coefficients
+
+    x0 = torch.randn(32, 2, 1)
+    plain = NTMObjective(random_model, "pairwise", 0.0)
+    zero = NTMObjective(random_model, "pairwise", 0.0, hybrid_weight=0.0)
+    hybrid = NTMObjective(random_model, "pairwise", 0.0, hybrid_weight=1.5)
+    noise = plain.draw_noise(32, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(x0, None, noise)[0], zero(x0, None, noise)[0])
+        loss, parts = hybrid(x0, None, noise)
+        t = random_model.grid(32, noise.t_min)
+        X = forward_trajectory(x0, t, noise=noise.eps[:, :5])
+        k = (noise.k_unif * 4).long().clamp(max=3) + 1
+        rows = torch.arange(32)
+        u_t, _ = random_model.transporter(X[rows, k], t[rows, k])
+        mu, _ = random_model.predictor(u_t, t[rows, k], t[rows, k - 1])
+        A, B, _ = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t[rows, k], t[rows, k - 1]))
+        err = ((mu - A * u_t) / B - x0).square().sum((1, 2)) / t[rows, k] ** 2
+        by_hand = float((4 * torch.where(k >= 2, err, torch.zeros_like(err))).mean()) / 2
+    assert parts["hybrid"] == pytest.approx(by_hand, rel=1e-5) and parts["hybrid_weight"] == 1.5
+    assert float(loss) == pytest.approx(parts["nll"] + 1.5 * by_hand, rel=1e-5)
+    assert hybrid_weight_at(0.3, 2.0, "cosine") == 2.0 and hybrid_weight_at(0.75, 2.0, "cosine") == pytest.approx(1.0)
+    assert hybrid_weight_at(1.0, 2.0, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stratified_pairwise_steps_are_balanced_and_unbiased(random_model):
+    from ntm.train.objectives import NTMObjective
+
+    strat = NTMObjective(random_model, "pairwise", 0.0, stratified=True)
+    noise = strat.draw_noise(64, torch.Generator().manual_seed(3))
+    k = (noise.k_unif * 4).long() + 1
+    assert torch.bincount(k, minlength=5)[1:].tolist() == [16, 16, 16, 16]
+    e2e = NTMObjective(random_model, "e2e", 0.0)
+    x0 = torch.randn(256, 2, 1)
+    with torch.no_grad():
+        a = torch.stack([e2e(x0, None, e2e.draw_noise(256, torch.Generator().manual_seed(i)))[0] for i in range(20)])
+        b = torch.stack([strat(x0, None, strat.draw_noise(256, torch.Generator().manual_seed(50 + i)))[0] for i in range(100)])
+    assert abs(float(b.mean() - a.mean())) < 4 * float(b.std()) / math.sqrt(100) + 4 * float(a.std()) / math.sqrt(20)
+
+
+def test_step_weights_scale_each_step(random_model):
+    from ntm.train.objectives import NTMObjective
+
+    x0 = torch.randn(16, 2, 1)
+    plain = NTMObjective(random_model, "e2e", 0.0)
+    weighted = NTMObjective(random_model, "e2e", 0.0, step_weights=(1.0, 0.0, 0.0, 0.0))
+    noise = plain.draw_noise(16, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        steps = plain.scored_steps(x0, None, noise, torch.arange(16), 4)
+        first = -steps.out.log_prob().reshape(16, 4)[:, 0]
+        assert float(weighted(x0, None, noise)[0]) == pytest.approx(float(first.mean()) / 2, rel=1e-5)
+    with pytest.raises(ValueError):
+        NTMObjective(random_model, step_weights=(1.0, 2.0))
