@@ -73,10 +73,13 @@ class TrajectoryConfig:
 
 @dataclass(frozen=True)
 class TransporterConfig:
-    """f_T: ``blocks`` causal affine blocks of ``layers`` transformer layers each.
+    """f_T: ``blocks`` causal autoregressive blocks of ``layers`` transformer layers each.
 
     ``log_scale_clip`` soft-clips each block's log sigma to (-c, c). ``enabled`` False makes f_T the
-    identity (every reverse step a diagonal Gaussian).
+    identity (every reverse step a diagonal Gaussian). ``transform`` is the element-wise map of each
+    token given the previous ones: "affine", or "spline" (the affine map followed by a monotone
+    rational-quadratic spline of ``spline_bins`` bins on [-spline_bound, spline_bound], identity
+    outside; Durkan et al. 2019).
     """
 
     enabled: bool = True
@@ -85,6 +88,9 @@ class TransporterConfig:
     width: int = 64
     heads: int = 4
     log_scale_clip: float = 4.0
+    transform: str = "affine"
+    spline_bins: int = 8
+    spline_bound: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,8 @@ PRESETS: dict[str, Preset] = {
                               "the toy preset with the paper's length-dependent time shift"),
     "toy-deep": Preset(TrajectoryConfig(T=4, shift=-1.0), TransporterConfig(blocks=4, layers=2, width=32, heads=4),
                        _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a 4-block transporter"),
+    "toy-spline": Preset(TrajectoryConfig(T=4, shift=-1.0), replace(_TOY_TRANSPORTER, transform="spline"), _TOY_PREDICTOR,
+                         _TOY_TRAIN, "the toy preset with spline blocks (affine + 8-bin rational-quadratic spline)"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
@@ -380,6 +388,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
     if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0 or pr.velocity_scale not in ("floor", "x0"):
         raise ValueError(f"invalid predictor kind '{pr.kind}', floor {pr.s0_std_floor} or velocity scale "
                          f"'{pr.velocity_scale}'")
+    if tr.transform not in ("affine", "spline") or tr.spline_bins < 2 or tr.spline_bound <= 0:
+        raise ValueError(f"invalid transform '{tr.transform}' ({tr.spline_bins} bins, bound {tr.spline_bound})")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts):
         raise ValueError("invalid block count or trajectory length")
 

@@ -8,6 +8,16 @@
 
   with the forward transitions q in closed form and p(x_1) = N(0, I). Averaging over K trajectories
   gives the ELBO; log-mean-exp over them gives the tighter importance-weighted bound (IWAE).
+* ``discrete_nll_bounds``: for 8-bit images, a bound on -log P(q) of the pixel values q themselves
+  with a discretised last step (VDM's L_0, Kingma et al. 2021): the trajectory starts at a small t_0
+  from the bin centres c, x_{t_0} ~ N((1 - t_0) c, t_0^2), and
+
+    log P(q) >= E_q [ log P(q | x_{t_0}) + log p(x_{t_0}, ..., x_1) - log q(x_{t_0}, ..., x_1 | c) ],
+    P(q | x_{t_0}) = prod_i int_{bin q_i} N(x; x_{t_0,i} / (1 - t_0), (t_0 / (1 - t_0))^2) dx,
+
+  the bins of width 2/256 in [-1, 1], the two end bins extended to -inf and +inf (so the 256 bin
+  probabilities of each pixel sum to one). It is a bound on the same discrete NLL as the uniformly
+  dequantised bound above; bits/dim is nats / (D ln 2) with no log2(128) term.
 
 All results are nats per sample in the raw data's units (standardisation adds sum log std,
 ``log_scale_correction``). For images in [-1, 1], ``bits_per_dim`` converts a continuous NLL in nats
@@ -64,12 +74,15 @@ def trajectory_nll(model, x: Tensor, y: Tensor | None = None, t_min: float | Non
 
 
 def _elbo_parts(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None,
-                steps: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = 0).
-    -> (t (B, T + 1), log p(x_{t_{k-1}} | x_{t_k}) (B, T), log q(x_{t_k} | x_{t_{k-1}}) (B, T), log N(x_1) (B,))."""
+                steps: int | None, t_min: float = 0.0, levels: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = ``t_min``).
+    -> (t (B, T + 1), log p(x_{t_{k-1}} | x_{t_k}) (B, T), log q(x_{t_k} | x_{t_{k-1}}) (B, T), log N(x_1) (B,)).
+    ``levels``, when a list, receives the trajectory (B, T + 1, N, D)."""
     B = x0.shape[0]
-    t = model.grid(B, 0.0, T=steps)
+    t = model.grid(B, t_min, T=steps)
     X = forward_trajectory(x0, t, generator=generator)
+    if levels is not None:
+        levels.append(X)
     log_p = model.trajectory_log_probs(X, t, y)
     log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
     log_q = torch.stack([transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1])
@@ -124,6 +137,68 @@ def nll_bounds(model, x: Tensor, y: Tensor | None = None, num_trajectories: int 
         iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
     c = log_scale_correction(model.spec)
     return torch.cat(elbo) + c, torch.cat(iw) + c
+
+
+def _log_normal_mass(a: Tensor, b: Tensor) -> Tensor:
+    """log (Phi(b) - Phi(a)) for a < b elementwise, accurate in both tails."""
+    flip = a > 0  # use the symmetric interval (-b, -a) so that the larger CDF value is near 1 only when needed
+    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log1p(-torch.exp((log_lo - log_hi).clamp(max=0.0)).clamp(max=1 - 1e-12))
+
+
+def discretized_log_prob(x_t0: Tensor, q: Tensor, t0: float) -> Tensor:
+    """log P(q | x_{t_0}) (B,) of 8-bit values q (B, ...) (integers 0..255) given x_{t_0} of the same
+    shape: each value's bin mass under N(x_{t_0} / (1 - t_0), (t_0 / (1 - t_0))^2), bins of width
+    2/256 in [-1, 1], the end bins extended to -inf and +inf."""
+    centre = x_t0.double() / (1 - t0)
+    s = t0 / (1 - t0)
+    q = q.double()
+    lo = torch.where(q <= 0, torch.full_like(q, -math.inf), q / 128 - 1)
+    hi = torch.where(q >= 255, torch.full_like(q, math.inf), (q + 1) / 128 - 1)
+    return _log_normal_mass((lo - centre) / s, (hi - centre) / s).flatten(1).sum(1).float()
+
+
+@torch.no_grad()
+def discrete_elbo_terms(model, q_tokens: Tensor, y: Tensor | None, t0: float, generator: torch.Generator | None = None,
+                        steps: int | None = None) -> Tensor:
+    """log P(q | x_{t_0}) + log p(x_{t_0:T}) - log q(x_{t_0:T} | c) of one trajectory per image, q as
+    tokens (B, N, D) of integers 0..255 (see the module doc)."""
+    centres = (q_tokens.float() + 0.5) / 128 - 1
+    levels: list = []
+    t, log_p, log_q, log_prior = _elbo_parts(model, centres, y, generator, steps, t_min=t0, levels=levels)
+    x_t0 = levels[0][:, 0]
+    first = gaussian_log_prob(x_t0, (1 - t0) * centres, torch.full_like(x_t0, t0))
+    return discretized_log_prob(x_t0, q_tokens, t0) + log_p.sum(1) + log_prior - first - log_q.sum(1)
+
+
+def discrete_nll_bounds(model, q: Tensor, y: Tensor | None = None, num_trajectories: int = 16, t0: float = 1e-3,
+                        generator: torch.Generator | None = None, batch_size: int = 1024,
+                        steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """(ELBO, IW) bounds on -log P(q) in nats per image for 8-bit images q (B, C, H, W) of integers
+    0..255, with the discretised last step at ``t0``; each (B,)."""
+    if model.spec.kind != "image":
+        raise ValueError("the discretised bound is defined for 8-bit images only")
+    if not 0 < t0 <= model.t_min_high(steps or model.config.trajectory.T):
+        raise ValueError(f"t0 must lie in (0, {model.t_min_high(steps or model.config.trajectory.T):g}] "
+                         f"(the trained range of the last level); got {t0}")
+    qt = model.to_tokens(q.float())
+    if ((qt < 0) | (qt > 255) | (qt != qt.round())).any():
+        raise ValueError("the discretised bound needs integer pixel values in 0..255")
+    y = model.check_labels(y)
+    elbo, iw = [], []
+    for lo in range(0, qt.shape[0], batch_size):
+        qb = qt[lo:lo + batch_size]
+        yb = None if y is None else y[lo:lo + batch_size]
+        w = torch.stack([discrete_elbo_terms(model, qb, yb, t0, generator, steps) for _ in range(num_trajectories)])
+        elbo.append(-w.mean(0))
+        iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
+    return torch.cat(elbo), torch.cat(iw)
+
+
+def discrete_bits_per_dim(nats: float | Tensor, dim: int):
+    """A discrete NLL in nats per image -> bits per dimension."""
+    return nats / (dim * math.log(2))
 
 
 def nll_bound(model, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,

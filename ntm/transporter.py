@@ -1,8 +1,11 @@
-"""The transporter f_T: a shallow stack of causal autoregressive affine flow blocks (paper §3.1, A.1).
+"""The transporter f_T: a shallow stack of causal autoregressive flow blocks (paper §3.1, A.1).
 
 Each block maps one trajectory level x (B, N, D) to u (B, N, D), token by token in its scan order:
 
-    u_n = (x_n - mu_n(x_{<n}, t)) * exp(-a_n(x_{<n}, t)),    log|det J| = -sum_{n, c} a_n,c
+    u_n = g_n((x_n - mu_n(x_{<n}, t)) * exp(-a_n(x_{<n}, t))),    log|det J| = sum_{n, c} (-a_n,c + log g_n,c')
+
+with g the identity ("affine" transform) or an element-wise monotone rational-quadratic spline whose
+knots also come from the network ("spline", ``ntm.splines``).
 
 The parameters of token n come from a causal transformer whose input at position n is token n - 1
 (position 0 holds a learned start token), so every token is transformed and the Jacobian is
@@ -16,10 +19,12 @@ from torch import Tensor, nn
 
 from .config import TransporterConfig
 from .nn import TimeEmbedding, Transformer, soft_clip
+from .splines import num_params, spline_forward, spline_inverse
 
 
 class AffineARBlock(nn.Module):
-    """One causal affine block over N tokens of D channels, conditioned on the level time t."""
+    """One causal block over N tokens of D channels, conditioned on the level time t: an affine map
+    of each token given the previous ones, followed by a spline when ``cfg.transform`` is "spline"."""
 
     def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool, multi_T: bool = False):
         super().__init__()
@@ -27,13 +32,16 @@ class AffineARBlock(nn.Module):
         self.flip = flip
         self.clip = cfg.log_scale_clip
         self.token_dim = token_dim
+        self.spline = cfg.transform == "spline"
+        self.bins, self.bound = cfg.spline_bins, cfg.spline_bound
+        per_channel = 2 + (num_params(cfg.spline_bins) if self.spline else 0)
         self.proj_in = nn.Linear(token_dim, W)
         self.start = nn.Parameter(torch.randn(1, 1, W) * 0.02)
         self.pos = nn.Parameter(torch.randn(num_tokens, W) * 0.02)
         self.time = TimeEmbedding(W)
         self.steps = TimeEmbedding(W) if multi_T else None  # embeds 1/T when trained over several T
         self.net = Transformer(W, cfg.layers, cfg.heads, causal=True)
-        self.proj_out = nn.Linear(W, 2 * token_dim)
+        self.proj_out = nn.Linear(W, per_channel * token_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
@@ -48,11 +56,29 @@ class AffineARBlock(nn.Module):
     def _order(self, x: Tensor) -> Tensor:
         return x.flip(1) if self.flip else x
 
-    def _affine(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Network features (B, n, W) -> fp32 (log_scale, shift), each (B, n, D)."""
+    def _params(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Network features (B, n, W) -> fp32 (log_scale, shift) (B, n, D) and the spline's raw
+        parameters (B, n, D, 3K - 1) or None."""
         out = self.proj_out(h).float()
-        log_scale, shift = out.split(self.token_dim, dim=-1)
-        return soft_clip(log_scale, self.clip), shift
+        D = self.token_dim
+        log_scale, shift = out[..., :D], out[..., D:2 * D]
+        raw = out[..., 2 * D:].reshape(out.shape[:-1] + (D, -1)) if self.spline else None
+        return soft_clip(log_scale, self.clip), shift, raw
+
+    def _transform(self, x: Tensor, params) -> tuple[Tensor, Tensor]:
+        """Element-wise x -> u and log|du/dx| per element, (B, n, D)."""
+        log_scale, shift, raw = params
+        y = (x - shift) * torch.exp(-log_scale)
+        if raw is None:
+            return y, -log_scale
+        u, logd = spline_forward(y, raw, self.bins, self.bound)
+        return u, logd - log_scale
+
+    def _untransform(self, u: Tensor, params) -> Tensor:
+        """Element-wise u -> x, the inverse of :meth:`_transform`."""
+        log_scale, shift, raw = params
+        y = u if raw is None else spline_inverse(u, raw, self.bins, self.bound)
+        return y * torch.exp(log_scale) + shift
 
     def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int) -> Tensor:
         """Input features for positions [start, start + n): token n - 1 (or the start token at 0)."""
@@ -67,9 +93,8 @@ class AffineARBlock(nn.Module):
         xs = self._order(x.float())
         temb = self._cond(t, T)
         h = self.net(self._embed_inputs(xs, temb, 0))
-        log_scale, shift = self._affine(h)
-        u = (xs - shift) * torch.exp(-log_scale)
-        return self._order(u), -log_scale.flatten(1).sum(1)
+        u, logd = self._transform(xs, self._params(h))
+        return self._order(u), logd.flatten(1).sum(1)
 
     def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
         """Decode x from u token by token. u: (B, N, D), t: (B,) -> x: (B, N, D) fp32.
@@ -87,16 +112,14 @@ class AffineARBlock(nn.Module):
                 self._decode_cached(us, xs, n, temb, cache)
                 continue
             h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0))[:, n:n + 1]
-            log_scale, shift = self._affine(h)
-            xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
+            xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
         return self._order(xs)
 
     def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache) -> None:
         """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
         prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
         h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
-        log_scale, shift = self._affine(h)
-        xs[:, n:n + 1] = us[:, n:n + 1] * torch.exp(log_scale) + shift
+        xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
 
     def inverse_jacobi(self, u: Tensor, t: Tensor, T: Tensor | None = None, chunk: int = 0,
                        tol: float = 1e-5, max_iters: int = 0) -> tuple[Tensor, int]:
@@ -104,7 +127,7 @@ class AffineARBlock(nn.Module):
 
         Tokens are split into chunks of ``chunk`` positions (0: one chunk of all N), decoded in order
         with a preallocated KV cache holding the finished prefix. Within a chunk every position is
-        updated in parallel from the current guess, x <- u exp(a(x_<n)) + mu(x_<n), until the largest
+        updated in parallel from the current guess, x <- g^{-1}(u) exp(a(x_<n)) + mu(x_<n), until the largest
         change is below ``tol`` (the iteration is exact after at most chunk-length sweeps, since the
         map is triangular). A chunk still moving after ``max_iters`` sweeps (0: the chunk length) is
         finished by the sequential decoder, so the result never depends on convergence.
@@ -126,8 +149,7 @@ class AffineARBlock(nn.Module):
                 if a == 0:
                     prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
                 h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
-                log_scale, shift = self._affine(h)
-                new = us[:, a:b] * torch.exp(log_scale) + shift
+                new = self._untransform(us[:, a:b], self._params(h))
                 delta = float((new - xs[:, a:b]).abs().max())
                 xs[:, a:b] = new
                 iters += 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DISTILL_TRAIN, NTMConfig, TrainConfig, get_preset
+from ..config import DISTILL_TRAIN, NTMConfig, TrainConfig, default_preset, get_preset
 from ..data import to_tokens
 from ..denoising import denoiser_dir
 from ..errors import ConfigError
@@ -30,15 +30,16 @@ from ..flow_matching import FlowMatching, network_evaluations
 from ..hub import build_model, load_model
 from ..images import open_image_source
 from ..io import latest_checkpoint, read_meta
-from ..likelihood import bits_per_dim, nll_bounds
+from ..likelihood import bits_per_dim, bound_by_step, discrete_bits_per_dim, discrete_nll_bounds, nll_bounds
 from ..sampling import sample_u_trajectory
 from ..tools.metrics import classifier_accuracy, image_quality, load_or_train_classifier
-from ..tools.plots import image_grid, loss_curves
+from ..tools.plots import image_grid, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
 from .common import BenchStopped, bench_device, results_dir, train_or_reuse, write_results
 
-NTM_STEPS = (4, 8)
+NTM_STEPS = (4, 8, 16)
+DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
 # the image objective ablation: (label, preset, training options over the preset's), same budget each
 ABLATION = (
     ("paper-nll", "mnist-paper", {}),
@@ -144,10 +145,13 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     loss_curves(runs, folder / "training-curves.png")
     extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
 
-    ntm_bpd = ntm_bits_per_dim(models["ntm"], bpd_x, bpd_y, settings["bpd_trajectories"])
+    ntm_bpd = {T: ntm_bounds(models["ntm"], src, settings["n_bpd"], settings["bpd_trajectories"], steps=T)
+               for T in NTM_STEPS}
     m = settings["n_bpd_fm"]
     fm_bpd = fm_bits_per_dim(models["fm"], bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"])
-    fm_bpd_kind = f"ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})"
+    fm_bpd_kind = f"uniform ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})"
+    results["config"]["by_step"] = by_step_table(models["ntm"], bpd_x[:200], bpd_y[:200])
+    recipe = ntm_recipe(configs["ntm"], train_cfg, default=settings["preset"] == default_preset(spec))
 
     decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
     jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
@@ -163,8 +167,11 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
             continue
         row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
                                          decode=decode)
-        row.update(bpd=ntm_bpd if kind == "ntm" else fm_bpd, bpd_kind="elbo bound" if kind == "ntm" else fm_bpd_kind,
-                   train_seconds=summaries[kind]["seconds"], train_steps=summaries[kind]["steps"])
+        if kind == "ntm":
+            row.update(recipe, **ntm_bpd[k])
+        else:
+            row.update(objective="fm", transform=None, bpd=fm_bpd, bpd_kind=fm_bpd_kind)
+        row.update(train_seconds=summaries[kind]["seconds"], train_steps=summaries[kind]["steps"])
         if decode == "inverse+score":
             refined = images
         if decode == "denoiser" and refined is not None:  # same seeds: the same predictor trajectories
@@ -199,6 +206,56 @@ def distilled(run: Path, src, steps: int, progress: bool) -> dict:
             "lr": meta["train"]["lr"], "ntm_step": meta.get("ntm_step")}
 
 
+def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps: int = 2000, n_samples: int = 1000,
+                       n_bpd: int = 200, guidance: float = 1.0, variants: tuple = ABLATION, progress: bool = True,
+                       classifier_steps: int = 3000) -> dict:
+    """Each objective recipe of ``variants`` trained for ``steps`` on ``data`` (same data stream and
+    budget), then scored by FID / class accuracy of ``n_samples`` guided 4-step samples and by the
+    tightest bits/dim bound on ``n_bpd`` test images (2 trajectories). Runs are reused like the other
+    benches. Writes ``results/<data>-ablation.json``."""
+    out = Path(out) if out else results_dir() / f"{data}-ablation.json"
+    folder = out.with_suffix("")
+    src, spec = labelled_source(data)
+    classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
+    real, _ = src.held_out(n_samples, seed=4242)
+    results = {"config": {"data": data, "steps": steps, "n_samples": n_samples, "n_bpd": n_bpd, "guidance": guidance,
+                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
+    runs = {}
+    for label, model_cfg, train_cfg in ablation_runs(spec, steps, variants):
+        runs[label] = folder / "runs" / label
+        summary = train_or_reuse(runs[label], model_cfg, train_cfg, src, progress)
+        model = load_model(runs[label], map_location=bench_device())
+        row, images = evaluate_image_row(model, model.config.trajectory.T, guidance, real, classifier, "project classifier")
+        log = read_log(runs[label])
+        tail = [r["nll"] for r in log[-8:] if "nll" in r]
+        results["rows"].append({"variant": label, **ntm_recipe(model_cfg, train_cfg, default=False),
+                                **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
+                                **ntm_bounds(model, src, n_bpd, 2), "final_nll": sum(tail) / max(1, len(tail)),
+                                "train_seconds": summary["seconds"]})
+        save_grid(images, folder, "ntm", 4, None, "inverse", guidance, label=label)
+        write_results(out, results)
+    smoothed_curves(runs, folder / "nll-curves.png", ylabel="NLL of the scored steps, nats/dim")
+    return results
+
+
+def ntm_recipe(cfg: NTMConfig, train_cfg: TrainConfig, default: bool) -> dict:
+    """The keys that name an NTM row's recipe (objective, element-wise transform, and the rest)."""
+    objective = train_cfg.objective + ("+hybrid" if train_cfg.hybrid_weight > 0 else "")
+    return {"objective": objective, "transform": "affine" if cfg.transporter.enabled else "none",
+            "hybrid_weight": train_cfg.hybrid_weight, "stratified": train_cfg.stratified,
+            "precondition": cfg.predictor.precondition, "default": default}
+
+
+def by_step_table(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int = 2) -> dict:
+    """The uniformly dequantised ELBO split by step (``bound_by_step``), in nats per dimension."""
+    b = bound_by_step(model, x, y=y if model.spec.num_classes else None, num_trajectories=trajectories,
+                      generator=torch.Generator().manual_seed(96))
+    d = model.spec.dim
+    return {"times": b["times"], "neg_log_p_per_dim": [v / d for v in b["neg_log_p"]],
+            "log_q_per_dim": [v / d for v in b["log_q"]], "neg_log_prior_per_dim": b["neg_log_prior"] / d,
+            "n": int(x.shape[0]), "trajectories": trajectories}
+
+
 def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, steps: int = 12,
                     warmup: int = 3) -> dict:
     """Seconds per training step (forward, backward, AdamW) of fresh NTM and FM models on the same
@@ -227,6 +284,27 @@ def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, 
     out["ratio"] = out["ntm_seconds_per_step"] / out["fm_seconds_per_step"]
     out["steps_timed"] = steps
     return out
+
+
+def ntm_bounds(model, src, n: int, trajectories: int, steps: int | None = None, t0: float = DISCRETE_T0) -> dict:
+    """Every bound on the test images' discrete NLL in bits/dim that NTM gives at T = ``steps``: the
+    uniformly dequantised ELBO and IW bounds and the discretised-last-step ELBO and IW bounds (same
+    K = ``trajectories``), and the tightest of them with its label (``bpd``, ``bpd_kind``)."""
+    x, y = src.held_out(n, seed=4343)
+    q = src.test[:n] if src.test is not None else src.images[:n]
+    y = y if model.spec.num_classes else None
+    T = steps or model.config.trajectory.T
+    elbo, iw = nll_bounds(model, x, y=y, num_trajectories=trajectories, generator=torch.Generator().manual_seed(99),
+                          steps=steps)
+    d_elbo, d_iw = discrete_nll_bounds(model, q, y, num_trajectories=trajectories, t0=t0, steps=steps,
+                                       generator=torch.Generator().manual_seed(97))
+    dim = model.spec.dim
+    bounds = {f"uniform ELBO, T={T}, K={trajectories}": float(bits_per_dim(float(elbo.mean()), dim)),
+              f"uniform IW, T={T}, K={trajectories}": float(bits_per_dim(float(iw.mean()), dim)),
+              f"discretised t0={t0:g} ELBO, T={T}, K={trajectories}": float(discrete_bits_per_dim(float(d_elbo.mean()), dim)),
+              f"discretised t0={t0:g} IW, T={T}, K={trajectories}": float(discrete_bits_per_dim(float(d_iw.mean()), dim))}
+    kind = min(bounds, key=bounds.get)
+    return {"bpd": bounds[kind], "bpd_kind": kind, "bpd_bounds": bounds}
 
 
 def ntm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int) -> float:

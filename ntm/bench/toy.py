@@ -135,7 +135,9 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             summary = train_or_reuse(run_dir, cfg, train_cfg, src, progress)
             model = NTM.from_pretrained(run_dir, map_location=bench_device())
             row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories)
-            row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"])
+            row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
+                       objective=train_cfg.objective, transform=cfg.transporter.transform if cfg.transporter.enabled else "none",
+                       bound_kind=f"ELBO / IW, T={cfg.trajectory.T}, K={num_trajectories}")
             finish_row(row, name, floor_ed)
             results["rows"].append(row)
             write_results(out, results)
@@ -148,7 +150,8 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             nll = (values, time.perf_counter() - t0)
             for solver, k in FM_TOY_ROWS:
                 row = evaluate_toy_flow(fm, name, held_out, n_samples, seeds, k, solver, nll=nll)
-                row.update(model="fm", data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"])
+                row.update(model="fm", data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
+                           objective="fm", transform=None, bound_kind="ODE estimate")
                 finish_row(row, name, floor_ed)
                 results["rows"].append(row)
                 write_results(out, results)
@@ -158,7 +161,8 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
         oracle_cfg = replace(base, transporter=replace(p.transporter, enabled=False))
         oracle = NTM(oracle_cfg, predictor=EmpiricalPosterior(reference)).eval().to(bench_device())
         row = evaluate_toy(oracle, name, held_out, n_samples, seeds, num_trajectories)
-        row.update(model="gaussian-ceiling", data=name, train_seconds=0.0, skipped_steps=0)
+        row.update(model="gaussian-ceiling", data=name, train_seconds=0.0, skipped_steps=0, objective=None,
+                   transform="none", bound_kind=f"ELBO / IW, T={oracle_cfg.trajectory.T}, K={num_trajectories}")
         finish_row(row, name, floor_ed)
         results["rows"].append(row)
         write_results(out, results)

@@ -16,9 +16,9 @@ import typer
 
 from ..bench.common import check_bench_output, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import run_image_bench
+from ..bench.images import run_image_ablation, run_image_bench
 from ..bench.report import report as run_report
-from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table
+from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
 from ..config import DISTILL_TRAIN, PRESETS, FMConfig, default_preset, from_dict, get_preset
 from ..data import ENTROPY_FLOOR, TOY_NAMES
@@ -70,6 +70,11 @@ class HybridSchedule(str, Enum):
 class Precondition(str, Enum):
     unit = "unit"
     data = "data"
+
+
+class Transform(str, Enum):
+    affine = "affine"
+    spline = "spline"
 
 
 class Solver(str, Enum):
@@ -136,6 +141,7 @@ def train(
     hybrid_schedule: Optional[HybridSchedule] = typer.Option(None, help="NTM: constant lambda, or cosine decay over the second half"),
     stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="NTM pair-wise: every step B/T times per batch"),
     precondition: Optional[Precondition] = typer.Option(None, help="NTM predictor read-out: unit, or data (per-dimension mean and variance)"),
+    transform: Optional[Transform] = typer.Option(None, help="NTM transporter's element-wise map: affine, or spline (affine + rational-quadratic spline)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
@@ -156,6 +162,8 @@ def train(
         model_cfg = p.ntm(source.spec()) if model == Kind.ntm else p.fm(source.spec())
         if precondition is not None and model == Kind.ntm:
             model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, precondition=precondition.value))
+        if transform is not None and model == Kind.ntm:
+            model_cfg = replace(model_cfg, transporter=replace(model_cfg.transporter, transform=transform.value))
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
                    "stratified": stratified}
@@ -404,7 +412,15 @@ def bench_multi_t(
 
 
 def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
-                  out: Optional[Path], progress: bool, distill_steps: int = 0) -> None:
+                  out: Optional[Path], progress: bool, distill_steps: int = 0, ablation: bool = False) -> None:
+    if ablation:
+        out = out or results_dir() / f"{data}-ablation{'-quick' if quick else ''}.json"
+        check_bench_output(out)
+        res = run_image_ablation(data, out=out, steps=steps or (100 if quick else 2000),
+                                 n_samples=n_samples or (200 if quick else 1000), guidance=guidance, progress=progress)
+        typer.echo(table_for(res))
+        typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+        return
     out = out or results_dir() / f"{data}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
@@ -427,22 +443,24 @@ _IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1
 _IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
 _IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
 _IMG_DISTILL = typer.Option(0, min=0, help="also distil the denoiser for this many steps and add inverse+score and denoiser rows")
+_IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective ablation (paper NLL, nll-rb + stratified, hybrid, "
+                             "default) at --steps each (default 2000; quick 100) -> results/<data>-ablation.json")
 
 
 @bench_app.command("mnist")
 def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                 guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                progress: bool = typer.Option(True, help="show progress bars")):
+                ablation: bool = _IMG_ABLATION, progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
-    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps)
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation)
 
 
 @bench_app.command("fashion")
 def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                   guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                  progress: bool = typer.Option(True, help="show progress bars")):
+                  ablation: bool = _IMG_ABLATION, progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
-    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps)
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation)
 
 
 @bench_app.command("finetune")

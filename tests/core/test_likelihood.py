@@ -103,3 +103,37 @@ def test_bound_by_step_adds_up_to_the_elbo_bound(random_model):
     expected = -(math.log(2 * math.pi * math.e) + torch.log(var))  # 2 dims: 2 * (1/2) * ...
     assert torch.allclose(torch.tensor(parts["log_q"]), expected, atol=0.25)
 
+
+
+def test_discretised_last_step_sums_to_one_over_the_bins():
+    from ntm.likelihood import discretized_log_prob
+
+    q = torch.arange(256.0).reshape(256, 1)
+    for t0 in (1e-3, 0.02, 0.3):
+        for centre in (-1.2, -0.996, 0.3, 0.9999):
+            x = torch.full((256, 1), centre * (1 - t0))
+            assert float(discretized_log_prob(x, q, t0).double().exp().sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_discrete_bound_for_gaussian_data_with_the_exact_kernel_matches_the_bin_probabilities():
+    """Pixels ~ N(m, v) and the exact reverse kernel: p(x_{t_0}) is exact, so the IW bound with many
+    trajectories tends to -log P(q) with P(q_i) the bin mass of N(m, v + 2 (t_0 / (1 - t_0))^2)
+    (x_{t_0} / (1 - t_0) adds one N(0, s^2), the decoder another), computed here independently;
+    the ELBO lies above it."""
+    from ntm.likelihood import discrete_nll_bounds
+
+    m, v = torch.tensor([[0.1], [-0.5]]), torch.tensor([[0.04], [0.01]])
+    spec = DataSpec(kind="image", shape=(1, 1, 2), mean=(0.0,), std=(1.0,), patch=1)
+    cfg = NTMConfig(data=spec, trajectory=TrajectoryConfig(T=4, shift=-1.0), transporter=TransporterConfig(enabled=False))
+    model = NTM(cfg, predictor=GaussianDataPosterior(m, v))
+    t0 = 0.02
+    q = torch.tensor([[[[140.0, 64.0]]], [[[128.0, 60.0]]]])
+    elbo, iw = discrete_nll_bounds(model, q, num_trajectories=4000, t0=t0, generator=torch.Generator().manual_seed(0))
+    s2 = (t0 / (1 - t0)) ** 2
+    normal = torch.distributions.Normal(m[:, 0].double(), (v[:, 0].double() + 2 * s2).sqrt())
+    flat = q.reshape(2, 2).double()
+    exact = -torch.log(normal.cdf((flat + 1) / 128 - 1) - normal.cdf(flat / 128 - 1)).sum(1)
+    assert torch.allclose(iw.double(), exact, atol=0.02), (iw, exact)
+    assert (elbo.double() >= exact - 0.02).all() and (elbo >= iw).all()
+    with pytest.raises(ValueError):
+        discrete_nll_bounds(model, q + 0.5, t0=t0)
