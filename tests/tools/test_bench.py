@@ -68,13 +68,18 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     res = json.loads(out.read_text())
     keys = {"model", "steps", "decode", "solver", "nfe", "fid", "kid", "precision", "recall", "class_acc", "bpd",
-            "img_per_s", "train_seconds", "extractor", "n_samples"}
+            "img_per_s", "train_seconds", "extractor", "n_samples", "objective", "transform", "bpd_kind"}
     assert [(r["model"], r["steps"], r["decode"], r["solver"]) for r in res["rows"]] == [
         ("ntm", 4, "inverse", None), ("ntm", 4, "inverse+score", None), ("ntm", 4, "denoiser", None),
-        ("ntm", 8, "inverse", None), ("fm", 4, None, "euler"), ("fm", 8, None, "euler"),
+        ("ntm", 8, "inverse", None), ("ntm", 16, "inverse", None), ("fm", 4, None, "euler"), ("fm", 8, None, "euler"),
         ("fm", 50, None, "euler"), ("fm", 4, None, "heun")]
     for r in res["rows"]:
         assert keys <= set(r) and r["n_samples"] == 20
+    ntm_rows = [r for r in res["rows"] if r["model"] == "ntm"]
+    for r in ntm_rows:  # the tightest of the four bounds at the row's own T, and named as such
+        assert r["bpd"] == min(r["bpd_bounds"].values()) and r["bpd_kind"].endswith(f"T={r['steps']}, K=1")
+        assert r["objective"] == "nll-rb+hybrid" and r["transform"] == "affine" and r["default"] is False
+    assert res["config"]["by_step"]["times"][0] == 0.0 and len(res["config"]["by_step"]["neg_log_p_per_dim"]) == 4
     # the denoiser and the score-refined decode of the same trajectories differ, by less than the image range
     assert 0 < res["rows"][2]["rmse_to_score"] < 2 and 0 < res["rows"][2]["feature_dist_to_score"] < 10
     timing = res["config"]["inverse_timing"]
@@ -83,9 +88,24 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "mnist-quick"
     assert (folder / "training-curves.png").is_file() and (folder / "samples-ntm-4.png").is_file()
     assert (folder / "samples-fm-heun-4.png").is_file()
-    assert out.with_suffix(".md").read_text().startswith("| model | steps |")
+    assert out.with_suffix(".md").read_text().startswith("| model | objective | steps |")
     # a re-run of the same command reuses the trained runs and every finished row
     assert main(argv) == 0
     again = json.loads(out.read_text())
     assert [r["img_per_s"] for r in again["rows"]] == [r["img_per_s"] for r in res["rows"]]
 
+
+
+@pytest.mark.slow
+def test_objective_ablation_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "abl.json"
+    assert main(["bench", "mnist", "--ablation", "--quick", "--steps", "2", "--n-samples", "20", "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["objective"], r["stratified"], r["precondition"]) for r in rows] == [
+        ("paper-nll", "nll", False, "unit"), ("nll-rb-stratified", "nll-rb", True, "unit"),
+        ("nll-hybrid", "nll+hybrid", False, "unit"), ("default", "nll-rb+hybrid", True, "data")]
+    assert all(math.isfinite(r["bpd"]) and r["bpd"] == min(r["bpd_bounds"].values()) for r in rows)
+    assert out.with_suffix(".md").read_text().startswith("Objective ablation on mnist")
+    assert (tmp_path / "abl" / "nll-curves.png").is_file()
