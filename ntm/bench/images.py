@@ -366,7 +366,7 @@ def previous_rows(out: Path, config: dict) -> dict:
     except (OSError, ValueError):
         return {}
     volatile = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
-                "distill_steps", "step_cost_probe")
+                "distill_steps", "step_cost_probe", "by_step")
     same = {k: v for k, v in old.get("config", {}).items() if k not in volatile} == \
         {k: v for k, v in config.items() if k not in volatile}
     if not same:
