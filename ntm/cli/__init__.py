@@ -412,7 +412,8 @@ def bench_multi_t(
 
 
 def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
-                  out: Optional[Path], progress: bool, distill_steps: int = 0, ablation: bool = False) -> None:
+                  out: Optional[Path], progress: bool, distill_steps: int = 0, ablation: bool = False,
+                  preset: Optional[str] = None) -> None:
     if ablation:
         out = out or results_dir() / f"{data}-ablation{'-quick' if quick else ''}.json"
         check_bench_output(out)
@@ -424,7 +425,8 @@ def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optio
     out = out or results_dir() / f"{data}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
-                          progress=progress, distill_steps=distill_steps)
+                          progress=progress, distill_steps=distill_steps,
+                          settings=None if preset is None else {"preset": get_preset(preset) and preset})
     typer.echo(markdown_image_table(res))
     probe = res["config"]["step_cost_probe"]
     typer.echo(f"NTM/FM training step cost: {probe['ratio']:.2f}x back to back ({probe['ntm_seconds_per_step']:.3f} s "
@@ -443,6 +445,8 @@ _IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1
 _IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
 _IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
 _IMG_DISTILL = typer.Option(0, min=0, help="also distil the denoiser for this many steps and add inverse+score and denoiser rows")
+_IMG_PRESET = typer.Option(None, help="the preset both models train with (default: mnist, quick: mnist-quick; "
+                           "mnist-paper: the paper's plain NLL)")
 _IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective ablation (paper NLL, nll-rb + stratified, hybrid, "
                              "default) at --steps each (default 2000; quick 100) -> results/<data>-ablation.json")
 
@@ -450,17 +454,19 @@ _IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective a
 @bench_app.command("mnist")
 def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                 guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                ablation: bool = _IMG_ABLATION, progress: bool = typer.Option(True, help="show progress bars")):
+                ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET,
+                progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
-    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation)
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset)
 
 
 @bench_app.command("fashion")
 def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                   guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                  ablation: bool = _IMG_ABLATION, progress: bool = typer.Option(True, help="show progress bars")):
+                  ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET,
+                  progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
-    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation)
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset)
 
 
 @bench_app.command("finetune")
