@@ -1,0 +1,35 @@
+"""`ntm report`: every table rebuilt from the results JSON, markers filled, nothing else touched."""
+import json
+import shutil
+from pathlib import Path
+
+from ntm.bench.report import fill_markers
+from ntm.bench.tables import table_for
+from ntm.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_tables_are_what_their_json_gives():
+    for file in sorted((ROOT / "results").glob("*.json")):
+        assert file.with_suffix(".md").read_text() == table_for(json.loads(file.read_text())), file.name
+
+
+def test_report_fills_markers_and_rewrites_tables(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "docs").mkdir()
+    src = ROOT / "results" / "toy.json"
+    shutil.copy(src, tmp_path / "results" / "toy.json")
+    (tmp_path / "results" / "toy.md").write_text("stale\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- results: results/toy.json -->\nold table\n<!-- /results -->\nend\n")
+    (tmp_path / "docs" / "a.md").write_text("no markers here\n")
+    assert main(["report", "--root", str(tmp_path)]) == 0
+    table = table_for(json.loads(src.read_text()))
+    assert (tmp_path / "results" / "toy.md").read_text() == table
+    assert (tmp_path / "README.md").read_text() == f"intro\n<!-- results: results/toy.json -->\n{table}<!-- /results -->\nend\n"
+    assert (tmp_path / "docs" / "a.md").read_text() == "no markers here\n"
+    assert "1 marked tables" in capsys.readouterr().out
+    (tmp_path / "docs" / "b.md").write_text("<!-- results: results/missing.json -->\n<!-- /results -->\n")
+    assert main(["report", "--root", str(tmp_path)]) == 1
+    assert "missing.json" in capsys.readouterr().err and (tmp_path / "docs" / "b.md").read_text().endswith("-->\n")
+    assert fill_markers("plain text", tmp_path) == ("plain text", 0)
