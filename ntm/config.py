@@ -388,7 +388,7 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
     if pr.kind not in ("gaussian", "velocity") or pr.s0_std_floor <= 0 or pr.velocity_scale not in ("floor", "x0"):
         raise ValueError(f"invalid predictor kind '{pr.kind}', floor {pr.s0_std_floor} or velocity scale "
                          f"'{pr.velocity_scale}'")
-    if tr.transform not in ("affine", "spline") or tr.spline_bins < 2 or tr.spline_bound <= 0:
+    if tr.transform not in ("affine", "spline") or not 2 <= tr.spline_bins <= 100 or tr.spline_bound <= 0:
         raise ValueError(f"invalid transform '{tr.transform}' ({tr.spline_bins} bins, bound {tr.spline_bound})")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts):
         raise ValueError("invalid block count or trajectory length")
@@ -398,8 +398,12 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Raise ConfigError for optimisation settings no run can use."""
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown training mode '{cfg.mode}' (use 'e2e' or 'pairwise')")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or not 0.0 <= cfg.class_dropout < 1.0:
-        raise ConfigError("steps and batch size must be >= 1, warmup >= 0 and class dropout in [0, 1)")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.warmup < 0 or not 0.0 <= cfg.class_dropout < 1.0 \
+            or cfg.checkpoint_every < 1 or cfg.log_every < 1:
+        raise ConfigError("steps, batch size, checkpoint and log intervals must be >= 1, warmup >= 0 and class "
+                          "dropout in [0, 1)")
+    if cfg.stratified and cfg.mode != "pairwise":
+        raise ConfigError("stratified steps apply to pair-wise training (mode 'pairwise')")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{cfg.objective}' (use {' or '.join(OBJECTIVES)})")
     if cfg.hybrid_schedule not in HYBRID_SCHEDULES:

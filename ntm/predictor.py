@@ -260,9 +260,6 @@ def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False)
     """The predictor a config names: ``Predictor`` (from scratch) or ``VelocityPredictor`` (from FM)."""
     if cfg.kind == "velocity":
         return VelocityPredictor.from_config(cfg, spec)
-    stats = None
-    if cfg.precondition == "data":
-        if not spec.token_mean:
-            raise ValueError("'data' preconditioning needs the data statistics (DataSpec.token_mean/token_var)")
-        stats = (spec.token_mean, spec.token_var)
+    # "data" with no stored statistics (vector data, standardised on the way in) is mean 0, variance 1
+    stats = (spec.token_mean, spec.token_var) if cfg.precondition == "data" and spec.token_mean else None
     return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T, data_stats=stats)

@@ -66,7 +66,10 @@ def spline_forward(x: Tensor, raw: Tensor, bins: int, bound: float) -> tuple[Ten
 
 
 def spline_inverse(y: Tensor, raw: Tensor, bins: int, bound: float) -> Tensor:
-    """x = g^{-1}(y), elementwise: y (...), raw (..., 3K - 1) -> x like y."""
+    """x = g^{-1}(y), elementwise: y (...), raw (..., 3K - 1) -> x like y. Solved in float64: the
+    quadratic is badly conditioned in flat bins (slopes down to 1e-3)."""
+    dtype = y.dtype
+    y, raw = y.double(), raw.double()
     inside = (y > -bound) & (y < bound)
     yc = y.clamp(-bound, bound)
     xk, w, yk, h, d = _knots(raw, bins, bound)
@@ -80,4 +83,4 @@ def spline_inverse(y: Tensor, raw: Tensor, bins: int, bound: float) -> Tensor:
     c = -s * dy
     disc = (b.square() - 4 * a * c).clamp_min(0)
     theta = (2 * c / (-b - torch.sqrt(disc))).clamp(0, 1)
-    return torch.where(inside, x0 + theta * wk, y)
+    return torch.where(inside, x0 + theta * wk, y).to(dtype)

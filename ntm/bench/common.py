@@ -58,8 +58,9 @@ def replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "mode", "class_dropout", "finetune", "objective", "stratified",
-              "step_weights", "hybrid_weight", "hybrid_schedule")
+TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "class_dropout")
+NTM_TRAIN_KEYS = TRAIN_KEYS + ("mode", "finetune", "objective", "stratified", "step_weights", "hybrid_weight",
+                               "hybrid_schedule")  # what an FM run ignores
 
 
 def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:
@@ -70,7 +71,8 @@ def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainCon
         saved_train = from_dict(TrainConfig, meta["train"])
     except (CheckpointError, KeyError, TypeError, ValueError):
         return False
-    return saved_model == model_cfg and all(getattr(saved_train, k) == getattr(train_cfg, k) for k in TRAIN_KEYS)
+    keys = TRAIN_KEYS if isinstance(model_cfg, FMConfig) else NTM_TRAIN_KEYS
+    return saved_model == model_cfg and all(getattr(saved_train, k) == getattr(train_cfg, k) for k in keys)
 
 
 def train_or_reuse(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig, src, progress: bool) -> dict:

@@ -241,7 +241,7 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
 def ntm_recipe(cfg: NTMConfig, train_cfg: TrainConfig, default: bool) -> dict:
     """The keys that name an NTM row's recipe (objective, element-wise transform, and the rest)."""
     objective = train_cfg.objective + ("+hybrid" if train_cfg.hybrid_weight > 0 else "")
-    return {"objective": objective, "transform": "affine" if cfg.transporter.enabled else "none",
+    return {"objective": objective, "transform": cfg.transporter.transform if cfg.transporter.enabled else "none",
             "hybrid_weight": train_cfg.hybrid_weight, "stratified": train_cfg.stratified,
             "precondition": cfg.predictor.precondition, "default": default}
 

@@ -155,6 +155,9 @@ def train(
     source = open_data(data, conditional=conditional, patch=patch)
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
+        if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform)):
+            raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition and "
+                               "--transform are fixed by the run; drop them with --resume")
         summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
                                resume=True, progress=progress)
     else:
@@ -344,7 +347,7 @@ def distill(
     denoising; afterwards `ntm sample RUN --decode denoiser` skips the inverse. Resumable."""
     source = _run_source(run, data)
     cfg = replace(DISTILL_TRAIN, steps=steps, batch_size=batch_size, seed=seed)
-    res = run_distill(run, source, train_config=cfg, progress=progress, device=default_device())
+    res = run_distill(run, source, train_config=cfg, progress=progress)
     state = "stopped early (run the same command to resume)" if res["stopped"] else "done"
     typer.echo(f"{state}: {res['steps']} steps in {res['seconds']:.1f} s, MSE {res['first_loss']:.4g} -> "
                f"{res['final_loss']:.4g}; stored in {run / 'denoiser'}")
@@ -422,7 +425,8 @@ def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optio
         typer.echo(table_for(res))
         typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
         return
-    out = out or results_dir() / f"{data}{'-quick' if quick else ''}.json"
+    named = f"-{preset}" if preset is not None and preset not in ("mnist", "mnist-quick") else ""
+    out = out or results_dir() / f"{data}{named}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
                           progress=progress, distill_steps=distill_steps,

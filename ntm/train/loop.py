@@ -236,7 +236,7 @@ def fit(objective: torch.nn.Module, cfg: TrainConfig, source, out_dir: str | Pat
     opt, sched = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
-    g_noise = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    g_noise = torch.Generator().manual_seed(cfg.seed + 2)  # CPU: the same stream on any device (trajectory.randn)
     step, skipped, elapsed = 0, 0, 0.0
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if resume:

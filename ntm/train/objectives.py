@@ -79,7 +79,9 @@ class ScoredSteps:
         return self.weight * values.reshape(-1, self.per_sample).sum(1)
 
     def x0_hat(self) -> Tensor:
-        """The predictor's own estimate of x_0 inside mu_P = A u_t + B x0_hat, (M, N, D)."""
+        """The predictor's own estimate of x_0 inside mu_P = A u_t + B x0_hat, (M, N, D). It lives in
+        u-space: the hybrid term compares it with x_0 itself, a regulariser that assumes f_T is close
+        to the identity on the noisy levels (where it starts)."""
         A, B, _ = (_col(c) for c in posterior_coefficients(self.t, self.s))
         return (self.out.mu - A * self.out.u_t) / B
 
@@ -131,6 +133,8 @@ class NTMObjective(nn.Module):
             raise ValueError(f"unknown training mode '{mode}' (use 'e2e' or 'pairwise')")
         if objective not in ("nll", "nll-rb"):
             raise ValueError(f"unknown objective '{objective}' (use 'nll' or 'nll-rb')")
+        if stratified and mode != "pairwise":
+            raise ValueError("stratified steps apply to pair-wise training")
         if step_weights and any(T != len(step_weights) for T in model.train_Ts):
             raise ValueError(f"{len(step_weights)} step weights for a model of T in {list(model.train_Ts)}")
         self.model = model
@@ -167,9 +171,13 @@ class NTMObjective(nn.Module):
         drop = rand((batch,), generator, dev) < self.class_dropout
         eps = randn((batch, int(Ts.max()) + 1, m.spec.num_tokens, m.spec.token_dim), generator, dev)
         k_unif = rand((batch,), generator, dev)
-        if self.stratified:  # sample b scores step (b + offset) mod T: every step B / T times, each uniform
+        if self.stratified:  # the r-th sample of length T scores step (r + offset) mod T: each step B_T / T times
             offset = torch.floor(k_unif[:1] * T.float())
-            k_unif = (torch.remainder(torch.arange(batch, device=dev) + offset, T.float()) + 0.5) / T.float()
+            rank = torch.zeros(batch, device=dev)
+            for v in m.train_Ts:
+                group = T == v
+                rank[group] = torch.arange(int(group.sum()), device=dev, dtype=rank.dtype)
+            k_unif = (torch.remainder(rank + offset, T.float()) + 0.5) / T.float()
         return TrainingNoise(t_min, T, drop, eps, k_unif)
 
     def scored_steps(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, idx: Tensor, T: int) -> ScoredSteps:

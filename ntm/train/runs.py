@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FMConfig, NTMConfig, TrainConfig, from_dict, to_dict, validate_train_config
+from ..config import FMConfig, NTMConfig, TrainConfig, from_dict, to_dict, validate_model_config, validate_train_config
 from ..data import TOY_NAMES
 from ..errors import CheckpointError, ConfigError
 from ..flow_matching import FlowMatching
@@ -91,6 +91,10 @@ def train(model_config: NTMConfig | FMConfig | None, train_config: TrainConfig |
             raise ConfigError("a new run needs a model and a training config")
         cfg = train_config
     validate_train_config(cfg)
+    try:
+        validate_model_config(model_config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if isinstance(model_config, FMConfig) and cfg.finetune is not None:
         raise ConfigError("a flow-matching model cannot be finetuned from a teacher")
     with Distributed(device) as ctx:
