@@ -98,7 +98,11 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_objective_ablation_bench_end_to_end(tmp_path, monkeypatch, capsys):
+    import ntm.cli as cli
+
     monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    real = cli.run_image_ablation
+    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 8}))
     out = tmp_path / "abl.json"
     assert main(["bench", "mnist", "--ablation", "--quick", "--steps", "2", "--n-samples", "20", "--out", str(out),
                  "--no-progress"]) == 0
