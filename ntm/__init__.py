@@ -1,10 +1,9 @@
 """ntm: Normalizing Trajectory Models in PyTorch (Gu et al., arXiv 2605.08078).
 
-    from ntm import NTM, FlowMatching
-    model = NTM.from_pretrained("runs/checkerboard")
-    x = model.sample(1000)                # 4 predictor steps + one transporter inverse
-    nll = model.nll_bound(x)              # upper bound on -log p(x_0), nats per sample
-    fm = FlowMatching.from_pretrained("runs/fm")   # the flow-matching baseline: fm.sample(1000, steps=50)
+``NTM.from_pretrained(run)`` loads a trained run; ``model.sample(n)`` draws n samples in 4 predictor
+steps and one transporter inverse; ``model.nll_bound(x)`` is an upper bound on -log p(x_0) in nats per
+sample. ``FlowMatching`` is the flow-matching baseline (``fm.sample(n, steps=50)``), and
+``load_model`` loads either kind.
 
 This package is the core (networks, density, likelihood, sampling, data); training is in
 ``ntm.train`` and the command line, benchmarks and plots in ``ntm.cli``, ``ntm.bench``, ``ntm.tools``.

@@ -128,15 +128,23 @@ def nll_bounds(model, x: Tensor, y: Tensor | None = None, num_trajectories: int 
     """Both bounds from the same K trajectories per point: (ELBO bound, importance-weighted bound),
     each (B,) nats in raw units. The IW bound is never above the ELBO bound (Jensen)."""
     x0, y = _prepare(model, x, y)
+    elbo, iw = _batched_bounds(lambda xb, yb: elbo_terms(model, xb, yb, generator, steps), x0, y, num_trajectories,
+                               batch_size)
+    c = log_scale_correction(model.spec)
+    return elbo + c, iw + c
+
+
+def _batched_bounds(weight, x: Tensor, y: Tensor | None, num_trajectories: int,
+                    batch_size: int) -> tuple[Tensor, Tensor]:
+    """(-mean_K w, -logmeanexp_K w), each (B,), of K draws of the log weights ``weight(x_b, y_b)`` (b,)
+    per sample, in batches: the ELBO and importance-weighted bounds from the same trajectories."""
     elbo, iw = [], []
-    for lo in range(0, x0.shape[0], batch_size):
-        xb = x0[lo:lo + batch_size]
+    for lo in range(0, x.shape[0], batch_size):
         yb = None if y is None else y[lo:lo + batch_size]
-        w = torch.stack([elbo_terms(model, xb, yb, generator, steps) for _ in range(num_trajectories)])  # (K, b)
+        w = torch.stack([weight(x[lo:lo + batch_size], yb) for _ in range(num_trajectories)])  # (K, b)
         elbo.append(-w.mean(0))
         iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
-    c = log_scale_correction(model.spec)
-    return torch.cat(elbo) + c, torch.cat(iw) + c
+    return torch.cat(elbo), torch.cat(iw)
 
 
 def _log_normal_mass(a: Tensor, b: Tensor) -> Tensor:
@@ -186,14 +194,8 @@ def discrete_nll_bounds(model, q: Tensor, y: Tensor | None = None, num_trajector
     if ((qt < 0) | (qt > 255) | (qt != qt.round())).any():
         raise ValueError("the discretised bound needs integer pixel values in 0..255")
     y = model.check_labels(y)
-    elbo, iw = [], []
-    for lo in range(0, qt.shape[0], batch_size):
-        qb = qt[lo:lo + batch_size]
-        yb = None if y is None else y[lo:lo + batch_size]
-        w = torch.stack([discrete_elbo_terms(model, qb, yb, t0, generator, steps) for _ in range(num_trajectories)])
-        elbo.append(-w.mean(0))
-        iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
-    return torch.cat(elbo), torch.cat(iw)
+    return _batched_bounds(lambda qb, yb: discrete_elbo_terms(model, qb, yb, t0, generator, steps), qt, y,
+                           num_trajectories, batch_size)
 
 
 def discrete_bits_per_dim(nats: float | Tensor, dim: int):

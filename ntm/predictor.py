@@ -52,13 +52,14 @@ from .nn import ConditionedTransformer, TimeEmbedding, soft_clip
 from .trajectory import posterior_coefficients
 
 
-def _col(v: Tensor) -> Tensor:
+def as_column(v: Tensor) -> Tensor:
+    """Per-sample values (B,) -> fp32 (B, 1, 1), to broadcast against tokens (B, N, D)."""
     return v.float().reshape(-1, 1, 1)
 
 
 def gaussian_step(u_t: Tensor, t: Tensor, s: Tensor, x0_mean: Tensor, x0_var: Tensor) -> tuple[Tensor, Tensor]:
     """(mu, sigma) of the reverse step when x_0 | x_t has mean/variance (x0_mean, x0_var), (B, N, D)."""
-    A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
+    A, B, C = (as_column(c) for c in posterior_coefficients(t.float(), s.float()))
     mu = A * u_t + B * x0_mean
     return mu, torch.sqrt(C**2 + B**2 * x0_var)
 
@@ -84,7 +85,7 @@ class Predictor(ConditionedTransformer):
         (multi-T models only) -> (mu, sigma), each (B, N, D)."""
         u_t = u_t.float()
         f_mu, f_sigma = self.backbone(u_t, t, s, y, T).split(self.token_dim, dim=-1)
-        tt = _col(t)
+        tt = as_column(t)
         m, w = self.data_mean, self.data_var
         denom = (1 - tt) ** 2 * w + tt**2
         v = w * tt**2 / denom
@@ -102,7 +103,7 @@ class GaussianDataPosterior(nn.Module):
         self.register_buffer("v", var.float())
 
     def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, T: Tensor | None = None):
-        tt = _col(t)
+        tt = as_column(t)
         a = 1 - tt
         # x_t = a x_0 + t eps  =>  x_0 | x_t is Gaussian with precision 1/v + a^2 / t^2
         gain = a * self.v / (a**2 * self.v + tt**2)
@@ -241,8 +242,8 @@ class VelocityPredictor(nn.Module):
         """u_t: (B, N, D); t, s: (B,) -> (mu_P, sigma_P), each (B, N, D) fp32."""
         u_t = u_t.float()
         v, delta = self.velocity_and_log_scale(u_t, t, s, y)
-        A, B, C = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
-        x0_hat = u_t - _col(t) * v
+        A, B, C = (as_column(c) for c in posterior_coefficients(t.float(), s.float()))
+        x0_hat = u_t - as_column(t) * v
         mu = A * u_t + B * x0_hat
         if self.scale == "x0":  # q(x_s | x_t) with x_0 ~ N(x0_hat, tau^2): variance C^2 + B^2 tau^2
             tau = self.floor * torch.exp(delta)
@@ -252,8 +253,8 @@ class VelocityPredictor(nn.Module):
 
 def posterior_mean_from_velocity(v: Tensor, x_t: Tensor, t: Tensor, s: Tensor) -> Tensor:
     """mu = A x_t + B (x_t - t v): the mean of q(x_s | x_t, x0_hat) for a velocity v = eps - x_0. (B, N, D)"""
-    A, B, _ = (_col(c) for c in posterior_coefficients(t.float(), s.float()))
-    return A * x_t + B * (x_t - _col(t) * v)
+    A, B, _ = (as_column(c) for c in posterior_coefficients(t.float(), s.float()))
+    return A * x_t + B * (x_t - as_column(t) * v)
 
 
 def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False) -> nn.Module:

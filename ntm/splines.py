@@ -48,14 +48,21 @@ def _gather(v: Tensor, idx: Tensor) -> Tensor:
     return v.gather(-1, idx[..., None])[..., 0]
 
 
+def _bin(value: Tensor, knots: tuple, bins: int, on_y: bool):
+    """The bin of each clamped ``value`` among the x knots (forward) or y knots (inverse) and that bin's
+    (x_k, w_k, y_k, h_k, d_k, d_{k+1}), each shaped like ``value``."""
+    xk, w, yk, h, d = knots
+    edges = yk if on_y else xk
+    k = torch.searchsorted(edges[..., 1:-1].contiguous(), value[..., None].contiguous(), right=True)[..., 0]
+    k = k.clamp(0, bins - 1)
+    return _gather(xk, k), _gather(w, k), _gather(yk, k), _gather(h, k), _gather(d, k), _gather(d, k + 1)
+
+
 def spline_forward(x: Tensor, raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor]:
     """y = g(x) and log|g'(x)|, elementwise: x (...), raw (..., 3K - 1) -> (y, logdet), each like x."""
     inside = (x > -bound) & (x < bound)
     xc = x.clamp(-bound, bound)
-    xk, w, yk, h, d = _knots(raw, bins, bound)
-    k = (torch.searchsorted(xk[..., 1:-1].contiguous(), xc[..., None].contiguous(), right=True)[..., 0]).clamp(0, bins - 1)
-    x0, wk, y0, hk = _gather(xk, k), _gather(w, k), _gather(yk, k), _gather(h, k)
-    d0, d1 = _gather(d, k), _gather(d, k + 1)
+    x0, wk, y0, hk, d0, d1 = _bin(xc, _knots(raw, bins, bound), bins, on_y=False)
     s = hk / wk
     theta = ((xc - x0) / wk).clamp(0, 1)
     tt = theta * (1 - theta)
@@ -72,10 +79,7 @@ def spline_inverse(y: Tensor, raw: Tensor, bins: int, bound: float) -> Tensor:
     y, raw = y.double(), raw.double()
     inside = (y > -bound) & (y < bound)
     yc = y.clamp(-bound, bound)
-    xk, w, yk, h, d = _knots(raw, bins, bound)
-    k = (torch.searchsorted(yk[..., 1:-1].contiguous(), yc[..., None].contiguous(), right=True)[..., 0]).clamp(0, bins - 1)
-    x0, wk, y0, hk = _gather(xk, k), _gather(w, k), _gather(yk, k), _gather(h, k)
-    d0, d1 = _gather(d, k), _gather(d, k + 1)
+    x0, wk, y0, hk, d0, d1 = _bin(yc, _knots(raw, bins, bound), bins, on_y=True)
     s = hk / wk
     dy = yc - y0
     a = hk * (s - d0) + dy * (d1 + d0 - 2 * s)

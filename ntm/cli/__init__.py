@@ -10,7 +10,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import typer
 

@@ -25,7 +25,7 @@ from ..config import DataSpec
 from ..denoising import Denoiser, trajectory_score_denoise
 from ..flow_matching import FlowMatching
 from ..model import NTM, StepOutput
-from ..predictor import posterior_mean_from_velocity
+from ..predictor import as_column, posterior_mean_from_velocity
 from ..trajectory import forward_trajectory, posterior_coefficients, rand, randn, shift_time
 
 
@@ -82,12 +82,8 @@ class ScoredSteps:
         """The predictor's own estimate of x_0 inside mu_P = A u_t + B x0_hat, (M, N, D). It lives in
         u-space: the hybrid term compares it with x_0 itself, a regulariser that assumes f_T is close
         to the identity on the noisy levels (where it starts)."""
-        A, B, _ = (_col(c) for c in posterior_coefficients(self.t, self.s))
+        A, B, _ = (as_column(c) for c in posterior_coefficients(self.t, self.s))
         return (self.out.mu - A * self.out.u_t) / B
-
-
-def _col(v: Tensor) -> Tensor:
-    return v.float().reshape(-1, 1, 1)
 
 
 def rao_blackwell_cv(steps: ScoredSteps) -> Tensor:
@@ -98,7 +94,7 @@ def rao_blackwell_cv(steps: ScoredSteps) -> Tensor:
 
     With an identity transporter, NLL - cv is the NLL's analytic expectation over eps_post. Gradients
     flow through x0_hat and sigma_P (detaching them would break the zero mean)."""
-    A, B, C = (_col(c) for c in posterior_coefficients(steps.t, steps.s))
+    A, B, C = (as_column(c) for c in posterior_coefficients(steps.t, steps.s))
     usable = C > 1e-4
     eps = torch.where(usable, (steps.x_s - A * steps.x_t - B * steps.x0) / C.clamp_min(1e-4), torch.zeros_like(steps.x_s))
     var = steps.out.sigma.square()
