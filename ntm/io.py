@@ -31,7 +31,7 @@ from .config import upgrade_v1
 from .errors import CheckpointError
 
 VERSION = 2
-FORMATS = ("ntm", "ntm-fm", "ntm-denoiser", "ntm-classifier")
+FORMATS = ("ntm", "ntm-fm", "ntm-denoiser", "ntm-classifier", "ntm-glow")
 
 
 # ----------------------------------------------------------------------------------- atomic writes

@@ -22,7 +22,7 @@ from .config import NTMConfig
 from .denoising import Denoiser, load_denoiser
 from .guidance import product_rule
 from .io import run_dir_of
-from .likelihood import nll_bound, trajectory_nll
+from .likelihood import nll_bound, score_samples, trajectory_nll
 from .predictor import build_predictor, gaussian_log_prob
 from .sampling import sample
 from .trajectory import first_level, time_grid
@@ -188,6 +188,17 @@ class NTM(TokenModel):
         """Upper bound on -log p(x_0) in nats (raw data units), per sample (B,), with T = ``steps``."""
         return nll_bound(self, x, y=y, num_trajectories=num_trajectories,
                          importance_weighted=importance_weighted, generator=generator, steps=steps)
+
+    def score(self, x: Tensor, y: Tensor | None = None, num_trajectories: int = 16,
+              generator: torch.Generator | None = None, steps: int | None = None, batch_size: int = 4096,
+              progress=None) -> dict[str, Tensor]:
+        """Per-sample scores of raw x (B, ...): the ELBO and IW bounds on -log p(x_0) (``elbo``,
+        ``iw``; ``nll`` = ``iw``), bits/dim for images and the per-step terms ``step_terms`` (B, T);
+        see :func:`ntm.likelihood.score_samples`."""
+        if steps is not None and self.multi_T and steps not in self.train_Ts:
+            raise ValueError(f"this model was trained for T in {list(self.train_Ts)}; got {steps} steps")
+        return score_samples(self, x, y=y, num_trajectories=num_trajectories, generator=generator,
+                             batch_size=batch_size, steps=steps, progress=progress)
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",

@@ -3,6 +3,8 @@ precision/recall and class accuracy; see the second half).
 
 * ``energy_distance``: D^2 = 2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic form), on (n, d) sets.
 * ``off_support_fraction``: share of samples where the true density is zero (checkerboard).
+* ``detection_scores``: AUROC and AUPR of an anomaly statistic (out-of-distribution = positive).
+* ``calibration_error``: the expected calibration error of class probabilities (15 equal bins).
 * ``low_density_fraction``: share of samples whose true log-density falls below the ``q`` quantile
   of the data's own log-densities (a perfect sampler scores q).
 """
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torchmetrics.functional.classification import (binary_auroc, binary_average_precision,
+                                                     multiclass_calibration_error)
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm import tqdm
@@ -210,3 +214,20 @@ def image_quality(real: Tensor, fake: Tensor, classifier: ImageClassifier, kid_s
     precision, recall = knn_precision_recall(extract_features(extractor, real), extract_features(extractor, fake))
     return {"fid": fid_value, "kid": float(kid_mean), "kid_std": float(kid_std),
             "precision": precision, "recall": recall}
+
+
+def detection_scores(score_in: Tensor, score_out: Tensor) -> dict:
+    """How well a statistic (larger = more anomalous) separates out-of-distribution samples (the
+    positives) from in-distribution ones: ``{"auroc", "aupr"}`` (AUPR = average precision)."""
+    preds = torch.cat([score_in, score_out]).double()
+    target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
+    if not torch.isfinite(preds).all():
+        raise ValueError("detection scores contain NaN or inf")
+    return {"auroc": float(binary_auroc(preds, target)), "aupr": float(binary_average_precision(preds, target))}
+
+
+def calibration_error(log_probs: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """Expected calibration error (L1, ``bins`` equal-width confidence bins) of class log-probabilities
+    (n, C) against labels (n,)."""
+    probs = log_probs.double().exp()
+    return float(multiclass_calibration_error(probs, labels.long(), num_classes=probs.shape[1], n_bins=bins, norm="l1"))

@@ -72,3 +72,35 @@ def test_knn_precision_recall_by_hand():
     p, r = knn_precision_recall(real, fake, k=1)
     assert p == 0.5 and r == 1.0
 
+
+
+def test_auroc_of_two_gaussians_matches_its_closed_form():
+    import math
+
+    from ntm.tools.metrics import detection_scores
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    for delta in (0.5, 1.5):
+        res = detection_scores(torch.randn(n, generator=g), torch.randn(n, generator=g) + delta)
+        exact = 0.5 * (1 + math.erf(delta / 2))  # P(X_out > X_in) = Phi(delta / sqrt 2)
+        assert abs(res["auroc"] - exact) < 0.01
+        assert 0.5 < res["aupr"] < 1
+    perfect = detection_scores(torch.zeros(10), torch.ones(10))
+    assert perfect == {"auroc": 1.0, "aupr": 1.0}
+
+
+def test_calibration_error_matches_a_direct_binned_computation():
+    from ntm.tools.metrics import calibration_error
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3000, 5, generator=g) * 2
+    labels = torch.randint(0, 5, (3000,), generator=g)
+    logp = torch.log_softmax(logits, 1)
+    conf, pred = logp.exp().max(1)
+    ece = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += float(inside.float().mean()) * abs(float((pred[inside] == labels[inside]).float().mean())
+                                                      - float(conf[inside].mean()))
+    assert calibration_error(logp, labels) == pytest.approx(ece, abs=1e-4)

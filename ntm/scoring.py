@@ -1,0 +1,76 @@
+"""What a likelihood is for: Bayes classification with class-conditional densities, and an
+out-of-distribution statistic built from NTM's per-step terms.
+
+Both work on any model with ``score(x, y=None, generator=...) -> {"nll": (B,), ...}`` (an
+:class:`ntm.model.NTM`, whose ``nll`` is the importance-weighted bound, or a
+:class:`ntm.flow_matching.FlowMatching`, whose ``nll`` is the ODE estimate).
+
+* ``class_log_likelihoods``: log p(x | y) for every class y, each from the same random draws (the
+  same trajectories for NTM, the same Hutchinson probes for FM), so that the differences between
+  classes carry no Monte Carlo noise from the trajectories themselves.
+* ``bayes_posterior``: log p(y | x) = log p(x | y) + log p(y) - log sum_y' p(x | y') p(y').
+* ``StepTypicality``: the trajectory splits -log p(x) into T per-step terms, one per noise scale.
+  A sample is typical when its vector of step terms (and prior term) looks like those of the
+  training data: the statistic is the Mahalanobis distance of that vector under a Gaussian fitted
+  to in-distribution scores. Data that a model finds "simple" (higher likelihood than its own
+  training data) still fail it, because their terms are off in the opposite direction at the fine
+  steps and the coarse steps at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, **score_kwargs) -> Tensor:
+    """log p(x | y) estimates (B, C) for raw x (B, ...) and every class y of a class-conditional
+    model: minus ``model.score(x, y=c, ...)["nll"]``, each class with a generator seeded ``seed``.
+    ``progress``, if given, is called with the number of samples scored after each class."""
+    C = model.spec.num_classes
+    if C == 0:
+        raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
+    out = []
+    for c in range(C):
+        y = torch.full((x.shape[0],), c, dtype=torch.long)
+        out.append(-model.score(x, y=y, generator=torch.Generator(device=model.device).manual_seed(seed),
+                                **score_kwargs)["nll"].float().cpu())
+        if progress is not None:
+            progress(x.shape[0])
+    return torch.stack(out, 1)
+
+
+def bayes_posterior(log_likelihoods: Tensor, log_prior: Tensor | None = None) -> Tensor:
+    """log p(y | x) (B, C) from log p(x | y) (B, C) and log p(y) (C,) (default: uniform)."""
+    if log_prior is None:
+        log_prior = torch.full((log_likelihoods.shape[1],), -math.log(log_likelihoods.shape[1]))
+    joint = log_likelihoods.double() + log_prior.double()
+    return (joint - torch.logsumexp(joint, 1, keepdim=True)).float()
+
+
+def step_features(scores: dict[str, Tensor]) -> Tensor:
+    """The per-sample feature vector (B, T + 1) of an NTM's scores: the step terms and the prior term."""
+    return torch.cat([scores["step_terms"], scores["prior_term"][:, None]], 1)
+
+
+class StepTypicality:
+    """A Gaussian fit to in-distribution feature vectors (M, F) (``step_features``); ``distance``
+    gives the squared Mahalanobis distance (B,) of new ones: larger is less typical.
+    ``ridge`` is added to the covariance's diagonal, relative to its mean variance."""
+
+    def __init__(self, features: Tensor, ridge: float = 1e-4):
+        f = features.double()
+        if f.ndim != 2 or f.shape[0] <= f.shape[1]:
+            raise ValueError(f"need more fitting samples than features; got {tuple(f.shape)}")
+        self.mean = f.mean(0)
+        cov = torch.cov((f - self.mean).T).reshape(f.shape[1], f.shape[1])
+        cov = cov + ridge * cov.diagonal().mean() * torch.eye(f.shape[1], dtype=f.dtype)
+        self.chol = torch.linalg.cholesky(cov)
+
+    def distance(self, features: Tensor) -> Tensor:
+        z = torch.linalg.solve_triangular(self.chol, (features.double() - self.mean).T, upper=False)
+        return z.square().sum(0).float()
+
+
+__all__ = ["class_log_likelihoods", "bayes_posterior", "step_features", "StepTypicality"]
