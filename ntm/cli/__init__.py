@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..bench.common import check_bench_output, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import run_image_ablation, run_image_bench
+from ..bench.ood import run_bayes_bench, run_ood_bench
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
@@ -588,6 +589,28 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
     res = run_finetune_bench(data, out=out, quick=quick, guidance=guidance, n_samples=n_samples, progress=progress)
     typer.echo(markdown_image_table(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+@bench_app.command("ood")
+def bench_ood(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/ood[-quick].json)"),
+              progress: bool = typer.Option(True, help="show progress bars")):
+    """Out-of-distribution detection with NTM's bounds and per-step terms, FM's ODE likelihood and Glow."""
+    out = out or results_dir() / f"ood{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_ood_bench(out, quick=quick, progress=progress)
+    typer.echo(table_for(res))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('')}/iw-vs-k.png")
+
+
+@bench_app.command("bayes")
+def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/bayes[-quick].json)"),
+                progress: bool = typer.Option(True, help="show progress bars")):
+    """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
+    out = out or results_dir() / f"bayes{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_bayes_bench(out, quick=quick, progress=progress)
+    typer.echo(table_for(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 @app.command()

@@ -8,6 +8,7 @@ coupling) per scale; ``log_prob`` is exact, in nats per image, in the same units
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def train_glow(cfg: GlowConfig, source, progress: bool = True) -> nf.MultiscaleF
             torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
             opt.step()
         sched.step()
-        bar.set_postfix(nll=f"{float(loss):.1f}", refresh=False)
+        bar.set_postfix(nll=f"{float(loss.detach()):.1f}", refresh=False)
     return flow.eval()
 
 
@@ -103,3 +104,21 @@ def glow_nll(flow: nf.MultiscaleFlow, x: Tensor, batch_size: int = 500) -> Tenso
     """-log p(x) in nats per image (B,) of images x (B, C, H, W) in [-1, 1)."""
     flow.eval()
     return torch.cat([-flow.log_prob(x[lo:lo + batch_size].float(), None) for lo in range(0, x.shape[0], batch_size)])
+
+
+def glow_or_train(folder: str | Path, cfg: GlowConfig, source, progress: bool = True) -> tuple[nf.MultiscaleFlow, dict]:
+    """The Glow saved in ``folder`` when its config equals ``cfg``, else one trained now and saved
+    there (with its training seconds in the meta). -> (flow, meta)."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        try:
+            flow, saved, meta = load_glow(folder)
+            if saved == cfg:
+                return flow, meta
+        except CheckpointError:
+            pass  # unreadable or another config: train afresh and replace it
+    start = time.perf_counter()
+    flow = train_glow(cfg, source, progress=progress)
+    meta = {"train_seconds": time.perf_counter() - start, "data": getattr(source, "name", "")}
+    save_glow(flow, cfg, folder, meta=meta)
+    return flow, read_meta(folder, (GLOW_FORMAT,))

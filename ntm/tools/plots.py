@@ -94,3 +94,21 @@ def smoothed_curves(runs: dict[str, Path], path: str | Path, key: str = "nll", x
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)
+
+
+def line_plot(series: dict[str, tuple[list, list]], path: str | Path, xlabel: str, ylabel: str, title: str = "",
+              log_x: bool = False, errors: dict[str, list] | None = None) -> None:
+    """One line per series {label: (x, y)} with optional error bars {label: half-widths}."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, (xs, ys) in series.items():
+        err = (errors or {}).get(label)
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, lw=1.5, capsize=3, label=label)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)

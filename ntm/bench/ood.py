@@ -1,0 +1,229 @@
+"""``ntm bench ood`` and ``ntm bench bayes``: what NTM's likelihood is worth to a user, against the
+tools a user would otherwise pick.
+
+Models: the NTM and the FM baseline of the image bench (``results/<data>[-quick]/runs/{ntm,fm}``,
+trained here with the same preset if missing) and a Glow from ``normflows`` trained on the same data
+with the same step budget and batch size (``results/ood/runs/glow-<data>``).
+
+Out-of-distribution detection (``results/ood[-quick].json``): models trained on MNIST score MNIST test
+images (in) against Fashion-MNIST, uniform noise, constant images and vertically flipped and inverted
+MNIST (out); models trained on Fashion-MNIST score Fashion test images against MNIST. All images are
+uniformly dequantised 8-bit values, and every density is unconditional (NTM and FM: the null label).
+The statistics (larger = more anomalous):
+
+* ``ntm-bound``: the ELBO bound on -log p(x) from one trajectory (T network evaluations);
+* ``ntm-iw``: the importance-weighted bound from K trajectories (T K evaluations);
+* ``ntm-steps``: the squared Mahalanobis distance of the vector of per-step terms of the one-trajectory
+  bound (and its prior term) under a Gaussian fitted to the same vectors of training images
+  (``ntm.scoring.StepTypicality``): a typicality test across the trajectory's noise scales;
+* ``fm-ode``: FM's ODE estimate of -log p(x) (Heun, Hutchinson; 2 evaluations and 2 vector-Jacobian
+  products per step), on a smaller subset;
+* ``glow``: Glow's exact -log p(x) (one pass).
+
+Bayes classification (``results/bayes[-quick].json``): argmax_y log p(x | y) + log p(y), uniform prior,
+with NTM's IW bound and FM's ODE estimate (common random numbers across classes), against the project's
+CNN classifier; accuracy and expected calibration error (15 bins).
+
+The IW bound's tightness against K goes to ``results/ood/iw-vs-k.png`` (MNIST NTM) and its numbers into
+the OOD results' config.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import get_preset
+from ..hub import load_model
+from ..images import dequantize, load_named
+from ..likelihood import bits_per_dim
+from ..scoring import StepTypicality, bayes_posterior, class_log_likelihoods, step_features
+from ..tools.glow import GlowConfig, glow_nll, glow_or_train
+from ..tools.metrics import calibration_error, classifier_accuracy, detection_scores, load_or_train_classifier
+from ..tools.plots import line_plot
+from .common import bench_device, results_dir, train_or_reuse, write_results
+from .images import labelled_source
+
+OUT_SETS = {"mnist": ("fashion", "noise", "constant", "mnist-vflip", "mnist-inverted"), "fashion": ("mnist",)}
+IW_KS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def ood_settings(quick: bool, overrides: dict | None = None) -> dict:
+    """Sample counts and budgets of the full or the quick bench, with ``overrides`` applied."""
+    return {**_base_settings(quick), **(overrides or {})}
+
+
+def _base_settings(quick: bool) -> dict:
+    if quick:
+        return {"preset": "mnist-quick", "n": 200, "n_fit": 400, "n_fm": 24, "fm_ode_steps": 16, "iw_k": 4,
+                "glow": GlowConfig(steps=300, blocks=4, hidden=32), "n_bayes": 100, "n_bayes_fm": 10,
+                "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000}
+    return {"preset": "mnist", "n": 1000, "n_fit": 2000, "n_fm": 200, "fm_ode_steps": 64, "iw_k": 8,
+            "glow": GlowConfig(), "n_bayes": 1000, "n_bayes_fm": 100, "bayes_k": 4, "n_tight": 200, "ks": IW_KS,
+            "classifier_steps": 3000}
+
+
+def image_set(name: str, n: int, seed: int = 4242) -> torch.Tensor:
+    """n dequantised 28x28 images in [-1, 1): a test split ("mnist", "fashion"), "noise" (uniform
+    pixels), "constant" (one uniform level per image), "mnist-vflip" (upside down) or "mnist-inverted"."""
+    g = torch.Generator().manual_seed(seed)
+    if name in ("mnist", "fashion"):
+        q = load_named(name, "test")[0][:n]
+    elif name == "noise":
+        q = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    elif name == "constant":
+        q = torch.randint(0, 256, (n, 1, 1, 1), generator=g, dtype=torch.uint8).expand(n, 1, 28, 28).contiguous()
+    elif name == "mnist-vflip":
+        q = load_named("mnist", "test")[0][:n].flip(2)
+    elif name == "mnist-inverted":
+        q = 255 - load_named("mnist", "test")[0][:n]
+    else:
+        raise ValueError(f"unknown image set '{name}'")
+    return dequantize(q, g)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_models(data: str, quick: bool, settings: dict, progress: bool) -> tuple[dict, dict]:
+    """The NTM and FM runs of the image bench on ``data`` (trained now if missing) and the Glow.
+    -> (models {"ntm", "fm", "glow"}, info)."""
+    src, spec = labelled_source(data)
+    p = get_preset(settings["preset"])
+    folder = results_dir() / (f"{data}-quick" if quick else data)
+    models, info = {}, {}
+    for kind, cfg in (("ntm", p.ntm(spec)), ("fm", p.fm(spec))):
+        summary = train_or_reuse(folder / "runs" / kind, cfg, p.train, src, progress)
+        models[kind] = load_model(folder / "runs" / kind, map_location=bench_device()).eval()
+        info[kind] = {"run": str(folder / "runs" / kind), "train_seconds": summary["seconds"]}
+    glow_cfg = replace(settings["glow"], steps=p.train.steps if not quick else settings["glow"].steps,
+                       batch_size=p.train.batch_size)
+    glow_dir = results_dir() / ("ood-quick" if quick else "ood") / "runs" / f"glow-{data}"
+    models["glow"], meta = glow_or_train(glow_dir, glow_cfg, src, progress=progress)
+    info["glow"] = {"run": str(glow_dir), "train_seconds": meta.get("train_seconds"),
+                    "parameters": sum(q.numel() for q in models["glow"].parameters()),
+                    "levels": glow_cfg.levels, "blocks": glow_cfg.blocks, "hidden": glow_cfg.hidden,
+                    "steps": glow_cfg.steps, "batch_size": glow_cfg.batch_size}
+    return models, info
+
+
+def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: StepTypicality | None,
+                   fm: bool) -> dict:
+    """Every statistic of images x (B, 1, 28, 28): {method: (scores (B,), seconds)} and mean bits/dim."""
+    ntm = models["ntm"]
+    out = {}
+    one, s1 = _timed(lambda: ntm.score(x, num_trajectories=1, generator=torch.Generator().manual_seed(1)))
+    out["ntm-bound"] = (one["elbo"], s1)
+    if typicality is not None:
+        out["ntm-steps"] = (typicality.distance(step_features(one)), s1)
+    iw, s2 = _timed(lambda: ntm.score(x, num_trajectories=settings["iw_k"], generator=torch.Generator().manual_seed(2)))
+    out["ntm-iw"] = (iw["iw"], s2)
+    if fm:
+        m = settings["n_fm"]
+        res, s3 = _timed(lambda: models["fm"].score(x[:m], steps=settings["fm_ode_steps"],
+                                                    generator=torch.Generator().manual_seed(3)))
+        out["fm-ode"] = (res["nll"], s3)
+    nll, s4 = _timed(lambda: glow_nll(models["glow"], x))
+    out["glow"] = (nll, s4)
+    return out
+
+
+def network_evaluations_per_image(method: str, T: int, settings: dict) -> int:
+    return {"ntm-bound": T, "ntm-steps": T, "ntm-iw": T * settings["iw_k"], "glow": 1,
+            "fm-ode": 2 * settings["fm_ode_steps"]}[method]
+
+
+def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
+                  settings: dict | None = None, out_sets: dict | None = None) -> dict:
+    """Write the OOD detection table and the IW tightness figure (see the module doc). ``settings``
+    override the sizes; ``out_sets`` {trained on: (out-of-distribution sets, ...)} the pairs."""
+    settings = ood_settings(quick, settings)
+    out = Path(out) if out else results_dir() / ("ood-quick.json" if quick else "ood.json")
+    results = {"config": {"quick": quick, **{k: v for k, v in settings.items() if k != "glow"},
+                          "dequantisation": "uniform", "conditioning": "none (null label)", "models": {}},
+               "rows": []}
+    n = settings["n"]
+    for train_data, sets in (out_sets or OUT_SETS).items():
+        models, info = bench_models(train_data, quick, settings, progress)
+        results["config"]["models"][train_data] = info
+        src, _ = labelled_source(train_data)
+        fit_x = dequantize(src.images[-settings["n_fit"]:], torch.Generator().manual_seed(7))  # training images
+        typicality = StepTypicality(step_features(models["ntm"].score(
+            fit_x, num_trajectories=1, generator=torch.Generator().manual_seed(1))))
+        T = models["ntm"].config.trajectory.T
+        stats_in = ood_statistics(models, image_set(train_data, n), settings, typicality, fm=True)
+        for ood in sets:
+            stats_out = ood_statistics(models, image_set(ood, n, seed=4343), settings, typicality, fm=True)
+            for method, (s_in, sec_in) in stats_in.items():
+                s_out, sec_out = stats_out[method]
+                row = {"train_data": train_data, "ood_data": ood, "method": method,
+                       **detection_scores(s_in, s_out), "nfe_per_image": network_evaluations_per_image(method, T, settings),
+                       "seconds_per_1000": 1000 * (sec_in + sec_out) / (len(s_in) + len(s_out)),
+                       "n_in": len(s_in), "n_out": len(s_out)}
+                if method in ("ntm-bound", "ntm-iw", "fm-ode", "glow"):
+                    row["bpd_in"] = float(bits_per_dim(s_in.mean(), 784))
+                    row["bpd_out"] = float(bits_per_dim(s_out.mean(), 784))
+                results["rows"].append(row)
+            write_results(out, results)
+        if train_data == "mnist" and settings["ks"]:
+            results["config"]["iw_vs_k"] = iw_tightness(models["ntm"], image_set("mnist", settings["n_tight"], seed=99),
+                                                        settings["ks"], out.with_suffix("") / "iw-vs-k.png")
+            write_results(out, results)
+    return results
+
+
+def iw_tightness(model, x: torch.Tensor, ks: tuple[int, ...], png: Path) -> dict:
+    """Mean IW bound in bits/dim against K (same test images; fresh draws for each K) and its figure."""
+    bpd = {}
+    for K in ks:
+        s = model.score(x, num_trajectories=K, generator=torch.Generator().manual_seed(K))
+        bpd[K] = {"iw_bpd": float(s["iw_bpd"].mean()), "elbo_bpd": float(s["bpd"].mean()),
+                  "se": float(s["iw_bpd"].std() / len(x) ** 0.5)}
+    plot_iw_vs_k(bpd, png)
+    return {"n": len(x), "by_k": {str(k): v for k, v in bpd.items()}}
+
+
+def plot_iw_vs_k(bpd: dict, png: Path) -> None:
+    ks = list(bpd)
+    line_plot({"importance-weighted bound": (ks, [bpd[k]["iw_bpd"] for k in ks]),
+               "ELBO bound (same draws)": (ks, [bpd[k]["elbo_bpd"] for k in ks])}, png,
+              xlabel="trajectories K", ylabel="bits/dim (uniform dequantisation)", log_x=True,
+              title="NTM on MNIST test images: the bound against K", errors={"importance-weighted bound":
+                                                                             [2 * bpd[k]["se"] for k in ks]})
+
+
+def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
+                    settings: dict | None = None, data_sets: tuple[str, ...] = tuple(OUT_SETS)) -> dict:
+    """Bayes classification with the class-conditional NTM and FM against the project's CNN."""
+    settings = ood_settings(quick, settings)
+    out = Path(out) if out else results_dir() / ("bayes-quick.json" if quick else "bayes.json")
+    results = {"config": {"quick": quick, "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
+                          "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15}, "rows": []}
+    for data in data_sets:
+        models, _ = bench_models(data, quick, settings, progress)
+        src, _ = labelled_source(data)
+        x, y = src.held_out(settings["n_bayes"], seed=4242)
+        ll, sec = _timed(lambda: class_log_likelihoods(models["ntm"], x, num_trajectories=settings["bayes_k"]))
+        results["rows"].append(bayes_row(data, "ntm-bayes", ll, y, sec))
+        m = settings["n_bayes_fm"]
+        ll, sec = _timed(lambda: class_log_likelihoods(models["fm"], x[:m], steps=settings["fm_ode_steps"]))
+        results["rows"].append(bayes_row(data, "fm-ode-bayes", ll, y[:m], sec))
+        clf, info = load_or_train_classifier(src, steps=settings["classifier_steps"], progress=progress)
+        tx, ty = src.held_out(None, seed=777)
+        with torch.no_grad():
+            logp = torch.cat([torch.log_softmax(clf(tx[lo:lo + 1000]), 1) for lo in range(0, len(tx), 1000)])
+        results["rows"].append({"data": data, "method": "cnn", "accuracy": classifier_accuracy(clf, tx, ty),
+                                "ece": calibration_error(logp, ty), "n": len(ty), "note": info["name"]})
+        write_results(out, results)
+    return results
+
+
+def bayes_row(data: str, method: str, log_likelihoods: torch.Tensor, y: torch.Tensor, seconds: float) -> dict:
+    post = bayes_posterior(log_likelihoods)
+    return {"data": data, "method": method, "accuracy": float((post.argmax(1) == y).float().mean()),
+            "ece": calibration_error(post, y), "n": len(y), "seconds_per_1000": 1000 * seconds / len(y)}

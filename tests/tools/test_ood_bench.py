@@ -1,0 +1,55 @@
+"""`ntm bench ood` and `ntm bench bayes` end to end on a tiny budget, and their image sets."""
+
+import json
+
+import pytest
+import torch
+
+from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench
+from ntm.images import load_named, to_uint8
+from ntm.tools.glow import GlowConfig
+
+TINY = {"preset": "tiny", "n": 24, "n_fit": 30, "n_fm": 6, "fm_ode_steps": 2, "iw_k": 2,
+        "glow": GlowConfig(steps=3, blocks=1, hidden=8), "n_bayes": 12, "n_bayes_fm": 4, "bayes_k": 1,
+        "n_tight": 6, "ks": (1, 2), "classifier_steps": 10}
+
+
+def test_image_sets_are_what_they_say():
+    q = load_named("mnist", "test")[0][:5]
+    assert torch.equal(to_uint8(image_set("mnist-vflip", 5)), q.flip(2))
+    assert torch.equal(to_uint8(image_set("mnist-inverted", 5)), 255 - q)
+    const = to_uint8(image_set("constant", 7))
+    assert (const == const[:, :, :1, :1]).all() and len(set(const[:, 0, 0, 0].tolist())) > 1
+    x = image_set("noise", 3)
+    assert x.shape == (3, 1, 28, 28) and -1 <= float(x.min()) and float(x.max()) < 1
+    with pytest.raises(ValueError, match="unknown image set"):
+        image_set("cifar", 2)
+
+
+def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_ood_bench(quick=True, progress=False, settings=TINY, out_sets={"mnist": ("noise", "mnist-inverted")})
+    methods = {"ntm-bound", "ntm-iw", "ntm-steps", "fm-ode", "glow"}
+    assert {(r["ood_data"], r["method"]) for r in res["rows"]} == {(o, m) for o in ("noise", "mnist-inverted")
+                                                                   for m in methods}
+    for r in res["rows"]:
+        assert 0 <= r["auroc"] <= 1 and 0 <= r["aupr"] <= 1 and r["seconds_per_1000"] > 0
+    nfe = {r["method"]: r["nfe_per_image"] for r in res["rows"]}
+    assert nfe == {"ntm-bound": 4, "ntm-steps": 4, "ntm-iw": 8, "fm-ode": 4, "glow": 1}
+    assert {r["n_in"] for r in res["rows"] if r["method"] == "fm-ode"} == {6}
+    out = tmp_path / "results" / "ood-quick.json"
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+    assert "| mnist | noise | ntm-steps |" in out.with_suffix(".md").read_text()
+    assert set(res["config"]["iw_vs_k"]["by_k"]) == {"1", "2"}
+    assert (tmp_path / "results" / "ood-quick" / "iw-vs-k.png").stat().st_size > 1000
+    # the Glow of the first run is reused: same config, no retraining
+    glow = tmp_path / "results" / "ood-quick" / "runs" / "glow-mnist" / "model.safetensors"
+    stamp = glow.stat().st_mtime_ns
+    res = run_bayes_bench(quick=True, progress=False, settings=TINY, data_sets=("mnist",))
+    assert glow.stat().st_mtime_ns == stamp
+    assert [r["method"] for r in res["rows"]] == ["ntm-bayes", "fm-ode-bayes", "cnn"]
+    for r in res["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1
+    assert [r["n"] for r in res["rows"]][:2] == [12, 4]
+    assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
