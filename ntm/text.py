@@ -1,0 +1,131 @@
+"""Prompts as conditions: the text-encoder interface, a per-caption embedding cache, and the batch
+of encoded prompts the networks read.
+
+An encoder is any object with
+
+* ``identity`` (str): names the encoder and its settings; checkpoints record it, and cached
+  embeddings are keyed by it;
+* ``dim`` (int) and ``max_tokens`` (int): the width of its token states and how many it returns;
+* ``encode(captions: list[str]) -> Prompts``: token states (B, L, E), a mask (B, L) and a pooled
+  vector (B, E), fp32, L = ``max_tokens`` (padded with zeros, mask False).
+
+The encoder stays frozen and outside every checkpoint. The empty caption "" is the null prompt: its
+encoding is what classifier-free training drops prompts to and what guidance contrasts with.
+``ntm.tools.text_encoders`` holds the MiniLM encoder (an optional dependency); tests use a stub.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import ConfigError
+
+
+@dataclass
+class Prompts:
+    """Encoded prompts: ``tokens`` (B, L, E), ``mask`` (B, L) bool (True: a real token), ``pooled`` (B, E)."""
+
+    tokens: Tensor
+    mask: Tensor
+    pooled: Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device | str) -> "Prompts":
+        return Prompts(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def index(self, idx: Tensor) -> "Prompts":
+        """The prompts at ``idx`` (M,), in that order."""
+        idx = idx.to(self.tokens.device)
+        return Prompts(self.tokens[idx], self.mask[idx], self.pooled[idx])
+
+    def where(self, keep: Tensor, other: "Prompts") -> "Prompts":
+        """Row-wise choice: row b from self where ``keep[b]``, else from ``other`` (same shapes)."""
+        k = keep.to(self.tokens.device)
+        return Prompts(torch.where(k[:, None, None], self.tokens, other.tokens), torch.where(k[:, None], self.mask, other.mask),
+                       torch.where(k[:, None], self.pooled, other.pooled))
+
+    def repeat_interleave(self, n: int) -> "Prompts":
+        return Prompts(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
+                       self.pooled.repeat_interleave(n, 0))
+
+    @staticmethod
+    def cat(parts: list["Prompts"]) -> "Prompts":
+        return Prompts(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
+                       torch.cat([p.pooled for p in parts]))
+
+
+def check_prompts(prompts: Prompts, dim: int, max_tokens: int) -> None:
+    """One clear error when an encoder returns the wrong shapes."""
+    B = len(prompts)
+    want = {"tokens": (B, max_tokens, dim), "mask": (B, max_tokens), "pooled": (B, dim)}
+    for name, shape in want.items():
+        got = tuple(getattr(prompts, name).shape)
+        if got != shape:
+            raise ConfigError(f"the text encoder returned {name} of shape {got}, expected {shape}")
+
+
+def caption_key(identity: str, caption: str) -> str:
+    return hashlib.sha1(f"{identity}\x00{caption}".encode()).hexdigest()
+
+
+class CachedEncoder:
+    """An encoder whose embeddings are kept per distinct caption, in memory and (with ``cache_dir``)
+    on disk as one safetensors file per caption under ``cache_dir/<hash of identity>/``; new
+    captions are encoded ``batch_size`` at a time."""
+
+    def __init__(self, encoder, cache_dir: str | Path | None = None, batch_size: int = 256):
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.identity, self.dim, self.max_tokens = encoder.identity, int(encoder.dim), int(encoder.max_tokens)
+        self.folder = None if cache_dir is None else Path(cache_dir) / caption_key(self.identity, "")[:16]
+        self.memory: dict[str, Prompts] = {}
+
+    def _load(self, caption: str) -> Prompts | None:
+        if self.folder is None:
+            return None
+        file = self.folder / f"{caption_key(self.identity, caption)}.safetensors"
+        try:
+            t = load_file(file)
+            return Prompts(t["tokens"], t["mask"].bool(), t["pooled"])
+        except (OSError, KeyError, RuntimeError):  # missing or unreadable: encode again
+            return None
+
+    def _store(self, caption: str, p: Prompts) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        file = self.folder / f"{caption_key(self.identity, caption)}.safetensors"
+        tmp = file.with_suffix(".tmp")
+        save_file({"tokens": p.tokens.contiguous(), "mask": p.mask.to(torch.uint8).contiguous(),
+                   "pooled": p.pooled.contiguous()}, str(tmp))
+        tmp.replace(file)
+
+    def encode(self, captions: list[str]) -> Prompts:
+        """Prompts for ``captions`` (B,), from the cache where present; the rest encoded in batches."""
+        fresh = []
+        for c in dict.fromkeys(captions):
+            if c not in self.memory:
+                p = self._load(c)
+                if p is None:
+                    fresh.append(c)
+                else:
+                    self.memory[c] = p
+        for lo in range(0, len(fresh), self.batch_size):
+            chunk = fresh[lo:lo + self.batch_size]
+            p = self.encoder.encode(chunk)
+            check_prompts(p, self.dim, self.max_tokens)
+            for i, c in enumerate(chunk):
+                one = Prompts(p.tokens[i:i + 1].float().cpu(), p.mask[i:i + 1].bool().cpu(), p.pooled[i:i + 1].float().cpu())
+                self._store(c, one)
+                self.memory[c] = one
+        return Prompts.cat([self.memory[c] for c in captions])
+
+
+__all__ = ["Prompts", "CachedEncoder", "check_prompts", "caption_key"]

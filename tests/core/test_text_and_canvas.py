@@ -1,0 +1,110 @@
+"""The text-encoder interface (with a stub encoder: no weights), the embedding cache, and the
+compositional canvas whose captions must agree with its ground-truth layout."""
+
+import hashlib
+
+import pytest
+import torch
+
+from ntm.canvas import (EMPTY, HELD_OUT_PAIRS, TASKS, TEMPLATES, COLOR_NAMES, PromptSpec, caption_of, draw_prompt,
+                        make_canvases, meets)
+from ntm.errors import ConfigError
+from ntm.text import CachedEncoder, Prompts
+
+
+class StubEncoder:
+    """Deterministic token vectors from a hash of each word; pooled = mean of the real tokens."""
+
+    def __init__(self, dim=8, max_tokens=6):
+        self.dim, self.max_tokens, self.identity = dim, max_tokens, f"stub/{dim}/{max_tokens}"
+        self.calls = 0
+
+    def word(self, w):
+        seed = int(hashlib.sha1(w.encode()).hexdigest()[:8], 16)
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, captions):
+        self.calls += len(captions)
+        B, L = len(captions), self.max_tokens
+        tokens, mask = torch.zeros(B, L, self.dim), torch.zeros(B, L, dtype=torch.bool)
+        for i, c in enumerate(captions):
+            words = (["<s>"] + c.split())[:L]
+            for j, w in enumerate(words):
+                tokens[i, j], mask[i, j] = self.word(w), True
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return Prompts(tokens, mask, pooled)
+
+
+def test_cached_embeddings_equal_fresh_ones_and_are_computed_once(tmp_path):
+    stub = StubEncoder()
+    enc = CachedEncoder(stub, cache_dir=tmp_path, batch_size=2)
+    caps = ["a red 3", "", "a 3 and a 7", "a red 3", ""]
+    p = enc.encode(caps)
+    fresh = StubEncoder().encode(caps)
+    for name in ("tokens", "mask", "pooled"):
+        assert torch.equal(getattr(p, name), getattr(fresh, name))
+    assert stub.calls == 3  # three distinct captions
+    # a new process: the disk cache answers, the encoder is not called
+    stub2 = StubEncoder()
+    again = CachedEncoder(stub2, cache_dir=tmp_path).encode(caps)
+    assert stub2.calls == 0 and torch.equal(again.tokens, p.tokens)
+    # another encoder identity never reads these files
+    other = StubEncoder(max_tokens=7)
+    CachedEncoder(other, cache_dir=tmp_path).encode(["a red 3"])
+    assert other.calls == 1
+
+
+def test_an_encoder_with_wrong_shapes_is_one_clear_error():
+    class Bad(StubEncoder):
+        def encode(self, captions):
+            p = super().encode(captions)
+            return Prompts(p.tokens[:, :2], p.mask[:, :2], p.pooled)
+
+    with pytest.raises(ConfigError, match="tokens of shape"):
+        CachedEncoder(Bad()).encode(["a 1"])
+
+
+def test_prompt_batches_index_and_choose_rows():
+    p = StubEncoder().encode(["a", "b c", ""])
+    q = p.index(torch.tensor([2, 0]))
+    assert torch.equal(q.tokens[1], p.tokens[0]) and len(q) == 2
+    null = StubEncoder().encode([""] * 3)
+    mixed = p.where(torch.tensor([True, False, True]), null)
+    assert torch.equal(mixed.tokens[1], null.tokens[1]) and torch.equal(mixed.pooled[0], p.pooled[0])
+
+
+def test_canvas_captions_agree_with_their_ground_truth_layout():
+    digits = torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(200) % 10
+    images, specs, cells = make_canvases(600, digits, labels, seed=1)
+    assert images.shape == (600, 3, 28, 56) and images.dtype == torch.uint8
+    assert {s.task for s in specs} == set(TASKS)
+    for img, spec, cell in zip(images, specs, cells.tolist()):
+        assert meets(spec, [tuple(c) for c in cell]), (spec, cell)
+        assert spec.caption == caption_of(spec) and str(spec.a) in spec.caption
+        assert not spec.heldout_phrasing and not spec.heldout_combination  # training prompts
+        for i, (d, c) in enumerate(cell):
+            part = img[:, :, 28 * i:28 * (i + 1)]
+            if d == EMPTY:
+                assert int(part.max()) == 0
+            else:
+                assert (d, COLOR_NAMES[c]) not in HELD_OUT_PAIRS
+        if spec.task == "position":
+            assert cell[0][0] == spec.a and cell[1][0] == spec.b
+    # test prompts reach the held-out phrasings and pairs
+    g = torch.Generator().manual_seed(2)
+    test = [draw_prompt(g, train=False) for _ in range(3000)]
+    assert any(s.heldout_phrasing for s in test) and any(s.heldout_combination for s in test)
+
+
+def test_meets_rejects_what_the_prompt_does_not_say():
+    red, blue = COLOR_NAMES.index("red"), COLOR_NAMES.index("blue")
+    pos = PromptSpec("position", 3, 7)
+    assert meets(pos, [(3, red), (7, blue)]) and not meets(pos, [(7, red), (3, blue)])
+    attr = PromptSpec("color_attr", 2, 9, c="red", c2="blue")
+    assert meets(attr, [(9, blue), (2, red)]) and not meets(attr, [(2, blue), (9, red)])
+    two = PromptSpec("counting", 5, n=2)
+    assert meets(two, [(5, red), (5, red)]) and not meets(two, [(5, red), (EMPTY, -1)])
+    assert meets(PromptSpec("single", 4), [(EMPTY, -1), (4, red)]) and not meets(PromptSpec("single", 4), [(4, red), (1, red)])
+    assert caption_of(PromptSpec("counting", 5, n=1, phrasing=0)) == "one 5"
+    assert len({len(v) for v in TEMPLATES.values()}) == 1
