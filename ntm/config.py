@@ -23,6 +23,8 @@ class DataSpec:
     channels; no standardisation. ``token_mean`` and ``token_var`` (N * D values, token order) are
     the training set's per-dimension mean and variance in model units (images: measured; vectors:
     empty, i.e. 0 and 1 after standardisation), read by the predictor's "data" preconditioning.
+    ``text_encoder`` (an encoder's identity), ``text_dim`` and ``text_tokens`` describe the prompts of
+    a text-conditioned model (``ntm.text``); the encoder itself is never saved with the model.
     """
 
     name: str = "data"
@@ -34,6 +36,14 @@ class DataSpec:
     patch: int = 1
     token_mean: tuple[float, ...] = ()
     token_var: tuple[float, ...] = ()
+    text_encoder: str = ""
+    text_dim: int = 0
+    text_tokens: int = 0
+
+    @property
+    def is_text(self) -> bool:
+        """Conditioned on prompts encoded by ``text_encoder`` (its identity) rather than on labels."""
+        return self.text_dim > 0
 
     @property
     def num_tokens(self) -> int:

@@ -61,7 +61,7 @@ class Denoiser(ConditionedTransformer):
 
     def __init__(self, cfg: DenoiserConfig, spec: DataSpec):
         super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
-                         spec.num_classes, two_times=False)
+                         spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens)
         self.cfg = cfg
 
     def forward(self, u0: Tensor, t0: Tensor, y: Tensor | None = None) -> Tensor:

@@ -29,6 +29,7 @@ from .base import TokenModel
 from .config import FMConfig
 from .likelihood import bits_per_dim, log_scale_correction
 from .predictor import VelocityField
+from .text import cat_conditions, null_condition
 from .trajectory import rand, randn, shift_time
 
 DEFAULT_SAMPLING_STEPS = 50
@@ -60,7 +61,7 @@ class FlowMatching(TokenModel):
         if y is None or guidance == 0.0:
             return self.velocity(x, t, y)
         B = x.shape[0]
-        v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.spec.num_classes)]))
+        v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), cat_conditions(y, null_condition(y, self.spec.num_classes)))
         return (1 + guidance) * v[:B] - guidance * v[B:]
 
     def sampling_times(self, steps: int) -> Tensor:
@@ -72,8 +73,9 @@ class FlowMatching(TokenModel):
 
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
-               solver: str = "euler", generator: torch.Generator | None = None) -> Tensor:
+               solver: str = "euler", generator: torch.Generator | None = None, prompt=None) -> Tensor:
         """n raw samples (n, ...) by integrating the ODE from noise in ``steps`` Euler or Heun steps.
+        ``prompt`` (text models): one string, n strings, or encoded ``Prompts``, in place of ``y``.
 
         Network evaluations: ``steps`` (Euler) or 2 ``steps`` - 1 (Heun; the last step is Euler),
         doubled under guidance.
@@ -82,7 +84,7 @@ class FlowMatching(TokenModel):
             raise ValueError("the number of samples must be at least 1")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver '{solver}' (use {' or '.join(SOLVERS)})")
-        y = self.check_labels(y)
+        y = self.check_labels(self.prompt_batch(prompt, n) if prompt is not None else y)
         if y is not None and y.shape[0] != n:
             raise ValueError(f"got {y.shape[0]} labels for {n} samples")
         times = self.sampling_times(steps or DEFAULT_SAMPLING_STEPS)

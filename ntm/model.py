@@ -25,6 +25,7 @@ from .io import run_dir_of
 from .likelihood import nll_bound, score_samples, trajectory_nll
 from .predictor import build_predictor, gaussian_log_prob
 from .sampling import sample
+from .text import cat_conditions, null_condition
 from .trajectory import first_level, time_grid
 from .transporter import Transporter
 
@@ -120,9 +121,9 @@ class NTM(TokenModel):
         if y is None or guidance == 0.0:
             return self.predictor(u_t, t, s, y, T)
         B = u_t.shape[0]
-        null = torch.full_like(y, self.spec.num_classes)
         TT = None if T is None else torch.cat([T, T])
-        mu, sigma = self.predictor(torch.cat([u_t, u_t]), torch.cat([t, t]), torch.cat([s, s]), torch.cat([y, null]), TT)
+        mu, sigma = self.predictor(torch.cat([u_t, u_t]), torch.cat([t, t]), torch.cat([s, s]),
+                                   cat_conditions(y, null_condition(y, self.spec.num_classes)), TT)
         return product_rule(mu[:B], sigma[:B], mu[B:], sigma[B:], guidance)
 
     def step(self, x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor, y: Tensor | None = None,
@@ -202,8 +203,9 @@ class NTM(TokenModel):
 
     def sample(self, n: int, y: Tensor | None = None, guidance: float = 0.0, steps: int | None = None,
                t_min: float | None = None, generator: torch.Generator | None = None, decode: str = "auto",
-               inverse_method: str = "sequential", noise_scale: float = 1.0) -> Tensor:
+               inverse_method: str = "sequential", noise_scale: float = 1.0, prompt=None) -> Tensor:
         """n raw samples (n, ...) in ``steps`` predictor steps (default: the trained T).
+        ``prompt`` (text models): one string, n strings, or encoded ``Prompts``, in place of ``y``.
 
         ``decode``: "inverse" (one transporter inverse), "inverse+score" (inverse of every level and
         trajectory score denoising), "denoiser" (the distilled g_phi; see ``ntm distill``) or "auto"
@@ -211,5 +213,7 @@ class NTM(TokenModel):
         ``inverse_method``: "sequential" or "jacobi". ``noise_scale`` gamma != 1 scales sigma_P on the
         noisy steps (k >= 2): such samples leave the model's density.
         """
+        if prompt is not None:
+            y = self.prompt_batch(prompt, n)
         return sample(self, n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=generator,
                       decode=decode, inverse_method=inverse_method, noise_scale=noise_scale)

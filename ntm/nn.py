@@ -95,10 +95,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def forward(self, x: Tensor, causal: bool) -> Tensor:
-        """Full-sequence attention. x: (B, N, W)."""
+    def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None) -> Tensor:
+        """Full-sequence attention. x: (B, N, W); ``keep`` (B, N) bool: the keys attended to (all if None)."""
         q, k, v = self._split(x)
-        out = attend(q, k, v, causal=causal)
+        out = attend(q, k, v, mask=None if keep is None else keep[:, None, None, :], causal=causal)
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
     def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
@@ -126,8 +126,8 @@ class Layer(nn.Module):
         self.norm2 = LayerNorm32(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: Tensor, causal: bool) -> Tensor:
-        x = x + self.attn(self.norm1(x), causal)
+    def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), causal, keep)
         return x + self.mlp(self.norm2(x))
 
     def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
@@ -146,10 +146,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(width, heads) for _ in range(depth))
         self.norm = LayerNorm32(width)
 
-    def forward(self, h: Tensor) -> Tensor:
-        """h: (B, N, W) -> (B, N, W)."""
+    def forward(self, h: Tensor, keep: Tensor | None = None) -> Tensor:
+        """h: (B, N, W) -> (B, N, W); ``keep`` (B, N) bool masks keys (bidirectional use only)."""
         for layer in self.layers:
-            h = layer(h, self.causal)
+            h = layer(h, self.causal, keep)
         return self.norm(h)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
@@ -177,10 +177,17 @@ class ConditionedTransformer(nn.Module):
     field (conditioned on t only). Conditioning is additive: time, label and 1/T embeddings are added
     to every token. ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
     Label ``num_classes`` is the null (unconditional) label.
+
+    With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
+    ``text_tokens`` token states are projected to the width and appended to the sequence (with
+    their padding masked out of attention), and its pooled vector joins the additive conditioning.
+    The null prompt (the encoder's encoding of "", stored in the buffers ``null_*``) stands in for
+    a missing prompt and for the rows a prompt batch marks as dropped.
     """
 
     def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
-                 num_classes: int = 0, two_times: bool = True, multi_T: bool = False):
+                 num_classes: int = 0, two_times: bool = True, multi_T: bool = False, text_dim: int = 0,
+                 text_tokens: int = 0):
         super().__init__()
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -191,6 +198,14 @@ class ConditionedTransformer(nn.Module):
         self.steps = TimeEmbedding(width) if multi_T else None  # embeds 1/T when trained over several T
         self.label = nn.Embedding(num_classes + 1, width)
         nn.init.normal_(self.label.weight, std=0.02)
+        self.text_dim = text_dim
+        if text_dim:
+            self.text_in = nn.Linear(text_dim, width)
+            self.text_pool = nn.Linear(text_dim, width)
+            self.text_pos = nn.Parameter(torch.randn(text_tokens, width) * 0.02)
+            self.register_buffer("null_tokens", torch.zeros(text_tokens, text_dim))
+            self.register_buffer("null_mask", torch.ones(text_tokens, dtype=torch.bool))
+            self.register_buffer("null_pooled", torch.zeros(text_dim))
         self.net = Transformer(width, layers, heads, causal=False)
         self.proj_out = nn.Linear(width, out_dim)
         nn.init.zeros_(self.proj_out.weight)
@@ -205,6 +220,9 @@ class ConditionedTransformer(nn.Module):
                T: Tensor | None = None) -> Tensor:
         """The final-norm features (B, N, width) that ``proj_out`` reads (extra heads may read them too)."""
         B = x.shape[0]
+        text = None
+        if self.text_dim:
+            text, y = self.prompt_states(y, B), None
         if y is None:
             y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         cond = self.time_t(t) + self.label(y)
@@ -214,5 +232,31 @@ class ConditionedTransformer(nn.Module):
             if T is None:
                 raise ValueError("this network was trained over several T; pass T")
             cond = cond + self.steps(1.0 / T.float())
-        h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos + cond[:, None]
-        return self.net(h)
+        h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos
+        if text is None:
+            return self.net(h + cond[:, None])
+        tokens, mask, pooled = text
+        cond = cond + self.text_pool(pooled)
+        words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos
+        keep = torch.cat([torch.ones(B, h.shape[1], dtype=torch.bool, device=h.device), mask], 1)
+        return self.net(torch.cat([h, words], 1) + cond[:, None], keep)[:, :h.shape[1]]
+
+    def prompt_states(self, prompts, B: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(tokens (B, L, E), mask (B, L), pooled (B, E)) of a prompt batch (None: all null), with the
+        null prompt in the rows marked as dropped."""
+        null = (self.null_tokens.expand(B, -1, -1), self.null_mask.expand(B, -1), self.null_pooled.expand(B, -1))
+        if prompts is None:
+            return null
+        if not hasattr(prompts, "pooled"):
+            raise ValueError("this network is conditioned on prompts, not class labels")
+        if prompts.drop is None:
+            return prompts.tokens, prompts.mask, prompts.pooled
+        d = prompts.drop.to(self.null_tokens.device)
+        return (torch.where(d[:, None, None], null[0], prompts.tokens), torch.where(d[:, None], null[1], prompts.mask),
+                torch.where(d[:, None], null[2], prompts.pooled))
+
+    def set_null_prompt(self, tokens: Tensor, mask: Tensor, pooled: Tensor) -> None:
+        """Store the encoding of the empty prompt (tokens (L, E), mask (L,), pooled (E,))."""
+        self.null_tokens.copy_(tokens)
+        self.null_mask.copy_(mask)
+        self.null_pooled.copy_(pooled)

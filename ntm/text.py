@@ -28,37 +28,72 @@ from .errors import ConfigError
 
 @dataclass
 class Prompts:
-    """Encoded prompts: ``tokens`` (B, L, E), ``mask`` (B, L) bool (True: a real token), ``pooled`` (B, E)."""
+    """Encoded prompts: ``tokens`` (B, L, E), ``mask`` (B, L) bool (True: a real token), ``pooled``
+    (B, E), and ``drop`` (B,) bool or None: rows the networks replace by the null prompt (dropped
+    captions in training, the unconditional half of guidance).
+
+    It indexes, slices, repeats and moves like the label tensor it replaces, so batches of prompts
+    flow through the same code as batches of labels."""
 
     tokens: Tensor
     mask: Tensor
     pooled: Tensor
+    drop: Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.tokens.shape[0],)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def _map(self, fn) -> "Prompts":
+        return Prompts(fn(self.tokens), fn(self.mask), fn(self.pooled), None if self.drop is None else fn(self.drop))
+
     def to(self, device: torch.device | str) -> "Prompts":
-        return Prompts(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+        return self._map(lambda v: v.to(device))
 
-    def index(self, idx: Tensor) -> "Prompts":
-        """The prompts at ``idx`` (M,), in that order."""
-        idx = idx.to(self.tokens.device)
-        return Prompts(self.tokens[idx], self.mask[idx], self.pooled[idx])
+    def __getitem__(self, idx) -> "Prompts":
+        if isinstance(idx, Tensor):
+            idx = idx.to(self.tokens.device)
+        return self._map(lambda v: v[idx])
 
-    def where(self, keep: Tensor, other: "Prompts") -> "Prompts":
-        """Row-wise choice: row b from self where ``keep[b]``, else from ``other`` (same shapes)."""
-        k = keep.to(self.tokens.device)
-        return Prompts(torch.where(k[:, None, None], self.tokens, other.tokens), torch.where(k[:, None], self.mask, other.mask),
-                       torch.where(k[:, None], self.pooled, other.pooled))
+    def repeat_interleave(self, n: int, dim: int = 0) -> "Prompts":
+        return self._map(lambda v: v.repeat_interleave(n, 0))
 
-    def repeat_interleave(self, n: int) -> "Prompts":
-        return Prompts(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0),
-                       self.pooled.repeat_interleave(n, 0))
+    def dropped(self, drop: Tensor | None = None) -> "Prompts":
+        """The same prompts with the rows ``drop`` (B,) (default: all) marked as null."""
+        d = torch.ones(len(self), dtype=torch.bool, device=self.device) if drop is None else drop.to(self.device)
+        if self.drop is not None:
+            d = d | self.drop
+        return Prompts(self.tokens, self.mask, self.pooled, d)
 
     @staticmethod
     def cat(parts: list["Prompts"]) -> "Prompts":
+        drops = None
+        if any(p.drop is not None for p in parts):
+            drops = torch.cat([p.drop if p.drop is not None else torch.zeros(len(p), dtype=torch.bool, device=p.device)
+                               for p in parts])
         return Prompts(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]),
-                       torch.cat([p.pooled for p in parts]))
+                       torch.cat([p.pooled for p in parts]), drops)
+
+
+def null_condition(y, num_classes: int):
+    """The unconditional counterpart of a condition batch: the null label, or the prompts all dropped."""
+    if isinstance(y, Prompts):
+        return y.dropped()
+    return torch.full_like(y, num_classes)
+
+
+def cat_conditions(a, b):
+    """Two condition batches (labels or prompts) one after the other."""
+    if isinstance(a, Prompts):
+        return Prompts.cat([a, b])
+    return torch.cat([a, b])
 
 
 def check_prompts(prompts: Prompts, dim: int, max_tokens: int) -> None:
@@ -128,4 +163,4 @@ class CachedEncoder:
         return Prompts.cat([self.memory[c] for c in captions])
 
 
-__all__ = ["Prompts", "CachedEncoder", "check_prompts", "caption_key"]
+__all__ = ["Prompts", "CachedEncoder", "check_prompts", "caption_key", "null_condition", "cat_conditions"]

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 from torch import nn
@@ -5,6 +7,7 @@ from torch import nn
 from ntm import FlowMatching
 from ntm.config import BackboneConfig, DataSpec, FMConfig, NTMConfig, PredictorConfig, TrajectoryConfig, TransporterConfig
 from ntm.model import NTM
+from ntm.text import Prompts
 
 
 def randomize(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> None:
@@ -68,3 +71,26 @@ def fm_and_ntm(seed=0, velocity_scale="floor"):
                                                   velocity_scale=velocity_scale)))
     ntm.predictor.velocity.load_state_dict(fm.velocity.state_dict())
     return fm.eval(), ntm.eval()
+
+
+class StubEncoder:
+    """Deterministic token vectors from a hash of each word; pooled = mean of the real tokens."""
+
+    def __init__(self, dim=8, max_tokens=6):
+        self.dim, self.max_tokens, self.identity = dim, max_tokens, f"stub/{dim}/{max_tokens}"
+        self.calls = 0
+
+    def word(self, w):
+        seed = int(hashlib.sha1(w.encode()).hexdigest()[:8], 16)
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, captions):
+        self.calls += len(captions)
+        B, L = len(captions), self.max_tokens
+        tokens, mask = torch.zeros(B, L, self.dim), torch.zeros(B, L, dtype=torch.bool)
+        for i, c in enumerate(captions):
+            words = (["<s>"] + c.split())[:L]
+            for j, w in enumerate(words):
+                tokens[i, j], mask[i, j] = self.word(w), True
+        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return Prompts(tokens, mask, pooled)

@@ -235,6 +235,7 @@ def fit(objective: torch.nn.Module, cfg: TrainConfig, source, out_dir: str | Pat
     net = wrap(objective, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
+    ema_names = set(ema.names)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
     g_noise = torch.Generator().manual_seed(cfg.seed + 2)  # CPU: the same stream on any device (trajectory.randn)
     step, skipped, elapsed = 0, 0, 0.0
@@ -266,7 +267,8 @@ def fit(objective: torch.nn.Module, cfg: TrainConfig, source, out_dir: str | Pat
     def checkpoint(at: int) -> None:
         # collectives first (every rank), then rank 0 writes
         weights = get_model_state_dict(model, options=full)
-        averaged = ema.full_state_dict()
+        # the averaged parameters, plus the model's persistent buffers (e.g. a text model's null prompt)
+        averaged = {**{k: v for k, v in weights.items() if k not in ema_names}, **ema.full_state_dict()}
         optim_state = get_optimizer_state_dict(model, opt, options=full)
         if ctx.is_main:
             save_checkpoint(out_dir, at, fmt, config, cfg, weights, averaged, meta=meta, state={

@@ -26,11 +26,15 @@ from ..denoising import Denoiser, trajectory_score_denoise
 from ..flow_matching import FlowMatching
 from ..model import NTM, StepOutput
 from ..predictor import as_column, posterior_mean_from_velocity
+from ..text import Prompts
 from ..trajectory import forward_trajectory, posterior_coefficients, rand, randn, shift_time
 
 
 def drop_labels(y: Tensor | None, drop: Tensor, num_classes: int) -> Tensor | None:
-    """Replace the labels where ``drop`` (B,) is true by the null label ``num_classes``."""
+    """Replace the labels where ``drop`` (B,) is true by the null label ``num_classes`` (prompts:
+    mark those rows as dropped, i.e. the null prompt)."""
+    if isinstance(y, Prompts):
+        return y.dropped(drop)
     if y is None or num_classes == 0:
         return y
     return torch.where(drop, torch.full_like(y, num_classes), y)
@@ -351,6 +355,9 @@ class DistillObjective(nn.Module):
         self.ntm = ntm.eval()
         self.model = denoiser
         self.clip_percentile = clip_percentile
+        if ntm.spec.is_text:  # the denoiser's null prompt is the NTM's
+            source = next(mod for mod in ntm.modules() if getattr(mod, "text_dim", 0))
+            denoiser.set_null_prompt(source.null_tokens, source.null_mask, source.null_pooled)
 
     @property
     def spec(self) -> DataSpec:
@@ -368,7 +375,7 @@ class DistillObjective(nn.Module):
     def forward(self, x0: Tensor, y: Tensor | None, noise: DistillNoise, progress: float = 0.0):
         m = self.ntm
         B = x0.shape[0]
-        y = None if m.spec.num_classes == 0 else y
+        y = None if m.spec.num_classes == 0 and not m.spec.is_text else y
         t = m.grid(B, noise.t_min)
         X = forward_trajectory(x0, t, noise=noise.eps)
         target = trajectory_score_denoise(m, X, t, y, self.clip_percentile)

@@ -21,7 +21,7 @@ from .objectives import FinetuneObjective, FlowMatchingObjective, NTMObjective
 def check_same_data(saved, now) -> None:
     """Refuse to resume (or finetune) on different data (name, layout or standardisation)."""
     same = (saved.name == now.name and saved.kind == now.kind and tuple(saved.shape) == tuple(now.shape)
-            and saved.num_classes == now.num_classes)
+            and saved.num_classes == now.num_classes and saved.text_encoder == now.text_encoder)
     if same and now.name not in TOY_NAMES:  # a user's file: its statistics identify it (toys: the name does)
         same = all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(saved.mean + saved.std, now.mean + now.std))
     if not same:
@@ -100,6 +100,8 @@ def train(model_config: NTMConfig | FMConfig | None, train_config: TrainConfig |
     with Distributed(device) as ctx:
         torch.manual_seed(cfg.seed)
         model = build_model(model_config).to(ctx.device)
+        if model.spec.is_text and not resume:  # the null prompt: the encoder's encoding of ""
+            model.set_null_prompt(source.null_prompt())
         objective = make_objective(model, cfg, ctx.device, start=not resume).to(ctx.device)
         return fit(objective, cfg, source, out_dir, fmt=type(model).FORMAT, config=to_dict(model_config),
                    resume=resume, ctx=ctx, progress=progress, batch_hook=batch_hook)

@@ -1,8 +1,6 @@
 """The text-encoder interface (with a stub encoder: no weights), the embedding cache, and the
 compositional canvas whose captions must agree with its ground-truth layout."""
 
-import hashlib
-
 import pytest
 import torch
 
@@ -11,28 +9,7 @@ from ntm.canvas import (EMPTY, HELD_OUT_PAIRS, TASKS, TEMPLATES, COLOR_NAMES, Pr
 from ntm.errors import ConfigError
 from ntm.text import CachedEncoder, Prompts
 
-
-class StubEncoder:
-    """Deterministic token vectors from a hash of each word; pooled = mean of the real tokens."""
-
-    def __init__(self, dim=8, max_tokens=6):
-        self.dim, self.max_tokens, self.identity = dim, max_tokens, f"stub/{dim}/{max_tokens}"
-        self.calls = 0
-
-    def word(self, w):
-        seed = int(hashlib.sha1(w.encode()).hexdigest()[:8], 16)
-        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
-
-    def encode(self, captions):
-        self.calls += len(captions)
-        B, L = len(captions), self.max_tokens
-        tokens, mask = torch.zeros(B, L, self.dim), torch.zeros(B, L, dtype=torch.bool)
-        for i, c in enumerate(captions):
-            words = (["<s>"] + c.split())[:L]
-            for j, w in enumerate(words):
-                tokens[i, j], mask[i, j] = self.word(w), True
-        pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return Prompts(tokens, mask, pooled)
+from conftest import StubEncoder
 
 
 def test_cached_embeddings_equal_fresh_ones_and_are_computed_once(tmp_path):
@@ -64,13 +41,17 @@ def test_an_encoder_with_wrong_shapes_is_one_clear_error():
         CachedEncoder(Bad()).encode(["a 1"])
 
 
-def test_prompt_batches_index_and_choose_rows():
+def test_prompt_batches_index_slice_repeat_and_drop_like_labels():
     p = StubEncoder().encode(["a", "b c", ""])
-    q = p.index(torch.tensor([2, 0]))
-    assert torch.equal(q.tokens[1], p.tokens[0]) and len(q) == 2
-    null = StubEncoder().encode([""] * 3)
-    mixed = p.where(torch.tensor([True, False, True]), null)
-    assert torch.equal(mixed.tokens[1], null.tokens[1]) and torch.equal(mixed.pooled[0], p.pooled[0])
+    q = p[torch.tensor([2, 0])]
+    assert torch.equal(q.tokens[1], p.tokens[0]) and len(q) == 2 and q.shape == (2,)
+    assert torch.equal(p[1:].pooled, p.pooled[1:])
+    r = p.repeat_interleave(2)
+    assert len(r) == 6 and torch.equal(r.tokens[3], p.tokens[1])
+    d = p.dropped(torch.tensor([False, True, False]))
+    assert d.drop.tolist() == [False, True, False] and d.dropped().drop.all()
+    both = Prompts.cat([p, p.dropped()])
+    assert both.drop.tolist() == [False] * 3 + [True] * 3
 
 
 def test_canvas_captions_agree_with_their_ground_truth_layout():
