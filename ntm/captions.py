@@ -127,9 +127,9 @@ def open_text_source(name: str, encoder: CachedEncoder, patch: int = 4) -> TextI
         return TextImageSource(name, x, class_captions(y, names, CLASS_TEMPLATES[base], yt), encoder, patch, test=xt)
     if name == "canvas":
         data = canvas_data()
-        (x, specs, _), (xt, tspecs, _) = data["train"], data["test"]
+        (x, specs, cells), (xt, tspecs, tcells) = data["train"], data["test"]
         src = TextImageSource(name, x, canvas_captions(specs, tspecs), encoder, patch, test=xt)
-        src.train_specs, src.test_specs = specs, tspecs
+        src.train_specs, src.test_specs, src.train_cells, src.test_cells = specs, tspecs, cells, tcells
         return src
     raise DataError(f"unknown captioned data '{name}' (use {', '.join(TEXT_DATA)} or an image folder with --captions)")
 

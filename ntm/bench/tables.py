@@ -112,9 +112,26 @@ def markdown_bayes_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_text_table(results: dict) -> str:
+    """Text-to-image on the canvas: GenEval-style accuracies per task, held-out splits and FID."""
+    lines = ["| model | steps | guidance | overall | single | two | counting | colours | position | colour attr. "
+             "| held-out phrasing (seen) | held-out pair (seen) | FID | img/s | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['guidance']:g} | {pct(r['acc_overall'])} | {pct(r['acc_single'])} "
+                     f"| {pct(r['acc_two'])} | {pct(r['acc_counting'])} | {pct(r['acc_colors'])} | {pct(r['acc_position'])} "
+                     f"| {pct(r['acc_color_attr'])} | {pct(r['acc_heldout_phrasing'])} ({pct(r['acc_seen_phrasing'])}) "
+                     f"| {pct(r['acc_heldout_combination'])} ({pct(r['acc_seen_combination'])}) | {r['fid']:.2f} "
+                     f"| {r['img_per_s']:.1f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_for(results: dict) -> str:
     """The table of a results JSON, chosen by what its rows hold."""
     rows = results.get("rows", [])
+    if rows and "acc_overall" in rows[0]:
+        return markdown_text_table(results)
     if rows and "auroc" in rows[0]:
         return markdown_ood_table(results)
     if rows and "ece" in rows[0]:

@@ -19,6 +19,7 @@ from ..bench.common import check_bench_output, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import run_image_ablation, run_image_bench
 from ..bench.ood import run_bayes_bench, run_ood_bench
+from ..bench.text import run_text_bench
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
@@ -629,6 +630,17 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
     check_bench_output(out)
     res = run_finetune_bench(data, out=out, quick=quick, guidance=guidance, n_samples=n_samples, progress=progress)
     typer.echo(markdown_image_table(res))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+@bench_app.command("text")
+def bench_text(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/text[-quick].json)"),
+               progress: bool = typer.Option(True, help="show progress bars")):
+    """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
+    out = out or results_dir() / f"text{'-quick' if quick else ''}.json"
+    check_bench_output(out)
+    res = run_text_bench(out, quick=quick, progress=progress)
+    typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 

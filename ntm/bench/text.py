@@ -1,0 +1,288 @@
+"""``ntm bench text``: text-to-image on the compositional canvas, scored the way GenEval scores.
+
+Models (the same preset: backbone, optimiser, batch and step budget; prompts from MiniLM): NTM from
+scratch (``ntm``), NTM finetuned from the FM baseline (``ntm-ft``) and the FM baseline (``fm``). Each
+draws one canvas per test prompt (``n_prompts`` per task, from all phrasings, held-out ones
+included) at guidance ``guidance``: the product rule for NTM, linear CFG for FM.
+
+Scoring: a cell classifier trained on the canvas's own ground truth (digit 0-9 or empty, and colour)
+reads both cells of every sample; a sample is correct when the cells meet its prompt
+(``ntm.canvas.meets``). ``acc_<task>`` are the per-task accuracies and ``acc_overall`` their mean
+(GenEval's overall score); ``acc_heldout_phrasing`` / ``acc_seen_phrasing`` split the prompts by their
+phrasing, ``acc_heldout_combination`` / ``acc_seen_combination`` by whether they ask for a (digit,
+colour) pair that no training canvas shows. FID is computed in the cell classifier's features (both
+cells' 128-d features side by side) against as many test canvases.
+
+Also: a guidance sweep of the NTM (accuracy and FID against w, a PNG), a grid of prompts and samples,
+and the training-step cost of text against class labels (captioned MNIST against MNIST, same preset).
+Output: ``results/text[-quick].json`` and a folder of pictures.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..canvas import COLOR_NAMES, EMPTY, TASKS, PromptSpec, draw_prompt, meets
+from ..config import get_preset
+from ..data import to_tokens
+from ..errors import CheckpointError
+from ..flow_matching import network_evaluations
+from ..hub import build_model, load_model
+from ..images import dequantize, open_image_source
+from ..io import load_into, read_meta, write_artifact
+from ..tools.datasets import open_text_data, text_cache_dir
+from ..tools.metrics import CLASSIFIER_FORMAT, ImageClassifier, image_quality
+from ..tools.plots import image_grid, line_plot
+from ..tools.text_encoders import load_encoder
+from ..train import make_optimizer
+from ..train.finetune import finetune_config, finetune_train_config
+from ..train.runs import make_objective
+from .common import bench_device, results_dir, train_or_reuse, write_results
+
+ACC_KEYS = tuple(f"acc_{t}" for t in TASKS)
+GRID_PROMPTS = ("a red 3", "a 3 and a 7", "two 5s", "a green 4", "a 3 on the left of a 7", "a red 2 and a blue 9",
+                "a 1 on the right of a 0", "a yellow 8 and a white 6")
+
+
+def text_settings(quick: bool, overrides: dict | None = None) -> dict:
+    base = ({"preset": "mnist-quick", "n_prompts": 20, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 4.0),
+             "finetune_steps": 300, "cell_steps": 1500, "probe_steps": 6} if quick else
+            {"preset": "mnist", "n_prompts": 100, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 3.0, 4.0),
+             "finetune_steps": 2000, "cell_steps": 3000, "probe_steps": 12})
+    return {**base, **(overrides or {})}
+
+
+# ------------------------------------------------------------------------------ cell classifier
+class CanvasFeatures(nn.Module):
+    """FID features of a canvas (B, 3, 28, 56): the cell classifier's features of both cells side by side."""
+
+    def __init__(self, cells: ImageClassifier):
+        super().__init__()
+        self.cells = cells
+        self.num_features = 2 * cells.num_features
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.cat([self.cells.features(x[..., :28]), self.cells.features(x[..., 28:])], 1)
+
+
+def split_cells(images: Tensor) -> Tensor:
+    """(B, 3, 28, 56) -> (2B, 3, 28, 28): left cells, then right cells."""
+    return torch.cat([images[..., :28], images[..., 28:]])
+
+
+def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, seed: int = 0, progress: bool = False):
+    """Digit-or-empty (11 logits) and colour (5 logits) of a cell, from uint8 canvases (M, 3, 28, 56) and
+    their cells (M, 2, 2). Returns the classifier and its accuracies on the last 10% (held out)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, lab = split_cells(images), torch.cat([cells[:, 0], cells[:, 1]])
+    perm = torch.randperm(len(x), generator=g)
+    n_val = len(x) // 10
+    val, tr = perm[:n_val], perm[n_val:]
+    clf = ImageClassifier(3, 11 + len(COLOR_NAMES))
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for _ in tqdm(range(steps), desc="cell classifier", disable=not progress, dynamic_ncols=True):
+        idx = tr[torch.randint(len(tr), (128,), generator=g)]
+        logits = clf(dequantize(x[idx], g))
+        d, c = lab[idx, 0], lab[idx, 1]
+        loss = nn.functional.cross_entropy(logits[:, :11], d)
+        has = d != EMPTY
+        if has.any():
+            loss = loss + nn.functional.cross_entropy(logits[has, 11:], c[has])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval()
+    with torch.no_grad():
+        f = clf.conv(dequantize(x[tr[:4000]], g))
+        clf.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
+        pred = read_cells_of(clf, dequantize(x[val], g))
+    d, c = lab[val, 0], lab[val, 1]
+    has = d != EMPTY
+    return clf, {"digit_acc": float((pred[:, 0] == d).float().mean()),
+                 "color_acc": float((pred[has, 1] == c[has]).float().mean())}
+
+
+@torch.no_grad()
+def read_cells_of(clf: ImageClassifier, cells_images: Tensor) -> Tensor:
+    """(M, 3, 28, 28) in [-1, 1] -> (M, 2): digit or EMPTY, colour index (-1 for empty)."""
+    out = []
+    for lo in range(0, len(cells_images), 1000):
+        logits = clf(cells_images[lo:lo + 1000])
+        d = logits[:, :11].argmax(1)
+        c = torch.where(d == EMPTY, torch.full_like(d, -1), logits[:, 11:].argmax(1))
+        out.append(torch.stack([d, c], 1))
+    return torch.cat(out)
+
+
+def read_canvases(clf: ImageClassifier, images: Tensor) -> list[list[tuple[int, int]]]:
+    """What the cell classifier sees in canvases (B, 3, 28, 56) in [-1, 1]: [(digit, colour)] * 2 each."""
+    both = read_cells_of(clf, split_cells(images.float()))
+    B = images.shape[0]
+    return [[tuple(both[i].tolist()), tuple(both[B + i].tolist())] for i in range(B)]
+
+
+def load_or_train_cell_classifier(src, steps: int, progress: bool) -> tuple[ImageClassifier, dict]:
+    folder = text_cache_dir().parent / "classifiers" / f"canvas-cells-{len(src.images)}"
+    if (folder / "config.json").is_file():
+        try:
+            info = read_meta(folder, (CLASSIFIER_FORMAT,))["config"]
+            if info.get("steps") == steps and info.get("kind") == "canvas-cells":
+                clf = ImageClassifier(3, 11 + len(COLOR_NAMES))
+                load_into(clf, folder / "model.safetensors")
+                return clf.eval(), info
+        except (CheckpointError, KeyError, TypeError):
+            pass
+    clf, acc = train_cell_classifier(src.images, src.train_cells, steps, progress=progress)
+    info = {"name": "canvas cells", "kind": "canvas-cells", "steps": steps, "channels": 3, "num_classes": 11 + len(COLOR_NAMES), **acc}
+    write_artifact(folder, CLASSIFIER_FORMAT, info, {"model": clf.state_dict()})
+    return clf, info
+
+
+# ----------------------------------------------------------------------------------- evaluation
+def evaluation_prompts(n_per_task: int, seed: int = 2024) -> list[PromptSpec]:
+    """``n_per_task`` test prompts of every task (all phrasings and colour pairs allowed)."""
+    g = torch.Generator().manual_seed(seed)
+    return [draw_prompt(g, train=False, task=task) for task in TASKS for _ in range(n_per_task)]
+
+
+def generate(model, prompts: list[str], steps: int, guidance: float, solver: str = "euler", chunk: int = 200,
+             seed: int = 0) -> tuple[Tensor, float]:
+    """One sample per prompt -> (images (P, 3, 28, 56) in [-1, 1], seconds)."""
+    out, seconds = [], 0.0
+    for lo in range(0, len(prompts), chunk):
+        part = prompts[lo:lo + chunk]
+        g = torch.Generator().manual_seed(seed + lo)
+        t0 = time.perf_counter()
+        if hasattr(model, "transporter"):
+            x = model.sample(len(part), prompt=part, guidance=guidance, steps=steps, generator=g, decode="inverse")
+        else:
+            x = model.sample(len(part), prompt=part, guidance=guidance, steps=steps, solver=solver, generator=g)
+        seconds += time.perf_counter() - t0
+        out.append(x.cpu().clamp(-1, 1))
+    return torch.cat(out), seconds
+
+
+def accuracy_row(specs: list[PromptSpec], read: list) -> dict:
+    ok = torch.tensor([meets(s, c) for s, c in zip(specs, read)], dtype=torch.float)
+    row = {}
+    for task in TASKS:
+        mask = torch.tensor([s.task == task for s in specs])
+        row[f"acc_{task}"] = float(ok[mask].mean()) if mask.any() else float("nan")
+    row["acc_overall"] = sum(row[k] for k in ACC_KEYS) / len(ACC_KEYS)
+    for name, flag in (("phrasing", lambda s: s.heldout_phrasing), ("combination", lambda s: s.heldout_combination)):
+        held = torch.tensor([flag(s) for s in specs])
+        row[f"acc_heldout_{name}"] = float(ok[held].mean()) if held.any() else float("nan")
+        row[f"acc_seen_{name}"] = float(ok[~held].mean()) if (~held).any() else float("nan")
+        row[f"n_heldout_{name}"] = int(held.sum())
+    return row
+
+
+def evaluate(model, kind: str, steps: int, guidance: float, specs: list[PromptSpec], real: Tensor, clf,
+             solver: str = "euler") -> tuple[dict, Tensor]:
+    images, seconds = generate(model, [s.caption for s in specs], steps, guidance, solver)
+    nfe = network_evaluations(steps, solver, guidance > 0) if kind == "fm" else steps * (2 if guidance > 0 else 1)
+    row = {"model": kind, "steps": steps, "solver": solver if kind == "fm" else None, "guidance": guidance, "nfe": nfe,
+           **accuracy_row(specs, read_canvases(clf, images)),
+           **image_quality(real, images, CanvasFeatures(clf).eval(), kid_subset=min(500, len(specs))),
+           "img_per_s": len(specs) / seconds, "n_prompts": len(specs)}
+    return row, images
+
+
+def text_step_cost(preset: str, encoder, steps: int) -> dict:
+    """Seconds per NTM training step with prompts (captioned MNIST) against class labels (MNIST),
+    same preset and batches, timed back to back."""
+    p = get_preset(preset)
+    device = bench_device()
+    out = {}
+    for name, src in (("labels", open_image_source("mnist")), ("text", open_text_data("captioned-mnist", encoder=encoder))):
+        torch.manual_seed(0)
+        model = build_model(p.ntm(src.spec())).to(device)
+        if name == "text":
+            model.set_null_prompt(src.null_prompt())
+        objective = make_objective(model, p.train, device)
+        opt, _ = make_optimizer(model, p.train)
+        g = torch.Generator().manual_seed(0)
+        seconds = 0.0
+        for i in range(3 + steps):
+            x, y = src.sample(p.train.batch_size, g)
+            t0 = time.perf_counter()
+            loss, _ = objective(to_tokens(x, model.spec).to(device), y.to(device),
+                                objective.draw_noise(p.train.batch_size, g, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 3:
+                seconds += time.perf_counter() - t0
+        out[f"{name}_seconds_per_step"] = seconds / steps
+    out["text_over_labels"] = out["text_seconds_per_step"] / out["labels_seconds_per_step"]
+    return out
+
+
+def run_text_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
+                   settings: dict | None = None, encoder=None) -> dict:
+    """Train (or reuse) the three models on the canvas and write the compositional table (module doc)."""
+    settings = text_settings(quick, settings)
+    out = Path(out) if out else results_dir() / ("text-quick.json" if quick else "text.json")
+    folder = out.with_suffix("")
+    encoder = encoder or load_encoder("minilm")
+    src = open_text_data("canvas", encoder=encoder)
+    spec = src.spec()
+    p = get_preset(settings["preset"])
+    runs = {"ntm": folder / "runs" / "ntm", "fm": folder / "runs" / "fm", "ntm-ft": folder / "runs" / "ntm-ft"}
+    seconds = {}
+    for kind, cfg in (("ntm", p.ntm(spec)), ("fm", p.fm(spec))):
+        seconds[kind] = train_or_reuse(runs[kind], cfg, p.train, src, progress)["seconds"]
+    # the finetune: a quarter of the teacher's steps, as in `ntm bench finetune`
+    ft_steps = max(1, p.train.steps // 4)
+    ft_train = finetune_train_config(p.train, ft_steps, 2.5, runs["fm"])
+    seconds["ntm-ft"] = train_or_reuse(runs["ntm-ft"], finetune_config(p.fm(spec), settings["preset"]), ft_train, src,
+                                       progress)["seconds"]
+    clf, clf_info = load_or_train_cell_classifier(src, settings["cell_steps"], progress)
+    specs = evaluation_prompts(settings["n_prompts"])
+    real = dequantize(src.test[:len(specs)], torch.Generator().manual_seed(5))
+    results = {"config": {"quick": quick, "data": "canvas", "preset": settings["preset"], "train_steps": p.train.steps,
+                          "batch_size": p.train.batch_size, "finetune_steps": settings["finetune_steps"],
+                          "text_encoder": spec.text_encoder, "conditioning": "token states appended to the sequence + pooled vector",
+                          "n_prompts": len(specs), "cell_classifier": clf_info, "guidance": settings["guidance"]},
+               "rows": []}
+    models = {k: load_model(r, map_location=bench_device()).eval() for k, r in runs.items()}
+    for m in models.values():
+        m.attach_text_encoder(src.encoder.encoder)
+    jobs = [("ntm", 4, "euler"), ("ntm-ft", 4, "euler"), ("fm", 4, "euler"), ("fm", 50, "euler")]
+    for kind, steps, solver in jobs:
+        row, images = evaluate(models[kind], "fm" if kind == "fm" else kind, steps, settings["guidance"], specs, real, clf,
+                               solver)
+        row["model"], row["train_seconds"] = kind, seconds[kind]
+        results["rows"].append(row)
+        image_grid(images[::max(1, len(specs) // 60)][:60].numpy(), folder / f"samples-{kind}-{steps}.png",
+                   title=f"{kind} {steps} steps, guidance {settings['guidance']:g}", ncol=6)
+        write_results(out, results)
+    sweep = []
+    for w in settings["sweep"]:
+        row, _ = evaluate(models["ntm"], "ntm", 4, w, specs, real, clf)
+        sweep.append({"guidance": w, "acc_overall": row["acc_overall"], "fid": row["fid"]})
+    results["config"]["guidance_sweep"] = sweep
+    ws = [r["guidance"] for r in sweep]
+    line_plot({"overall accuracy": (ws, [r["acc_overall"] for r in sweep])}, folder / "guidance-accuracy.png",
+              xlabel="guidance w", ylabel="overall compositional accuracy", title="NTM@4 on the canvas")
+    line_plot({"FID (cell features)": (ws, [r["fid"] for r in sweep])}, folder / "guidance-fid.png",
+              xlabel="guidance w", ylabel="FID", title="NTM@4 on the canvas")
+    prompt_grid(models["ntm"], folder / "prompt-grid.png", settings["guidance"])
+    results["config"]["step_cost"] = text_step_cost(settings["preset"], encoder, settings["probe_steps"])
+    write_results(out, results)
+    return results
+
+
+def prompt_grid(model, png: Path, guidance: float, per_prompt: int = 6) -> None:
+    """One row of samples per prompt of ``GRID_PROMPTS`` (their order is listed in the docs)."""
+    prompts = [p for p in GRID_PROMPTS for _ in range(per_prompt)]
+    images, _ = generate(model, prompts, 4, guidance)
+    image_grid(images.numpy(), png, title=f"NTM, 4 steps, guidance {guidance:g}: one prompt per row", ncol=per_prompt)

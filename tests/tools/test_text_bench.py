@@ -1,0 +1,62 @@
+"""`ntm bench text` end to end on a tiny budget (stub encoder, a small canvas), and its scoring."""
+
+import json
+
+import pytest
+import torch
+
+import ntm.captions as captions
+from ntm.bench.text import accuracy_row, read_canvases, run_text_bench, evaluation_prompts, train_cell_classifier
+from ntm.canvas import COLOR_NAMES, EMPTY, TASKS, make_canvases
+from ntm.images import dequantize, load_named
+
+from conftest import StubEncoder
+
+TINY = {"preset": "tiny", "n_prompts": 3, "sweep": (0.0, 1.0), "cell_steps": 20, "probe_steps": 1}
+
+
+def test_accuracy_row_scores_each_task_and_the_held_out_splits():
+    specs = evaluation_prompts(4)
+    assert [s.task for s in specs] == [t for t in TASKS for _ in range(4)]
+    red = COLOR_NAMES.index("red")
+    wrong = [[(EMPTY, -1), (EMPTY, -1)] for _ in specs]
+    row = accuracy_row(specs, wrong)
+    assert row["acc_overall"] == 0.0
+    # the ground truth of a "single" prompt passes, the rest stay wrong
+    fixed = [[(s.a, red), (EMPTY, -1)] if s.task == "single" else w for s, w in zip(specs, wrong)]
+    row = accuracy_row(specs, fixed)
+    assert row["acc_single"] == 1.0 and row["acc_overall"] == pytest.approx(1 / len(TASKS))
+
+
+def test_cell_classifier_reads_canvases_it_was_trained_on():
+    x, y = load_named("mnist", "train")
+    images, specs, cells = make_canvases(600, x[:3000], y[:3000], seed=0)
+    clf, acc = train_cell_classifier(images, cells, steps=150)
+    assert acc["digit_acc"] > 0.5 and acc["color_acc"] > 0.8
+    read = read_canvases(clf, dequantize(images[:50], torch.Generator().manual_seed(0)))
+    empties = sum(r[i][0] == EMPTY for r in read for i in range(2))
+    assert empties == int((cells[:50, :, 0] == EMPTY).sum())
+
+
+def test_text_bench_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(captions, "CANVAS_TRAIN", 300)
+    monkeypatch.setattr(captions, "CANVAS_TEST", 40)
+    res = run_text_bench(quick=True, progress=False, settings=TINY, encoder=StubEncoder(dim=8, max_tokens=8))
+    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("ntm", 4), ("ntm-ft", 4), ("fm", 4), ("fm", 50)]
+    keys = ("acc_overall", "acc_single", "acc_two", "acc_counting", "acc_colors", "acc_position", "acc_color_attr",
+            "acc_heldout_phrasing", "acc_heldout_combination")
+    for r in res["rows"]:
+        for k in keys:
+            assert 0.0 <= r[k] <= 1.0 or r[k] != r[k], (k, r[k])  # NaN only when a split is empty
+        assert r["fid"] >= 0 and r["img_per_s"] > 0 and r["train_seconds"] > 0
+    assert [r["nfe"] for r in res["rows"]] == [8, 8, 8, 100]
+    out = tmp_path / "results" / "text-quick.json"
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert "| ntm | 4 | 2 |" in out.with_suffix(".md").read_text()
+    folder = out.with_suffix("")
+    for png in ("prompt-grid.png", "guidance-accuracy.png", "guidance-fid.png", "samples-ntm-4.png"):
+        assert (folder / png).stat().st_size > 1000
+    cost = res["config"]["step_cost"]
+    assert cost["text_over_labels"] > 0 and len(res["config"]["guidance_sweep"]) == 2
