@@ -223,6 +223,10 @@ def detection_scores(score_in: Tensor, score_out: Tensor) -> dict:
     target = torch.cat([torch.zeros(len(score_in)), torch.ones(len(score_out))]).long()
     if not torch.isfinite(preds).all():
         raise ValueError("detection scores contain NaN or inf")
+    # torchmetrics reads scores outside [0, 1] as logits and squashes them with a sigmoid, which ties
+    # every large score (likelihoods in nats are large); dense ranks in [0, 1] keep the order and ties
+    values, rank = torch.unique(preds, return_inverse=True)
+    preds = rank.double() / max(1, len(values) - 1)
     return {"auroc": float(binary_auroc(preds, target)), "aupr": float(binary_average_precision(preds, target))}
 
 

@@ -87,6 +87,10 @@ def test_auroc_of_two_gaussians_matches_its_closed_form():
         assert 0.5 < res["aupr"] < 1
     perfect = detection_scores(torch.zeros(10), torch.ones(10))
     assert perfect == {"auroc": 1.0, "aupr": 1.0}
+    # scores far outside [0, 1] (likelihoods in nats) are ranked, not squashed into ties
+    far = detection_scores(torch.randn(n, generator=g) * 50 + 5000, torch.randn(n, generator=g) * 50 + 5050)
+    assert abs(far["auroc"] - 0.5 * (1 + math.erf(0.5))) < 0.01
+    assert detection_scores(torch.full((5,), 3000.0), torch.full((5,), 3000.0))["auroc"] == 0.5
 
 
 def test_calibration_error_matches_a_direct_binned_computation():
