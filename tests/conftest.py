@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ntm import FlowMatching
+from ntm.cli import main
 from ntm.config import BackboneConfig, DataSpec, FMConfig, NTMConfig, PredictorConfig, TrajectoryConfig, TransporterConfig
 from ntm.model import NTM
 from ntm.text import Prompts
@@ -94,3 +95,16 @@ class StubEncoder:
                 tokens[i, j], mask[i, j] = self.word(w), True
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         return Prompts(tokens, mask, pooled)
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code, err, fragment):
+    """A non-zero exit with exactly one 'ntm: error:' line that mentions ``fragment``."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    return code != 0 and len(lines) == 1 and lines[0].startswith("ntm: error:") and fragment in lines[0]

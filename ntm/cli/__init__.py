@@ -633,37 +633,35 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
-@bench_app.command("text")
-def bench_text(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/text[-quick].json)"),
-               progress: bool = typer.Option(True, help="show progress bars")):
-    """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
-    out = out or results_dir() / f"text{'-quick' if quick else ''}.json"
+def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool) -> None:
+    """Run one of the benches that write results/<name>[-quick].json and print its table."""
+    out = out or results_dir() / f"{name}{'-quick' if quick else ''}.json"
     check_bench_output(out)
-    res = run_text_bench(out, quick=quick, progress=progress)
+    res = runner(out, quick=quick, progress=progress)
     typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
+_BENCH_OUT = typer.Option(None, help="results JSON (default results/<bench>[-quick].json)")
+_PROGRESS = typer.Option(True, help="show progress bars")
+
+
+@bench_app.command("text")
+def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
+    """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
+    _likelihood_bench("text", run_text_bench, quick, out, progress)
+
+
 @bench_app.command("ood")
-def bench_ood(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/ood[-quick].json)"),
-              progress: bool = typer.Option(True, help="show progress bars")):
+def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
     """Out-of-distribution detection with NTM's bounds and per-step terms, FM's ODE likelihood and Glow."""
-    out = out or results_dir() / f"ood{'-quick' if quick else ''}.json"
-    check_bench_output(out)
-    res = run_ood_bench(out, quick=quick, progress=progress)
-    typer.echo(table_for(res))
-    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('')}/iw-vs-k.png")
+    _likelihood_bench("ood", run_ood_bench, quick, out, progress)
 
 
 @bench_app.command("bayes")
-def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = typer.Option(None, help="results JSON (default results/bayes[-quick].json)"),
-                progress: bool = typer.Option(True, help="show progress bars")):
+def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
-    out = out or results_dir() / f"bayes{'-quick' if quick else ''}.json"
-    check_bench_output(out)
-    res = run_bayes_bench(out, quick=quick, progress=progress)
-    typer.echo(table_for(res))
-    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
+    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress)
 
 
 @app.command()

@@ -12,16 +12,9 @@ from ntm.cli import main
 from ntm.hub import load_model
 from ntm.tools.text_encoders import load_encoder
 
+from conftest import one_error_line, run_cli
 
-def run(capsys, *args):
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(code, err, fragment):
-    lines = [line for line in err.splitlines() if line.strip()]
-    return code != 0 and len(lines) == 1 and lines[0].startswith("ntm: error:") and fragment in lines[0]
+run = run_cli
 
 
 @pytest.fixture(scope="module")
