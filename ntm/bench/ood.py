@@ -29,6 +29,7 @@ the OOD results' config.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -142,17 +143,38 @@ def network_evaluations_per_image(method: str, T: int, settings: dict) -> int:
             "fm-ode": 2 * settings["fm_ode_steps"]}[method]
 
 
+def previous_results(out: Path, config: dict, field: str, running) -> tuple[list, dict]:
+    """The rows (and config) of an earlier run of ``out`` with the same settings, for the data sets
+    (``field`` values) not re-run now; nothing when the file is missing or its settings differ."""
+    try:
+        prev = json.loads(out.read_text())
+        same = all(prev["config"].get(k) == json.loads(json.dumps(v)) for k, v in config.items() if k != "models")
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], {}
+    if not same:
+        return [], {}
+    return [r for r in prev.get("rows", []) if r.get(field) not in running], prev["config"]
+
+
 def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
-                  settings: dict | None = None, out_sets: dict | None = None) -> dict:
+                  settings: dict | None = None, out_sets: dict | None = None, only: tuple[str, ...] | None = None) -> dict:
     """Write the OOD detection table and the IW tightness figure (see the module doc). ``settings``
-    override the sizes; ``out_sets`` {trained on: (out-of-distribution sets, ...)} the pairs."""
+    override the sizes; ``out_sets`` {trained on: (out-of-distribution sets, ...)} the pairs; ``only``
+    restricts the run to some training sets and keeps the earlier rows of the others."""
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("ood-quick.json" if quick else "ood.json")
+    pairs = {k: v for k, v in (out_sets or OUT_SETS).items() if only is None or k in only}
     results = {"config": {"quick": quick, **{k: v for k, v in settings.items() if k != "glow"},
                           "dequantisation": "uniform", "conditioning": "none (null label)", "models": {}},
                "rows": []}
+    kept, old = previous_results(out, results["config"], "train_data", tuple(pairs))
+    results["rows"] = kept
+    results["config"]["models"] = {k: v for k, v in old.get("models", {}).items() if k not in pairs}
+    for key in ("iw_vs_k", "iw_vs_t"):
+        if key in old and "mnist" not in pairs:
+            results["config"][key] = old[key]
     n = settings["n"]
-    for train_data, sets in (out_sets or OUT_SETS).items():
+    for train_data, sets in pairs.items():
         models, info = bench_models(train_data, quick, settings, progress)
         results["config"]["models"][train_data] = info
         src, _ = labelled_source(train_data)
@@ -178,7 +200,7 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
             results["config"]["iw_vs_k"] = iw_tightness(models["ntm"], image_set("mnist", settings["n_tight"], seed=99),
                                                         settings["ks"], out.with_suffix("") / "iw-vs-k.png")
             write_results(out, results)
-    if settings["multi_t_steps"]:
+    if settings["multi_t_steps"] and "mnist" in pairs:
         results["config"]["iw_vs_t"] = multi_t_tightness(out.with_suffix(""), settings, progress)
         write_results(out, results)
     return results
@@ -231,11 +253,14 @@ def plot_iw_vs_k(bpd: dict, png: Path) -> None:
 
 def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
                     settings: dict | None = None, data_sets: tuple[str, ...] = tuple(OUT_SETS)) -> dict:
-    """Bayes classification with the class-conditional NTM and FM against the project's CNN."""
+    """Bayes classification with the class-conditional NTM and FM against the project's CNN; the rows
+    of data sets not in ``data_sets`` are kept from an earlier run with the same settings."""
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("bayes-quick.json" if quick else "bayes.json")
     results = {"config": {"quick": quick, "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
-                          "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15}, "rows": []}
+                          "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15, "n_bayes": settings["n_bayes"],
+                          "n_bayes_fm": settings["n_bayes_fm"]}, "rows": []}
+    results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]
     for data in data_sets:
         models, _ = bench_models(data, quick, settings, progress)
         src, _ = labelled_source(data)

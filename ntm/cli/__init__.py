@@ -633,16 +633,24 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
-def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool) -> None:
+def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool, **kwargs) -> None:
     """Run one of the benches that write results/<name>[-quick].json and print its table."""
     out = out or results_dir() / f"{name}{'-quick' if quick else ''}.json"
     check_bench_output(out)
-    res = runner(out, quick=quick, progress=progress)
+    res = runner(out, quick=quick, progress=progress, **kwargs)
     typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
 _BENCH_OUT = typer.Option(None, help="results JSON (default results/<bench>[-quick].json)")
+_TRAIN_SETS = typer.Option("mnist,fashion", "--data", help="the training sets to run (the rows of the others are kept)")
+
+
+def _train_sets(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names or any(v not in ("mnist", "fashion") for v in names):
+        raise UsageProblem(f"--data takes mnist and/or fashion, got '{value}'")
+    return names
 _PROGRESS = typer.Option(True, help="show progress bars")
 
 
@@ -653,15 +661,17 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
 
 
 @bench_app.command("ood")
-def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
+def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
+              progress: bool = _PROGRESS):
     """Out-of-distribution detection with NTM's bounds and per-step terms, FM's ODE likelihood and Glow."""
-    _likelihood_bench("ood", run_ood_bench, quick, out, progress)
+    _likelihood_bench("ood", run_ood_bench, quick, out, progress, only=_train_sets(data))
 
 
 @bench_app.command("bayes")
-def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
+def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
+                progress: bool = _PROGRESS):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
-    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress)
+    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, data_sets=_train_sets(data))
 
 
 @app.command()

@@ -56,3 +56,16 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1
     assert [r["n"] for r in res["rows"]][:2] == [12, 4]
     assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
+
+
+def test_a_partial_rerun_keeps_the_rows_of_the_other_training_sets(tmp_path):
+    from ntm.bench.ood import previous_results
+
+    out = tmp_path / "ood.json"
+    config = {"n": 10, "ks": (1, 2), "models": {"mnist": {}}}
+    rows = [{"train_data": "mnist", "auroc": 0.9}, {"train_data": "fashion", "auroc": 0.7}]
+    out.write_text(json.dumps({"config": {**config, "ks": [1, 2]}, "rows": rows}))
+    kept, old = previous_results(out, config, "train_data", ("fashion",))
+    assert kept == rows[:1] and old["n"] == 10
+    assert previous_results(out, {**config, "n": 11}, "train_data", ("fashion",)) == ([], {})
+    assert previous_results(tmp_path / "missing.json", config, "train_data", ("fashion",)) == ([], {})
