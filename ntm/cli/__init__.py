@@ -118,6 +118,13 @@ def _run_source(run: Path, data: str, captions: Optional[Path] = None):
     return source
 
 
+def _model_source(model, data: str, conditional: bool):
+    """Evaluation data for a loaded model: with captions and its own encoder for a text model."""
+    if model.spec.is_text:
+        return open_text_data(data, None, model.spec.text_encoder, model.spec.patch)
+    return open_data(data, conditional=conditional, patch=model.spec.patch)
+
+
 def _fresh_output_dir(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageProblem(f"output folder {path} exists and is not empty; use --resume or a new folder")
@@ -291,7 +298,7 @@ def evaluate(
 ):
     """Likelihood: the NLL bound of x_0 and the exact trajectory NLL, in nats per sample."""
     model = load_model(run, map_location=default_device())
-    source = open_data(data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
+    source = _model_source(model, data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
     x, y = source.held_out(n, seed=12345)
     if model.spec.num_classes == 0:
         y = None
@@ -348,7 +355,7 @@ def _score_table(model, x: torch.Tensor, y, trajectories: int, steps: Optional[i
             for k in range(res["step_terms"].shape[1]):
                 cols[f"step_{k + 1}_nats"] = res["step_terms"][:, k]
             cols["prior_nats"] = res["prior_term"]
-        if y is not None:
+        if isinstance(y, torch.Tensor):
             cols["label"] = y
         if bayes:
             post = bayes_posterior(class_log_likelihoods(model, x, seed=seed, progress=bar.update, batch_size=batch_size,
@@ -381,12 +388,12 @@ def score(
     model = load_model(run, map_location=default_device())
     if bayes and model.spec.num_classes == 0:
         raise UsageProblem("--bayes needs a class-conditional model; this one has no class labels")
-    if labels and model.spec.num_classes == 0:
-        raise UsageProblem("--labels needs a class-conditional model; this one has no class labels")
+    if labels and model.spec.num_classes == 0 and not model.spec.is_text:
+        raise UsageProblem("--labels needs a class-conditional or text model; this one has neither")
     is_fm = isinstance(model, FlowMatching)
     if not is_fm and steps is not None and model.multi_T and steps not in model.train_Ts:
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
-    source = open_data(data, conditional=labels and data in TOY_NAMES, patch=model.spec.patch)
+    source = _model_source(model, data, conditional=labels and data in TOY_NAMES)
     x, y = source.held_out(n or 5000, seed=12345) if source.is_toy else source.held_out(n)
     x = x[:n] if n else x
     if tuple(x.shape[1:]) != tuple(model.spec.shape):

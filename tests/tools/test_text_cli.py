@@ -52,6 +52,15 @@ def test_train_and_sample_from_prompts(text_run, tmp_path, capsys):
     assert np.load(tmp_path / "s2.npy").shape == (6, 1, 28, 28)
     code, _, err = run(capsys, "sample", str(text_run), "--class", "3", "--n", "2", "--out", str(tmp_path / "s3.npy"))
     assert one_error_line(code, err, "prompts, not class labels")
+    # likelihoods given the captions (test phrasings included) and without them
+    code, out, err = run(capsys, "score", str(text_run), "--data", "captioned-mnist", "--n", "6", "--labels",
+                         "--trajectories", "2", "--out", str(tmp_path / "sc.npy"))
+    assert code == 0, err
+    given = np.load(tmp_path / "sc.npy")
+    code, _, err = run(capsys, "score", str(text_run), "--data", "captioned-mnist", "--n", "6", "--trajectories", "2",
+                       "--out", str(tmp_path / "su.npy"))
+    assert code == 0, err
+    assert given.shape == (6,) and not np.allclose(given["iw_nats"], np.load(tmp_path / "su.npy")["iw_nats"])
 
 
 def test_a_missing_encoder_is_one_clear_error(text_run, tmp_path, capsys, monkeypatch):
