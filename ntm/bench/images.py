@@ -163,7 +163,9 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     refined = None
     for kind, decode, solver, k in jobs:
         key = (kind, k, decode, solver)
-        if reusable(previous, key, distill_steps):
+        # an NTM row is reused only when it was made by the same recipe (the config holds none of it)
+        same_recipe = kind != "ntm" or all(previous.get(key, {}).get(k) == v for k, v in recipe.items())
+        if reusable(previous, key, distill_steps) and same_recipe:
             results["rows"].append(previous[key])
             continue
         row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,

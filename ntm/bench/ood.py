@@ -95,9 +95,9 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_models(data: str, quick: bool, settings: dict, progress: bool) -> tuple[dict, dict]:
-    """The NTM and FM runs of the image bench on ``data`` (trained now if missing) and the Glow.
-    -> (models {"ntm", "fm", "glow"}, info)."""
+def bench_models(data: str, quick: bool, settings: dict, progress: bool, glow: bool = True) -> tuple[dict, dict]:
+    """The NTM and FM runs of the image bench on ``data`` (trained now if missing) and, with ``glow``,
+    the Glow. -> (models {"ntm", "fm"[, "glow"]}, info)."""
     src, spec = labelled_source(data)
     p = get_preset(settings["preset"])
     folder = results_dir() / (f"{data}-quick" if quick else data)
@@ -106,6 +106,8 @@ def bench_models(data: str, quick: bool, settings: dict, progress: bool) -> tupl
         summary = train_or_reuse(folder / "runs" / kind, cfg, p.train, src, progress)
         models[kind] = load_model(folder / "runs" / kind, map_location=bench_device()).eval()
         info[kind] = {"run": str(folder / "runs" / kind), "train_seconds": summary["seconds"]}
+    if not glow:
+        return models, info
     glow_cfg = replace(settings["glow"], steps=p.train.steps if not quick else settings["glow"].steps,
                        batch_size=p.train.batch_size)
     glow_dir = results_dir() / ("ood-quick" if quick else "ood") / "runs" / f"glow-{data}"
@@ -262,7 +264,7 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
                           "n_bayes_fm": settings["n_bayes_fm"]}, "rows": []}
     results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]
     for data in data_sets:
-        models, _ = bench_models(data, quick, settings, progress)
+        models, _ = bench_models(data, quick, settings, progress, glow=False)
         src, _ = labelled_source(data)
         x, y = src.held_out(settings["n_bayes"], seed=4242)
         ll, sec = _timed(lambda: class_log_likelihoods(models["ntm"], x, num_trajectories=settings["bayes_k"]))
