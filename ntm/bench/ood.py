@@ -166,7 +166,8 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("ood-quick.json" if quick else "ood.json")
     pairs = {k: v for k, v in (out_sets or OUT_SETS).items() if only is None or k in only}
-    results = {"config": {"quick": quick, **{k: v for k, v in settings.items() if k != "glow"},
+    bayes_only = ("glow", "n_bayes", "n_bayes_fm", "bayes_k", "classifier_steps")
+    results = {"config": {"quick": quick, **{k: v for k, v in settings.items() if k not in bayes_only},
                           "dequantisation": "uniform", "conditioning": "none (null label)", "models": {}},
                "rows": []}
     kept, old = previous_results(out, results["config"], "train_data", tuple(pairs))
