@@ -669,9 +669,10 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
 
 @bench_app.command("ood")
 def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
+              glow: bool = typer.Option(True, help="also train and score the Glow peer (--no-glow: skip it)"),
               progress: bool = _PROGRESS):
     """Out-of-distribution detection with NTM's bounds and per-step terms, FM's ODE likelihood and Glow."""
-    _likelihood_bench("ood", run_ood_bench, quick, out, progress, only=_train_sets(data))
+    _likelihood_bench("ood", run_ood_bench, quick, out, progress, only=_train_sets(data), glow=glow)
 
 
 @bench_app.command("bayes")
