@@ -66,7 +66,7 @@ def _base_settings(quick: bool) -> dict:
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)
     # costs about a second per image, so it scores fewer images than the one-pass statistics
     return {"preset": "mnist", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
-            "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 20, "bayes_k": 2, "n_tight": 100, "ks": IW_KS,
+            "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS,
             "classifier_steps": 3000, "multi_t_steps": 600, "n_tight_toy": 5000}
 
 
