@@ -6,7 +6,7 @@ import math
 
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
-                  "Objective ablation on ")
+                  "Objective ablation on ", "| trained on | OOD data |", "| data | method |")
 
 
 def markdown_table(results: dict) -> str:

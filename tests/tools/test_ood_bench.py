@@ -69,3 +69,16 @@ def test_a_partial_rerun_keeps_the_rows_of_the_other_training_sets(tmp_path):
     assert kept == rows[:1] and old["n"] == 10
     assert previous_results(out, {**config, "n": 11}, "train_data", ("fashion",)) == ([], {})
     assert previous_results(tmp_path / "missing.json", config, "train_data", ("fashion",)) == ([], {})
+
+
+def test_the_new_tables_are_recognised_as_bench_output(tmp_path):
+    from ntm.bench.common import check_bench_output
+    from ntm.bench.tables import table_for
+
+    for rows in ([{"train_data": "mnist", "ood_data": "noise", "method": "glow", "auroc": 1.0, "aupr": 1.0,
+                   "nfe_per_image": 1, "seconds_per_1000": 2.0, "n_in": 5, "n_out": 5}],
+                 [{"data": "mnist", "method": "cnn", "accuracy": 0.98, "ece": 0.01, "n": 10}]):
+        out = tmp_path / "r.json"
+        out.write_text(json.dumps({"rows": rows, "config": {}}))
+        out.with_suffix(".md").write_text(table_for({"rows": rows, "config": {}}))
+        check_bench_output(out)  # a re-run may replace its own table
