@@ -120,7 +120,7 @@ def bench_models(data: str, quick: bool, settings: dict, progress: bool, glow: b
 
 
 def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: StepTypicality | None,
-                   fm: bool) -> dict:
+                   fm: bool, typicality_k: StepTypicality | None = None) -> dict:
     """Every statistic of images x (B, 1, 28, 28): {method: (scores (B,), seconds)} and mean bits/dim."""
     ntm = models["ntm"]
     out = {}
@@ -130,6 +130,8 @@ def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: St
         out["ntm-steps"] = (typicality.distance(step_features(one)), s1)
     iw, s2 = _timed(lambda: ntm.score(x, num_trajectories=settings["iw_k"], generator=torch.Generator().manual_seed(2)))
     out["ntm-iw"] = (iw["iw"], s2)
+    if typicality_k is not None:  # the same test on step terms averaged over the K trajectories
+        out["ntm-steps-k"] = (typicality_k.distance(step_features(iw)), s2)
     if fm:
         m = settings["n_fm"]
         res, s3 = _timed(lambda: models["fm"].score(x[:m], steps=settings["fm_ode_steps"],
@@ -142,7 +144,7 @@ def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: St
 
 
 def network_evaluations_per_image(method: str, T: int, settings: dict) -> int:
-    return {"ntm-bound": T, "ntm-steps": T, "ntm-iw": T * settings["iw_k"], "glow": 1,
+    return {"ntm-bound": T, "ntm-steps": T, "ntm-iw": T * settings["iw_k"], "ntm-steps-k": T * settings["iw_k"], "glow": 1,
             "fm-ode": 2 * settings["fm_ode_steps"]}[method]
 
 
@@ -188,10 +190,14 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
         fit_x = dequantize(src.images[-settings["n_fit"]:], torch.Generator().manual_seed(7))  # training images
         typicality = StepTypicality(step_features(models["ntm"].score(
             fit_x, num_trajectories=1, generator=torch.Generator().manual_seed(1))))
+        typicality_k = StepTypicality(step_features(models["ntm"].score(
+            fit_x, num_trajectories=settings["iw_k"], generator=torch.Generator().manual_seed(2))))
         T = models["ntm"].config.trajectory.T
-        stats_in = ood_statistics(models, image_set(train_data, n), settings, typicality, fm=True)
+        stats_in = ood_statistics(models, image_set(train_data, n), settings, typicality, fm=True,
+                                  typicality_k=typicality_k)
         for ood in sets:
-            stats_out = ood_statistics(models, image_set(ood, n, seed=4343), settings, typicality, fm=True)
+            stats_out = ood_statistics(models, image_set(ood, n, seed=4343), settings, typicality, fm=True,
+                                       typicality_k=typicality_k)
             for method, (s_in, sec_in) in stats_in.items():
                 s_out, sec_out = stats_out[method]
                 row = {"train_data": train_data, "ood_data": ood, "method": method,
