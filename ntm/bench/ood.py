@@ -148,12 +148,14 @@ def network_evaluations_per_image(method: str, T: int, settings: dict) -> int:
             "fm-ode": 2 * settings["fm_ode_steps"]}[method]
 
 
-def previous_results(out: Path, config: dict, field: str, running) -> tuple[list, dict]:
-    """The rows (and config) of an earlier run of ``out`` with the same settings, for the data sets
-    (``field`` values) not re-run now; nothing when the file is missing or its settings differ."""
+def previous_results(out: Path, config: dict, field: str, running, keys: tuple[str, ...] | None = None) -> tuple[list, dict]:
+    """The rows (and config) of an earlier run of ``out`` with the same settings (``keys`` of
+    ``config``, default all), for the data sets (``field`` values) not re-run now; nothing when the
+    file is missing or those settings differ."""
     try:
         prev = json.loads(out.read_text())
-        same = all(prev["config"].get(k) == json.loads(json.dumps(v)) for k, v in config.items() if k != "models")
+        same = all(prev["config"].get(k) == json.loads(json.dumps(v)) for k, v in config.items()
+                   if k != "models" and (keys is None or k in keys))
     except (OSError, ValueError, KeyError, TypeError):
         return [], {}
     if not same:
@@ -175,7 +177,9 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
     results = {"config": {"quick": quick, **{k: v for k, v in settings.items() if k not in bayes_only},
                           "dequantisation": "uniform", "conditioning": "none (null label)", "models": {}},
                "rows": []}
-    kept, old = previous_results(out, results["config"], "train_data", tuple(pairs))
+    # the settings a detection row depends on (the tightness figures have their own)
+    row_keys = ("quick", "preset", "n", "n_fit", "n_fm", "fm_ode_steps", "iw_k", "dequantisation", "conditioning")
+    kept, old = previous_results(out, results["config"], "train_data", tuple(pairs), row_keys)
     results["rows"] = kept
     results["config"]["models"] = {k: v for k, v in old.get("models", {}).items() if k not in pairs}
     if "iw_vs_k" in old and "mnist" not in pairs:

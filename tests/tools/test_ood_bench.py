@@ -69,6 +69,8 @@ def test_a_partial_rerun_keeps_the_rows_of_the_other_training_sets(tmp_path):
     assert kept == rows[:1] and old["n"] == 10
     assert previous_results(out, {**config, "n": 11}, "train_data", ("fashion",)) == ([], {})
     assert previous_results(tmp_path / "missing.json", config, "train_data", ("fashion",)) == ([], {})
+    # settings outside ``keys`` (e.g. the tightness figure's) do not drop the rows
+    assert previous_results(out, {**config, "ks": (1,)}, "train_data", ("fashion",), keys=("n",))[0] == rows[:1]
 
 
 def test_the_new_tables_are_recognised_as_bench_output(tmp_path):
