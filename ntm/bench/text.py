@@ -20,7 +20,6 @@ Output: ``results/text[-quick].json`` and a folder of pictures.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
