@@ -251,6 +251,9 @@ _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
 # lambda = 10: at 3,500 steps it beat lambda = 1 at 8,000 on class accuracy (95% against 70% at w = 1)
 _IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=10.0)
+# the transporter levers of the image ablation: the paper's proportions (a transporter about a quarter
+# of the predictor), and spline blocks
+_IMAGE_TRANSPORTER_WIDE = TransporterConfig(blocks=2, layers=2, width=64, heads=4)
 
 PRESETS: dict[str, Preset] = {
     "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
@@ -276,6 +279,13 @@ PRESETS: dict[str, Preset] = {
     "mnist-quick": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA,
                           replace(_IMAGE_TRAIN, steps=600, warmup=100, checkpoint_every=200),
                           "the mnist preset with 600 steps (smoke checks; `ntm bench mnist --quick`)"),
+    "mnist-wide": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_WIDE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                         "the mnist preset with a 2 blocks x 2 layers, width-64 transporter (about a quarter of the predictor)"),
+    "mnist-spline": Preset(TrajectoryConfig(T=4, shift=None), replace(_IMAGE_TRANSPORTER, transform="spline"),
+                           _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN, "the mnist preset with spline transporter blocks"),
+    "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16)), _IMAGE_TRANSPORTER,
+                            _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                            "the mnist preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

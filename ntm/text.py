@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import ConfigError
@@ -112,8 +113,8 @@ def caption_key(identity: str, caption: str) -> str:
 
 class CachedEncoder:
     """An encoder whose embeddings are kept per distinct caption, in memory and (with ``cache_dir``)
-    on disk as one safetensors file per caption under ``cache_dir/<hash of identity>/``; new
-    captions are encoded ``batch_size`` at a time."""
+    on disk under ``cache_dir/<hash of identity>/``: one safetensors shard per batch of new captions,
+    which records the caption keys it holds. New captions are encoded ``batch_size`` at a time."""
 
     def __init__(self, encoder, cache_dir: str | Path | None = None, batch_size: int = 256):
         self.encoder = encoder
@@ -121,25 +122,33 @@ class CachedEncoder:
         self.identity, self.dim, self.max_tokens = encoder.identity, int(encoder.dim), int(encoder.max_tokens)
         self.folder = None if cache_dir is None else Path(cache_dir) / caption_key(self.identity, "")[:16]
         self.memory: dict[str, Prompts] = {}
+        self.disk: dict[str, Prompts] | None = None  # caption key -> embedding, read on first use
 
-    def _load(self, caption: str) -> Prompts | None:
-        if self.folder is None:
-            return None
-        file = self.folder / f"{caption_key(self.identity, caption)}.safetensors"
-        try:
-            t = load_file(file)
-            return Prompts(t["tokens"], t["mask"].bool(), t["pooled"])
-        except (OSError, KeyError, RuntimeError):  # missing or unreadable: encode again
-            return None
+    def _read_disk(self) -> dict[str, Prompts]:
+        if self.disk is None:
+            self.disk = {}
+            for file in sorted(self.folder.glob("*.safetensors")) if self.folder is not None else ():
+                try:
+                    with safe_open(str(file), "pt") as f:
+                        keys = (f.metadata() or {}).get("keys")
+                        t = {name: f.get_tensor(name) for name in ("tokens", "mask", "pooled")} if keys else {}
+                except (OSError, RuntimeError, SafetensorError):  # unreadable: its captions are encoded again
+                    continue
+                keys = keys.split(",") if keys else []
+                if not keys or len(keys) != t["tokens"].shape[0]:
+                    continue
+                for i, k in enumerate(keys):
+                    self.disk[k] = Prompts(t["tokens"][i:i + 1], t["mask"][i:i + 1].bool(), t["pooled"][i:i + 1])
+        return self.disk
 
-    def _store(self, caption: str, p: Prompts) -> None:
+    def _store(self, keys: list[str], p: Prompts) -> None:
         if self.folder is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        file = self.folder / f"{caption_key(self.identity, caption)}.safetensors"
+        file = self.folder / f"{caption_key(self.identity, ','.join(keys))}.safetensors"
         tmp = file.with_suffix(".tmp")
         save_file({"tokens": p.tokens.contiguous(), "mask": p.mask.to(torch.uint8).contiguous(),
-                   "pooled": p.pooled.contiguous()}, str(tmp))
+                   "pooled": p.pooled.contiguous()}, str(tmp), metadata={"keys": ",".join(keys)})
         tmp.replace(file)
 
     def encode(self, captions: list[str]) -> Prompts:
@@ -147,7 +156,7 @@ class CachedEncoder:
         fresh = []
         for c in dict.fromkeys(captions):
             if c not in self.memory:
-                p = self._load(c)
+                p = self._read_disk().get(caption_key(self.identity, c))
                 if p is None:
                     fresh.append(c)
                 else:
@@ -156,10 +165,10 @@ class CachedEncoder:
             chunk = fresh[lo:lo + self.batch_size]
             p = self.encoder.encode(chunk)
             check_prompts(p, self.dim, self.max_tokens)
+            p = Prompts(p.tokens.float().cpu(), p.mask.bool().cpu(), p.pooled.float().cpu())
+            self._store([caption_key(self.identity, c) for c in chunk], p)
             for i, c in enumerate(chunk):
-                one = Prompts(p.tokens[i:i + 1].float().cpu(), p.mask[i:i + 1].bool().cpu(), p.pooled[i:i + 1].float().cpu())
-                self._store(c, one)
-                self.memory[c] = one
+                self.memory[c] = p[i:i + 1]
         return Prompts.cat([self.memory[c] for c in captions])
 
 

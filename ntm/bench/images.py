@@ -48,6 +48,15 @@ ABLATION = (
 )
 # further variants for a longer session (not in the default table): the hybrid term alone
 MORE_ABLATION = (("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),)
+# the levers on the default recipe (`--levers`): the lambda schedule, the transporter's size and
+# element-wise map, and multi-T training; a multi-T model gets a row at each of its step counts
+LEVERS = (
+    ("default", "mnist", {}),
+    ("cosine-lambda", "mnist", {"hybrid_schedule": "cosine"}),
+    ("wide-transporter", "mnist-wide", {}),
+    ("spline", "mnist-spline", {}),
+    ("multi-t", "mnist-multi-t", {}),
+)
 
 
 def ablation_runs(spec, steps: int, variants: tuple = ABLATION) -> list[tuple[str, NTMConfig, TrainConfig]]:
@@ -228,15 +237,18 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
         runs[label] = folder / "runs" / label
         summary = train_or_reuse(runs[label], model_cfg, train_cfg, src, progress)
         model = load_model(runs[label], map_location=bench_device())
-        row, images = evaluate_image_row(model, model.config.trajectory.T, guidance, real, classifier, "project classifier")
         log = read_log(runs[label])
         tail = [r["nll"] for r in log[-8:] if "nll" in r]
-        results["rows"].append({"variant": label, **ntm_recipe(model_cfg, train_cfg, default=False),
-                                **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
-                                **ntm_bounds(model, src, n_bpd, 2), "final_nll": sum(tail) / max(1, len(tail)),
-                                "train_seconds": summary["seconds"]})
-        save_grid(images, folder, "ntm", 4, None, "inverse", guidance, label=label)
-        write_results(out, results)
+        for T in model.train_Ts:
+            row, images = evaluate_image_row(model, T, guidance, real, classifier, "project classifier")
+            results["rows"].append({"variant": label, "steps": T, **ntm_recipe(model_cfg, train_cfg, default=False),
+                                    **transporter_keys(model_cfg),
+                                    **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
+                                    **ntm_bounds(model, src, n_bpd, 2, steps=T), "final_nll": sum(tail) / max(1, len(tail)),
+                                    "train_seconds": summary["seconds"]})
+            save_grid(images, folder, "ntm", T, None, "inverse", guidance,
+                      label=label if T == model.config.trajectory.T else f"{label}-T{T}")
+            write_results(out, results)
     smoothed_curves(runs, folder / "nll-curves.png", ylabel="NLL of the scored steps, nats/dim")
     return results
 
@@ -247,6 +259,12 @@ def ntm_recipe(cfg: NTMConfig, train_cfg: TrainConfig, default: bool) -> dict:
     return {"objective": objective, "transform": cfg.transporter.transform if cfg.transporter.enabled else "none",
             "hybrid_weight": train_cfg.hybrid_weight, "stratified": train_cfg.stratified,
             "precondition": cfg.predictor.precondition, "default": default}
+
+
+def transporter_keys(cfg: NTMConfig) -> dict:
+    """The transporter's size and its share of the model's parameters, for the ablation rows."""
+    tr = cfg.transporter
+    return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}", "multi_T": list(cfg.trajectory.train_Ts)}
 
 
 def by_step_table(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int = 2) -> dict:

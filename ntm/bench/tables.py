@@ -68,11 +68,12 @@ def markdown_objective_ablation_table(results: dict) -> str:
     c = results["config"]
     lines = [f"Objective ablation on {c['data']}: {c['steps']} steps each; FID and class accuracy of {c['n_samples']} "
              f"guided 4-step samples (w = {c['guidance']}); bits/dim on {c['n_bpd']} test images.", "",
-             "| variant | objective | stratified | λ | preconditioning | FID | class acc. | precision | recall | bits/dim | bound | final NLL /dim | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | T | objective | stratified | λ | preconditioning | transporter | FID | class acc. | precision | recall | bits/dim | bound | final NLL /dim | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['variant']} | {r['objective']} | {'yes' if r['stratified'] else 'no'} | {r['hybrid_weight']:g} | "
-                     f"{r['precondition']} | {r['fid']:.3f} | {100 * r['class_acc']:.1f}% | {r['precision']:.3f} | "
+        transporter = f"{r.get('transporter', '2x1 w32')} {r.get('transform', 'affine')}"
+        lines.append(f"| {r['variant']} | {r.get('steps', 4)} | {r['objective']} | {'yes' if r['stratified'] else 'no'} | "
+                     f"{r['hybrid_weight']:g} | {r['precondition']} | {transporter} | {r['fid']:.3f} | {100 * r['class_acc']:.1f}% | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['bpd']:.3f} | {r['bpd_kind']} | {r['final_nll']:.4f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -20,22 +20,22 @@ Output: ``results/text[-quick].json`` and a folder of pictures.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..canvas import COLOR_NAMES, EMPTY, TASKS, PromptSpec, draw_prompt, meets
 from ..config import get_preset
 from ..data import to_tokens
 from ..errors import CheckpointError
-from ..flow_matching import network_evaluations
+from ..flow_matching import FlowMatching, network_evaluations
 from ..hub import build_model, load_model
 from ..images import dequantize, open_image_source
 from ..io import load_into, read_meta, write_artifact
 from ..tools.datasets import open_text_data, text_cache_dir
-from ..tools.metrics import CLASSIFIER_FORMAT, ImageClassifier, image_quality
+from ..tools.metrics import CLASSIFIER_FORMAT, ImageClassifier, fit_classifier, image_quality
 from ..tools.plots import image_grid, line_plot
 from ..tools.text_encoders import load_encoder
 from ..train import make_optimizer
@@ -50,9 +50,9 @@ GRID_PROMPTS = ("a red 3", "a 3 and a 7", "two 5s", "a green 4", "a 3 on the lef
 
 def text_settings(quick: bool, overrides: dict | None = None) -> dict:
     base = ({"preset": "mnist-quick", "n_prompts": 20, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 4.0),
-             "finetune_steps": 300, "cell_steps": 1500, "probe_steps": 6} if quick else
+             "cell_steps": 1500, "probe_steps": 6} if quick else
             {"preset": "mnist", "n_prompts": 100, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 3.0, 4.0),
-             "finetune_steps": 2000, "cell_steps": 3000, "probe_steps": 12})
+             "cell_steps": 3000, "probe_steps": 12})
     return {**base, **(overrides or {})}
 
 
@@ -84,24 +84,19 @@ def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, seed: int =
     n_val = len(x) // 10
     val, tr = perm[:n_val], perm[n_val:]
     clf = ImageClassifier(3, 11 + len(COLOR_NAMES))
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    for _ in tqdm(range(steps), desc="cell classifier", disable=not progress, dynamic_ncols=True):
+
+    def batch():
         idx = tr[torch.randint(len(tr), (128,), generator=g)]
-        logits = clf(dequantize(x[idx], g))
-        d, c = lab[idx, 0], lab[idx, 1]
+        return dequantize(x[idx], g), lab[idx]
+
+    def loss_fn(logits: Tensor, cell: Tensor) -> Tensor:  # digit or empty, and the colour of a digit
+        d, c = cell[:, 0], cell[:, 1]
         loss = nn.functional.cross_entropy(logits[:, :11], d)
         has = d != EMPTY
-        if has.any():
-            loss = loss + nn.functional.cross_entropy(logits[has, 11:], c[has])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    clf.eval()
+        return loss + nn.functional.cross_entropy(logits[has, 11:], c[has]) if has.any() else loss
+
+    fit_classifier(clf, batch, loss_fn, steps, lambda: dequantize(x[tr[:4000]], g), progress, desc="cell classifier")
     with torch.no_grad():
-        f = clf.conv(dequantize(x[tr[:4000]], g))
-        clf.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
         pred = read_cells_of(clf, dequantize(x[val], g))
     d, c = lab[val, 0], lab[val, 1]
     has = d != EMPTY
@@ -160,10 +155,10 @@ def generate(model, prompts: list[str], steps: int, guidance: float, solver: str
         part = prompts[lo:lo + chunk]
         g = torch.Generator().manual_seed(seed + lo)
         t0 = time.perf_counter()
-        if hasattr(model, "transporter"):
-            x = model.sample(len(part), prompt=part, guidance=guidance, steps=steps, generator=g, decode="inverse")
-        else:
+        if isinstance(model, FlowMatching):
             x = model.sample(len(part), prompt=part, guidance=guidance, steps=steps, solver=solver, generator=g)
+        else:
+            x = model.sample(len(part), prompt=part, guidance=guidance, steps=steps, generator=g, decode="inverse")
         seconds += time.perf_counter() - t0
         out.append(x.cpu().clamp(-1, 1))
     return torch.cat(out), seconds
@@ -235,20 +230,21 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     src = open_text_data("canvas", encoder=encoder)
     spec = src.spec()
     p = get_preset(settings["preset"])
+    train = p.train if settings.get("train_steps") is None else replace(p.train, steps=settings["train_steps"])
     runs = {"ntm": folder / "runs" / "ntm", "fm": folder / "runs" / "fm", "ntm-ft": folder / "runs" / "ntm-ft"}
     seconds = {}
     for kind, cfg in (("ntm", p.ntm(spec)), ("fm", p.fm(spec))):
-        seconds[kind] = train_or_reuse(runs[kind], cfg, p.train, src, progress)["seconds"]
+        seconds[kind] = train_or_reuse(runs[kind], cfg, train, src, progress)["seconds"]
     # the finetune: a quarter of the teacher's steps, as in `ntm bench finetune`
-    ft_steps = max(1, p.train.steps // 4)
-    ft_train = finetune_train_config(p.train, ft_steps, 2.5, runs["fm"])
+    ft_steps = max(1, train.steps // 4)
+    ft_train = finetune_train_config(train, ft_steps, 2.5, runs["fm"])
     seconds["ntm-ft"] = train_or_reuse(runs["ntm-ft"], finetune_config(p.fm(spec), settings["preset"]), ft_train, src,
                                        progress)["seconds"]
     clf, clf_info = load_or_train_cell_classifier(src, settings["cell_steps"], progress)
     specs = evaluation_prompts(settings["n_prompts"])
     real = dequantize(src.test[:len(specs)], torch.Generator().manual_seed(5))
-    results = {"config": {"quick": quick, "data": "canvas", "preset": settings["preset"], "train_steps": p.train.steps,
-                          "batch_size": p.train.batch_size, "finetune_steps": settings["finetune_steps"],
+    results = {"config": {"quick": quick, "data": "canvas", "preset": settings["preset"], "train_steps": train.steps,
+                          "batch_size": train.batch_size, "finetune_steps": ft_steps,
                           "text_encoder": spec.text_encoder, "conditioning": "token states appended to the sequence + pooled vector",
                           "n_prompts": len(specs), "cell_classifier": clf_info, "guidance": settings["guidance"]},
                "rows": []}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import get_preset
+from ..config import default_preset, get_preset
 from ..data import ENTROPY_FLOOR, open_source, to_tokens
 from ..errors import ConfigError
 from ..flow_matching import FlowMatching, network_evaluations
@@ -137,7 +137,8 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories)
             row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
                        objective=train_cfg.objective, transform=cfg.transporter.transform if cfg.transporter.enabled else "none",
-                       bound_kind=f"ELBO / IW, T={cfg.trajectory.T}, K={num_trajectories}")
+                       bound_kind=f"ELBO / IW, T={cfg.trajectory.T}, K={num_trajectories}",
+                       default=label == "ntm" and preset == default_preset(spec))
             finish_row(row, name, floor_ed)
             results["rows"].append(row)
             write_results(out, results)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..bench.common import check_bench_output, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import run_image_ablation, run_image_bench
+from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
 from ..bench.ood import run_bayes_bench, run_ood_bench
 from ..bench.text import run_text_bench
 from ..bench.report import report as run_report
@@ -558,12 +558,14 @@ def bench_multi_t(
 
 def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
                   out: Optional[Path], progress: bool, distill_steps: int = 0, ablation: bool = False,
-                  preset: Optional[str] = None) -> None:
-    if ablation:
-        out = out or results_dir() / f"{data}-ablation{'-quick' if quick else ''}.json"
+                  preset: Optional[str] = None, levers: bool = False) -> None:
+    if ablation or levers:
+        name = "levers" if levers else "ablation"
+        out = out or results_dir() / f"{data}-{name}{'-quick' if quick else ''}.json"
         check_bench_output(out)
         res = run_image_ablation(data, out=out, steps=steps or (100 if quick else 2000),
-                                 n_samples=n_samples or (200 if quick else 1000), guidance=guidance, progress=progress)
+                                 n_samples=n_samples or (200 if quick else 1000), guidance=guidance, progress=progress,
+                                 variants=LEVERS if levers else ABLATION)
         typer.echo(table_for(res))
         typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
         return
@@ -595,24 +597,26 @@ _IMG_PRESET = typer.Option(None, help="the preset both models train with (defaul
                            "mnist-paper: the paper's plain NLL)")
 _IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective ablation (paper NLL, nll-rb + stratified, hybrid, "
                              "default) at --steps each (default 2000; quick 100) -> results/<data>-ablation.json")
+_IMG_LEVERS = typer.Option(False, "--levers", help="instead: the levers on the default recipe (cosine lambda, wider "
+                           "transporter, splines, multi-T) at --steps each -> results/<data>-levers.json")
 
 
 @bench_app.command("mnist")
 def bench_mnist(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                 guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET,
+                ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET, levers: bool = _IMG_LEVERS,
                 progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on MNIST."""
-    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset)
+    _bench_images("mnist", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset, levers)
 
 
 @bench_app.command("fashion")
 def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_samples: Optional[int] = _IMG_N,
                   guidance: float = _IMG_W, out: Optional[Path] = _IMG_OUT, distill_steps: int = _IMG_DISTILL,
-                  ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET,
+                  ablation: bool = _IMG_ABLATION, preset: Optional[str] = _IMG_PRESET, levers: bool = _IMG_LEVERS,
                   progress: bool = typer.Option(True, help="show progress bars")):
     """NTM (T = 4) against flow matching on the same backbone and budget, on Fashion-MNIST."""
-    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset)
+    _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset, levers)
 
 
 @bench_app.command("finetune")
@@ -662,9 +666,11 @@ _PROGRESS = typer.Option(True, help="show progress bars")
 
 
 @bench_app.command("text")
-def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS):
+def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS,
+               steps: Optional[int] = typer.Option(None, min=1, help="training steps of NTM and FM (default: the "
+                                                   "preset's; the finetune gets a quarter)")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
-    _likelihood_bench("text", run_text_bench, quick, out, progress)
+    _likelihood_bench("text", run_text_bench, quick, out, progress, settings={"train_steps": steps})
 
 
 @bench_app.command("ood")

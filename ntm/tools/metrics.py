@@ -118,6 +118,28 @@ def classifier_accuracy(classifier: ImageClassifier, images: Tensor, labels: Ten
     return hits / images.shape[0]
 
 
+def fit_classifier(clf: ImageClassifier, batch, loss_fn, steps: int, feature_images, progress: bool = False,
+                   desc: str = "classifier") -> ImageClassifier:
+    """The project's classifier recipe: ``steps`` of Adam (lr 1e-3, cosine decay) on ``loss_fn(logits,
+    y)`` over ``batch()`` -> (x, y) draws, then the feature scale set so the FID features of
+    ``feature_images()`` (N, C, H, W) have unit mean square. Returns ``clf`` in eval mode."""
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    clf.train()
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
+        x, y = batch()
+        loss = loss_fn(clf(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    clf.eval()
+    with torch.no_grad():
+        f = clf.conv(feature_images())
+        clf.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
+    return clf
+
+
 def train_classifier(source, steps: int = 3000, batch: int = 128, seed: int = 0,
                      progress: bool = False) -> tuple[ImageClassifier, float]:
     """Train the metrics classifier on a labelled image source; returns it and its test accuracy."""
@@ -127,20 +149,8 @@ def train_classifier(source, steps: int = 3000, batch: int = 128, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     num_classes = int(source.labels.max()) + 1
     clf = ImageClassifier(source.images.shape[1], num_classes)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    clf.train()
-    for _ in tqdm(range(steps), desc="classifier", disable=not progress, dynamic_ncols=True):
-        x, y = source.sample(batch, g)
-        loss = nn.functional.cross_entropy(clf(x), y.long())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    clf.eval()
-    with torch.no_grad():
-        f = clf.conv(source.sample(5000, g)[0])
-        clf.feature_scale.fill_(float(f.pow(2).mean().rsqrt()))
+    fit_classifier(clf, lambda: source.sample(batch, g), lambda logits, y: nn.functional.cross_entropy(logits, y.long()),
+                   steps, lambda: source.sample(5000, g)[0], progress)
     test_x, test_y = source.held_out(None, seed=777)
     return clf, classifier_accuracy(clf, test_x, test_y)
 

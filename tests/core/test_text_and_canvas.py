@@ -31,6 +31,18 @@ def test_cached_embeddings_equal_fresh_ones_and_are_computed_once(tmp_path):
     assert other.calls == 1
 
 
+def test_the_disk_cache_keeps_one_shard_per_batch_and_survives_a_broken_file(tmp_path):
+    caps = [f"a {d}" for d in range(5)]
+    CachedEncoder(StubEncoder(), cache_dir=tmp_path, batch_size=2).encode(caps)
+    shards = sorted(tmp_path.glob("*/*.safetensors"))
+    assert len(shards) == 3  # batches of 2, 2 and 1 captions
+    shards[0].write_bytes(b"not a safetensors file")
+    stub = StubEncoder()
+    p = CachedEncoder(stub, cache_dir=tmp_path).encode(caps)
+    assert stub.calls == 2  # only the broken shard's captions are encoded again
+    assert torch.equal(p.tokens, StubEncoder().encode(caps).tokens)
+
+
 def test_an_encoder_with_wrong_shapes_is_one_clear_error():
     class Bad(StubEncoder):
         def encode(self, captions):

@@ -113,3 +113,25 @@ def test_objective_ablation_bench_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(math.isfinite(r["bpd"]) and r["bpd"] == min(r["bpd_bounds"].values()) for r in rows)
     assert out.with_suffix(".md").read_text().startswith("Objective ablation on mnist")
     assert (tmp_path / "abl" / "nll-curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
+    import ntm.cli as cli
+
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    real = cli.run_image_ablation
+    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 4}))
+    out = tmp_path / "levers.json"
+    assert main(["bench", "mnist", "--levers", "--steps", "1", "--n-samples", "10", "--out", str(out),
+                 "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # the multi-T variant gets a row at each of its step counts, from one checkpoint
+    assert [(r["variant"], r["steps"]) for r in rows] == [
+        ("default", 4), ("cosine-lambda", 4), ("wide-transporter", 4), ("spline", 4), ("multi-t", 4), ("multi-t", 8),
+        ("multi-t", 16)]
+    assert [r["transporter"] for r in rows[1:4]] == ["2x1 w32", "2x2 w64", "2x1 w32"]
+    assert [r["transform"] for r in rows[2:4]] == ["affine", "spline"]
+    assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[4:]] == ["4,", "8,", "16"]
+    assert rows[4]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
+    assert (tmp_path / "levers" / "samples-multi-t-T16.png").is_file()
