@@ -35,8 +35,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..config import get_preset
+from ..errors import CheckpointError
 from ..data import open_source
 from ..hub import load_model
 from ..images import dequantize, load_named
@@ -246,6 +248,48 @@ def multi_t_tightness(folder: Path, settings: dict, progress: bool) -> dict:
               title="one multi-T model (checkerboard): the bound against T and K")
     return {"data": "checkerboard", "preset": "toy-multi-t", "train_steps": cfg.steps, "n": len(x),
             "train_seconds": summary["seconds"], "by_t_and_k": table}
+
+
+def run_tightness_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
+                        run: str | Path | None = None, data: str = "mnist", n: int | None = None,
+                        ks: tuple[int, ...] | None = None) -> dict:
+    """The bounds of one multi-T image model against T and K (``results/tightness[-quick].json``): per
+    (T, K) the mean uniform ELBO and IW bounds in bits/dim on ``n`` test images (the same images for
+    every cell; fresh trajectories per cell), their standard errors, and ``iw-vs-t.png``. ``run``
+    defaults to the NTM of ``ntm bench <data> --preset mnist-multi-t``."""
+    out = Path(out) if out else results_dir() / ("tightness-quick.json" if quick else "tightness.json")
+    run = Path(run) if run else results_dir() / f"{data}-mnist-multi-t" / "runs" / "ntm"
+    if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir():
+        raise CheckpointError(f"no multi-T model in {run}: train one with `ntm bench {data} --preset mnist-multi-t` "
+                              "or name it with --run")
+    model = load_model(run, map_location=bench_device()).eval()
+    if not model.multi_T:
+        raise CheckpointError(f"{run} was trained for T = {model.config.trajectory.T} only; the bound against T "
+                              "needs a multi-T model (train_Ts)")
+    n = n or (20 if quick else 200)
+    ks = ks or ((1, 4) if quick else (1, 4, 16))
+    x = image_set(data, n, seed=99)
+    rows = []
+    bar = tqdm(total=len(model.train_Ts) * len(ks), desc="bounds", disable=not progress, dynamic_ncols=True)
+    for T in model.train_Ts:
+        for K in ks:
+            t0 = time.perf_counter()
+            s = model.score(x, num_trajectories=K, steps=T, generator=torch.Generator().manual_seed(1000 * T + K))
+            rows.append({"data": data, "model": "ntm-multi-t", "steps": T, "trajectories": K,
+                         "elbo_bpd": float(s["bpd"].mean()), "iw_bpd": float(s["iw_bpd"].mean()),
+                         "se": float(s["iw_bpd"].std() / len(x) ** 0.5), "n": len(x),
+                         "seconds_per_1000": 1000 * (time.perf_counter() - t0) / len(x)})
+            bar.update(1)
+    bar.close()
+    results = {"config": {"quick": quick, "data": data, "run": str(run), "train_Ts": list(model.train_Ts),
+                          "ks": list(ks), "n": n, "bound": "uniformly dequantised, bits/dim"}, "rows": rows}
+    out.with_suffix("").mkdir(parents=True, exist_ok=True)
+    line_plot({f"T = {T}": (list(ks), [r["iw_bpd"] for r in rows if r["steps"] == T]) for T in model.train_Ts},
+              out.with_suffix("") / "iw-vs-t.png", xlabel="trajectories K", ylabel="IW bound, bits/dim", log_x=True,
+              errors={f"T = {T}": [r["se"] for r in rows if r["steps"] == T] for T in model.train_Ts},
+              title=f"one multi-T model ({data}): the bound against T and K")
+    write_results(out, results)
+    return results
 
 
 def iw_tightness(model, x: torch.Tensor, ks: tuple[int, ...], png: Path) -> dict:

@@ -6,7 +6,8 @@ import math
 
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
-                  "Objective ablation on ", "| trained on | OOD data |", "| data | method |")
+                  "Objective ablation on ", "| trained on | OOD data |", "| data | method |",
+                  "| data | model | T | K |")
 
 
 def markdown_table(results: dict) -> str:
@@ -128,9 +129,20 @@ def markdown_text_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_tightness_table(results: dict) -> str:
+    """The bounds of one multi-T model against T and K."""
+    lines = ["| data | model | T | K | ELBO bits/dim | IW bits/dim | ± s.e. | n | s per 1000 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['data']} | {r['model']} | {r['steps']} | {r['trajectories']} | {r['elbo_bpd']:.3f} | "
+                     f"{r['iw_bpd']:.3f} | {r['se']:.3f} | {r['n']} | {r['seconds_per_1000']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_for(results: dict) -> str:
     """The table of a results JSON, chosen by what its rows hold."""
     rows = results.get("rows", [])
+    if rows and "iw_bpd" in rows[0] and "trajectories" in rows[0]:
+        return markdown_tightness_table(results)
     if rows and "acc_overall" in rows[0]:
         return markdown_text_table(results)
     if rows and "auroc" in rows[0]:

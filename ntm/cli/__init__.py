@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..bench.common import check_bench_output, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
-from ..bench.ood import run_bayes_bench, run_ood_bench
+from ..bench.ood import run_bayes_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import run_text_bench
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
@@ -671,6 +671,14 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
                                                    "preset's; the finetune gets a quarter)")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
     _likelihood_bench("text", run_text_bench, quick, out, progress, settings={"train_steps": steps})
+
+
+@bench_app.command("tightness")
+def bench_tightness(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS,
+                    run: Optional[Path] = typer.Option(None, help="a multi-T NTM run (default: the one of `ntm bench "
+                                                       "mnist --preset mnist-multi-t`)")):
+    """Bits/dim bounds of one multi-T model against T and the number of trajectories K."""
+    _likelihood_bench("tightness", run_tightness_bench, quick, out, progress, run=run)
 
 
 @bench_app.command("ood")

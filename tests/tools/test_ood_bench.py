@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench
+from ntm.cli import main
 from ntm.images import load_named, to_uint8
 from ntm.tools.glow import GlowConfig
+
+from conftest import one_error_line
 
 TINY = {"preset": "tiny", "multi_t_steps": 5, "n_tight_toy": 50, "n": 24, "n_fit": 30, "n_fm": 6, "fm_ode_steps": 2, "iw_k": 2,
         "glow": GlowConfig(steps=3, blocks=1, hidden=8), "n_bayes": 12, "n_bayes_fm": 4, "bayes_k": 1,
@@ -84,3 +87,38 @@ def test_the_new_tables_are_recognised_as_bench_output(tmp_path):
         out.write_text(json.dumps({"rows": rows, "config": {}}))
         out.with_suffix(".md").write_text(table_for({"rows": rows, "config": {}}))
         check_bench_output(out)  # a re-run may replace its own table
+
+
+def test_tightness_bench_needs_a_multi_t_model(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    assert main(["train", "--data", "checkerboard", "--preset", "tiny", "--out", str(plain), "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["bench", "tightness", "--run", str(plain), "--out", str(tmp_path / "t.json"), "--no-progress"])
+    assert one_error_line(code, capsys.readouterr().err, "needs a multi-T model")
+    code = main(["bench", "tightness", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "t.json"), "--no-progress"])
+    assert one_error_line(code, capsys.readouterr().err, "no multi-T model")
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.slow
+def test_tightness_bench_end_to_end(tmp_path):
+    from dataclasses import replace
+
+    from ntm.bench.common import train_or_reuse
+    from ntm.bench.images import labelled_source
+    from ntm.config import PredictorConfig, TransporterConfig, get_preset
+
+    src, spec = labelled_source("mnist")
+    p = get_preset("mnist-multi-t")
+    cfg = replace(p.ntm(spec), transporter=TransporterConfig(blocks=1, layers=1, width=16, heads=2),
+                  predictor=replace(p.predictor, layers=1, width=16, heads=2))
+    train_or_reuse(tmp_path / "run", cfg, replace(p.train, steps=2, warmup=1, checkpoint_every=2), src, False)
+    out = tmp_path / "tight.json"
+    assert main(["bench", "tightness", "--quick", "--run", str(tmp_path / "run"), "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["steps"], r["trajectories"]) for r in rows] == [(4, 1), (4, 4), (8, 1), (8, 4), (16, 1), (16, 4)]
+    # the IW bound is never above the ELBO bound of the same trajectories; K = 1: they coincide
+    assert all(r["iw_bpd"] <= r["elbo_bpd"] + 1e-6 for r in rows)
+    assert all(abs(r["iw_bpd"] - r["elbo_bpd"]) < 1e-5 for r in rows if r["trajectories"] == 1)
+    assert (tmp_path / "tight" / "iw-vs-t.png").is_file()
+    assert out.with_suffix(".md").read_text().startswith("| data | model | T | K |")
