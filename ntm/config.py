@@ -13,6 +13,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from .errors import ConfigError
 
 
+TEXT_ATTENTION = ("concat", "cross")  # how the networks read a prompt's token states
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """How raw samples of shape ``shape`` become tokens (N, D), and how they are standardised.
@@ -25,6 +28,8 @@ class DataSpec:
     empty, i.e. 0 and 1 after standardisation), read by the predictor's "data" preconditioning.
     ``text_encoder`` (an encoder's identity), ``text_dim`` and ``text_tokens`` describe the prompts of
     a text-conditioned model (``ntm.text``); the encoder itself is never saved with the model.
+    ``text_attention`` is how the networks read the prompt's token states: "concat" (appended to
+    the token sequence, the paper's choice) or "cross" (a cross-attention block in every layer).
     """
 
     name: str = "data"
@@ -39,6 +44,7 @@ class DataSpec:
     text_encoder: str = ""
     text_dim: int = 0
     text_tokens: int = 0
+    text_attention: str = "concat"
 
     @property
     def is_text(self) -> bool:
@@ -394,6 +400,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
         raise ValueError("data mean/std do not match the data shape")
     if d.kind == "image" and (len(d.shape) != 3 or d.shape[1] % d.patch or d.shape[2] % d.patch):
         raise ValueError(f"image shape {d.shape} does not fit patch {d.patch}")
+    if d.text_attention not in TEXT_ATTENTION:
+        raise ValueError(f"unknown text attention '{d.text_attention}' (use {' or '.join(TEXT_ATTENTION)})")
     if d.num_classes < 0:
         raise ValueError("invalid class count")
     nets = (("velocity", cfg.velocity),) if isinstance(cfg, FMConfig) else \

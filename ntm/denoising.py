@@ -61,7 +61,8 @@ class Denoiser(ConditionedTransformer):
 
     def __init__(self, cfg: DenoiserConfig, spec: DataSpec):
         super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
-                         spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens)
+                         spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens,
+                         text_attention=spec.text_attention)
         self.cfg = cfg
 
     def forward(self, u0: Tensor, t0: Tensor, y: Tensor | None = None) -> Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import TEXT_ATTENTION
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding of times in [0, 1]. t: (B,) -> (B, dim)."""
@@ -116,18 +118,42 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(x.shape))
 
 
-class Layer(nn.Module):
-    """Pre-norm transformer layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
+class CrossAttention(nn.Module):
+    """Attention of a sequence x (B, N, W) to a context (B, L, W), e.g. a prompt's token states."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, context: Tensor, keep: Tensor | None = None) -> Tensor:
+        """``keep`` (B, L) bool: the context positions attended to (all if None)."""
+        B, N, W = x.shape
+        q = self.q(x).view(B, N, self.heads, W // self.heads).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        out = attend(q, k, v, mask=None if keep is None else keep[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+class Layer(nn.Module):
+    """Pre-norm transformer layer: x + Attn(LN(x)), [x + CrossAttn(LN(x), context),] then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, cross: bool = False):
         super().__init__()
         self.norm1 = LayerNorm32(width)
         self.attn = Attention(width, heads)
+        self.norm_c = LayerNorm32(width) if cross else None
+        self.cross = CrossAttention(width, heads) if cross else None
         self.norm2 = LayerNorm32(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width))
 
-    def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None, context: Tensor | None = None,
+                context_keep: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), causal, keep)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_c(x), context, context_keep)
         return x + self.mlp(self.norm2(x))
 
     def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
@@ -138,18 +164,20 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
     """A stack of layers with a final norm. Causal or bidirectional over the token axis."""
 
-    def __init__(self, width: int, depth: int, heads: int, causal: bool):
+    def __init__(self, width: int, depth: int, heads: int, causal: bool, cross: bool = False):
         super().__init__()
         self.causal = causal
         self.heads = heads
         self.width = width
-        self.layers = nn.ModuleList(Layer(width, heads) for _ in range(depth))
+        self.layers = nn.ModuleList(Layer(width, heads, cross=cross) for _ in range(depth))
         self.norm = LayerNorm32(width)
 
-    def forward(self, h: Tensor, keep: Tensor | None = None) -> Tensor:
-        """h: (B, N, W) -> (B, N, W); ``keep`` (B, N) bool masks keys (bidirectional use only)."""
+    def forward(self, h: Tensor, keep: Tensor | None = None, context: Tensor | None = None,
+                context_keep: Tensor | None = None) -> Tensor:
+        """h: (B, N, W) -> (B, N, W); ``keep`` (B, N) bool masks keys (bidirectional use only);
+        ``context`` (B, L, W) with ``context_keep`` (B, L): what cross-attention layers attend to."""
         for layer in self.layers:
-            h = layer(h, self.causal, keep)
+            h = layer(h, self.causal, keep, context, context_keep)
         return self.norm(h)
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
@@ -179,15 +207,17 @@ class ConditionedTransformer(nn.Module):
     Label ``num_classes`` is the null (unconditional) label.
 
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
-    ``text_tokens`` token states are projected to the width and appended to the sequence (with
-    their padding masked out of attention), and its pooled vector joins the additive conditioning.
+    ``text_tokens`` token states are projected to the width and, with ``text_attention`` "concat",
+    appended to the sequence (the paper's choice) or, with "cross", attended to by a cross-attention
+    block in every layer; padding is masked out either way, and the pooled vector joins the additive
+    conditioning.
     The null prompt (the encoder's encoding of "", stored in the buffers ``null_*``) stands in for
     a missing prompt and for the rows a prompt batch marks as dropped.
     """
 
     def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
                  num_classes: int = 0, two_times: bool = True, multi_T: bool = False, text_dim: int = 0,
-                 text_tokens: int = 0):
+                 text_tokens: int = 0, text_attention: str = "concat"):
         super().__init__()
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -206,7 +236,10 @@ class ConditionedTransformer(nn.Module):
             self.register_buffer("null_tokens", torch.zeros(text_tokens, text_dim))
             self.register_buffer("null_mask", torch.ones(text_tokens, dtype=torch.bool))
             self.register_buffer("null_pooled", torch.zeros(text_dim))
-        self.net = Transformer(width, layers, heads, causal=False)
+        if text_attention not in TEXT_ATTENTION:
+            raise ValueError(f"unknown text attention '{text_attention}' (use {' or '.join(TEXT_ATTENTION)})")
+        self.cross_text = bool(text_dim) and text_attention == "cross"
+        self.net = Transformer(width, layers, heads, causal=False, cross=self.cross_text)
         self.proj_out = nn.Linear(width, out_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -238,6 +271,8 @@ class ConditionedTransformer(nn.Module):
         tokens, mask, pooled = text
         cond = cond + self.text_pool(pooled)
         words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos
+        if self.cross_text:
+            return self.net(h + cond[:, None], context=words, context_keep=mask)
         keep = torch.cat([torch.ones(B, h.shape[1], dtype=torch.bool, device=h.device), mask], 1)
         return self.net(torch.cat([h, words], 1) + cond[:, None], keep)[:, :h.shape[1]]
 

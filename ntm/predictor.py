@@ -68,9 +68,11 @@ class Predictor(ConditionedTransformer):
     """f_P(u_t, t, s, y) -> (mu_P, sigma_P), each (B, N, D) fp32. Label ``num_classes`` is the null label."""
 
     def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0,
-                 multi_T: bool = False, data_stats: tuple | None = None, text_dim: int = 0, text_tokens: int = 0):
+                 multi_T: bool = False, data_stats: tuple | None = None, text_dim: int = 0, text_tokens: int = 0,
+                 text_attention: str = "concat"):
         super().__init__(cfg.width, cfg.layers, cfg.heads, num_tokens, token_dim, 2 * token_dim, num_classes,
-                         two_times=True, multi_T=multi_T, text_dim=text_dim, text_tokens=text_tokens)
+                         two_times=True, multi_T=multi_T, text_dim=text_dim, text_tokens=text_tokens,
+                         text_attention=text_attention)
         self.clip = cfg.log_var_clip
         mean, var = torch.zeros(num_tokens, token_dim), torch.ones(num_tokens, token_dim)
         if data_stats is not None:
@@ -158,7 +160,8 @@ class VelocityField(ConditionedTransformer):
 
     def __init__(self, cfg: BackboneConfig, spec: DataSpec):
         super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
-                         spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens)
+                         spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens,
+                         text_attention=spec.text_attention)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t: (B, N, D), t: (B,), y: (B,) or None -> v: (B, N, D) fp32."""
@@ -264,4 +267,4 @@ def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False)
     # "data" with no stored statistics (vector data, standardised on the way in) is mean 0, variance 1
     stats = (spec.token_mean, spec.token_var) if cfg.precondition == "data" and spec.token_mean else None
     return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T, data_stats=stats,
-                     text_dim=spec.text_dim, text_tokens=spec.text_tokens)
+                     text_dim=spec.text_dim, text_tokens=spec.text_tokens, text_attention=spec.text_attention)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..canvas import COLOR_NAMES, EMPTY, TASKS, PromptSpec, draw_prompt, meets
 from ..config import get_preset
 from ..data import to_tokens
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..flow_matching import FlowMatching, network_evaluations
 from ..hub import build_model, load_model
 from ..images import dequantize, open_image_source
@@ -48,12 +48,18 @@ GRID_PROMPTS = ("a red 3", "a 3 and a 7", "two 5s", "a green 4", "a 3 on the lef
                 "a 1 on the right of a 0", "a yellow 8 and a white 6")
 
 
+TEXT_BENCH_MODELS = ("ntm", "ntm-ft", "fm")
+CONDITIONING = {"concat": "token states appended to the sequence + pooled vector",
+                "cross": "token states read by cross-attention in every layer + pooled vector"}
+
+
 def text_settings(quick: bool, overrides: dict | None = None) -> dict:
     base = ({"preset": "mnist-quick", "n_prompts": 20, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 4.0),
              "cell_steps": 1500, "probe_steps": 6} if quick else
             {"preset": "mnist", "n_prompts": 100, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 3.0, 4.0),
              "cell_steps": 3000, "probe_steps": 12})
-    return {**base, **(overrides or {})}
+    base.update(text_attention="concat", models=TEXT_BENCH_MODELS)
+    return {**base, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
 
 # ------------------------------------------------------------------------------ cell classifier
@@ -190,15 +196,16 @@ def evaluate(model, kind: str, steps: int, guidance: float, specs: list[PromptSp
     return row, images
 
 
-def text_step_cost(preset: str, encoder, steps: int) -> dict:
-    """Seconds per NTM training step with prompts (captioned MNIST) against class labels (MNIST),
-    same preset and batches, timed back to back."""
+def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat") -> dict:
+    """Seconds per NTM training step with prompts (captioned MNIST, read by ``text_attention``)
+    against class labels (MNIST), same preset and batches, timed back to back."""
     p = get_preset(preset)
     device = bench_device()
     out = {}
     for name, src in (("labels", open_image_source("mnist")), ("text", open_text_data("captioned-mnist", encoder=encoder))):
         torch.manual_seed(0)
-        model = build_model(p.ntm(src.spec())).to(device)
+        spec = replace(src.spec(), text_attention=text_attention) if name == "text" else src.spec()
+        model = build_model(p.ntm(spec)).to(device)
         if name == "text":
             model.set_null_prompt(src.null_prompt())
         objective = make_objective(model, p.train, device)
@@ -228,31 +235,37 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     folder = out.with_suffix("")
     encoder = encoder or load_encoder("minilm")
     src = open_text_data("canvas", encoder=encoder)
-    spec = src.spec()
+    spec = replace(src.spec(), text_attention=settings["text_attention"])
     p = get_preset(settings["preset"])
     train = p.train if settings.get("train_steps") is None else replace(p.train, steps=settings["train_steps"])
-    runs = {"ntm": folder / "runs" / "ntm", "fm": folder / "runs" / "fm", "ntm-ft": folder / "runs" / "ntm-ft"}
+    kinds = tuple(settings["models"])
+    if not kinds or set(kinds) - set(TEXT_BENCH_MODELS) or ("ntm-ft" in kinds and "fm" not in kinds):
+        raise ConfigError(f"text bench models: some of {', '.join(TEXT_BENCH_MODELS)} (ntm-ft needs fm); got {', '.join(kinds)}")
+    runs = {k: folder / "runs" / k for k in TEXT_BENCH_MODELS if k in kinds}
     seconds = {}
     for kind, cfg in (("ntm", p.ntm(spec)), ("fm", p.fm(spec))):
-        seconds[kind] = train_or_reuse(runs[kind], cfg, train, src, progress)["seconds"]
+        if kind in kinds:
+            seconds[kind] = train_or_reuse(runs[kind], cfg, train, src, progress)["seconds"]
     # the finetune: a quarter of the teacher's steps, as in `ntm bench finetune`
     ft_steps = max(1, train.steps // 4)
-    ft_train = finetune_train_config(train, ft_steps, 2.5, runs["fm"])
-    seconds["ntm-ft"] = train_or_reuse(runs["ntm-ft"], finetune_config(p.fm(spec), settings["preset"]), ft_train, src,
-                                       progress)["seconds"]
+    if "ntm-ft" in kinds:
+        ft_train = finetune_train_config(train, ft_steps, 2.5, runs["fm"])
+        seconds["ntm-ft"] = train_or_reuse(runs["ntm-ft"], finetune_config(p.fm(spec), settings["preset"]), ft_train,
+                                           src, progress)["seconds"]
     clf, clf_info = load_or_train_cell_classifier(src, settings["cell_steps"], progress)
     specs = evaluation_prompts(settings["n_prompts"])
     real = dequantize(src.test[:len(specs)], torch.Generator().manual_seed(5))
     results = {"config": {"quick": quick, "data": "canvas", "preset": settings["preset"], "train_steps": train.steps,
-                          "batch_size": train.batch_size, "finetune_steps": ft_steps,
-                          "text_encoder": spec.text_encoder, "conditioning": "token states appended to the sequence + pooled vector",
+                          "batch_size": train.batch_size, "finetune_steps": ft_steps if "ntm-ft" in kinds else None,
+                          "text_encoder": spec.text_encoder, "text_attention": spec.text_attention,
+                          "conditioning": CONDITIONING[spec.text_attention],
                           "n_prompts": len(specs), "cell_classifier": clf_info, "guidance": settings["guidance"]},
                "rows": []}
     models = {k: load_model(r, map_location=bench_device()).eval() for k, r in runs.items()}
     for m in models.values():
         m.attach_text_encoder(src.encoder.encoder)
     jobs = [("ntm", 4, "euler"), ("ntm-ft", 4, "euler"), ("fm", 4, "euler"), ("fm", 50, "euler")]
-    for kind, steps, solver in jobs:
+    for kind, steps, solver in [j for j in jobs if j[0] in kinds]:
         row, images = evaluate(models[kind], "fm" if kind == "fm" else kind, steps, settings["guidance"], specs, real, clf,
                                solver)
         row["model"], row["train_seconds"] = kind, seconds[kind]
@@ -261,6 +274,8 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
                    title=f"{kind} {steps} steps, guidance {settings['guidance']:g}", ncol=6)
         write_results(out, results)
     sweep = []
+    if "ntm" not in kinds:  # the sweep, the grid and the step cost are the from-scratch NTM's
+        return results
     for w in settings["sweep"]:
         row, _ = evaluate(models["ntm"], "ntm", 4, w, specs, real, clf)
         sweep.append({"guidance": w, "acc_overall": row["acc_overall"], "fid": row["fid"]})
@@ -271,7 +286,8 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     line_plot({"FID (cell features)": (ws, [r["fid"] for r in sweep])}, folder / "guidance-fid.png",
               xlabel="guidance w", ylabel="FID", title="NTM@4 on the canvas")
     prompt_grid(models["ntm"], folder / "prompt-grid.png", settings["guidance"])
-    results["config"]["step_cost"] = text_step_cost(settings["preset"], encoder, settings["probe_steps"])
+    results["config"]["step_cost"] = text_step_cost(settings["preset"], encoder, settings["probe_steps"],
+                                                    spec.text_attention)
     write_results(out, results)
     return results
 

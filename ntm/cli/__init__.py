@@ -83,6 +83,11 @@ class Transform(str, Enum):
     spline = "spline"
 
 
+class TextAttention(str, Enum):
+    concat = "concat"
+    cross = "cross"
+
+
 class Solver(str, Enum):
     euler = "euler"
     heun = "heun"
@@ -161,6 +166,7 @@ def train(
     stratified: Optional[bool] = typer.Option(None, "--stratified/--no-stratified", help="NTM pair-wise: every step B/T times per batch"),
     precondition: Optional[Precondition] = typer.Option(None, help="NTM predictor read-out: unit, or data (per-dimension mean and variance)"),
     transform: Optional[Transform] = typer.Option(None, help="NTM transporter's element-wise map: affine, or spline (affine + rational-quadratic spline)"),
+    text_attention: Optional[TextAttention] = typer.Option(None, help="text: prompt token states appended to the sequence (concat, the default) or read by cross-attention (cross)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
@@ -168,6 +174,8 @@ def train(
     if preset is not None:
         get_preset(preset)  # an unknown name fails before any data are read
     is_text = data in TEXT_DATA or captions is not None
+    if text_attention is not None and not is_text:
+        raise UsageProblem("--text-attention applies to text data only (canvas, captioned-mnist, captioned-fashion or --captions)")
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
@@ -179,9 +187,10 @@ def train(
         open_data(data, conditional=conditional, patch=patch)
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
-        if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform)):
-            raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition and "
-                               "--transform are fixed by the run; drop them with --resume")
+        if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform,
+                                       text_attention)):
+            raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition, "
+                               "--transform and --text-attention are fixed by the run; drop them with --resume")
         summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
                                resume=True, progress=progress)
     else:
@@ -191,6 +200,8 @@ def train(
             model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, precondition=precondition.value))
         if transform is not None and model == Kind.ntm:
             model_cfg = replace(model_cfg, transporter=replace(model_cfg.transporter, transform=transform.value))
+        if text_attention is not None:
+            model_cfg = replace(model_cfg, data=replace(model_cfg.data, text_attention=text_attention.value))
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
                    "stratified": stratified}
@@ -668,9 +679,15 @@ _PROGRESS = typer.Option(True, help="show progress bars")
 @bench_app.command("text")
 def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS,
                steps: Optional[int] = typer.Option(None, min=1, help="training steps of NTM and FM (default: the "
-                                                   "preset's; the finetune gets a quarter)")):
+                                                   "preset's; the finetune gets a quarter)"),
+               text_attention: TextAttention = typer.Option(TextAttention.concat, help="how the networks read the "
+                                                            "prompt's token states: concat or cross"),
+               models: str = typer.Option("ntm,ntm-ft,fm", help="comma-separated rows to train and score: ntm, "
+                                          "ntm-ft (needs fm), fm")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
-    _likelihood_bench("text", run_text_bench, quick, out, progress, settings={"train_steps": steps})
+    kinds = tuple(v.strip() for v in models.split(",") if v.strip())
+    _likelihood_bench("text", run_text_bench, quick, out, progress,
+                      settings={"train_steps": steps, "text_attention": text_attention.value, "models": kinds})
 
 
 @bench_app.command("tightness")

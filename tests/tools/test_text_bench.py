@@ -8,9 +8,11 @@ import torch
 import ntm.captions as captions
 from ntm.bench.text import accuracy_row, read_canvases, run_text_bench, evaluation_prompts, train_cell_classifier
 from ntm.canvas import COLOR_NAMES, EMPTY, TASKS, make_canvases
+from ntm.cli import main
+from ntm.errors import ConfigError
 from ntm.images import dequantize, load_named
 
-from conftest import StubEncoder
+from conftest import StubEncoder, one_error_line
 
 TINY = {"preset": "tiny", "n_prompts": 3, "sweep": (0.0, 1.0), "cell_steps": 20, "probe_steps": 1}
 
@@ -60,3 +62,25 @@ def test_text_bench_end_to_end(tmp_path, monkeypatch):
         assert (folder / png).stat().st_size > 1000
     cost = res["config"]["step_cost"]
     assert cost["text_over_labels"] > 0 and len(res["config"]["guidance_sweep"]) == 2
+
+
+def test_text_bench_runs_one_model_with_cross_attention(tmp_path, monkeypatch):
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(captions, "CANVAS_TRAIN", 300)
+    monkeypatch.setattr(captions, "CANVAS_TEST", 40)
+    enc = StubEncoder(dim=8, max_tokens=8)
+    res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm",), "text_attention": "cross",
+                                                               "sweep": (1.0,)}, encoder=enc)
+    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("ntm", 4)]
+    assert res["config"]["text_attention"] == "cross" and "cross-attention" in res["config"]["conditioning"]
+    assert res["config"]["finetune_steps"] is None
+    with pytest.raises(ConfigError, match="ntm-ft needs fm"):
+        run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm-ft",)}, encoder=enc)
+
+
+def test_text_attention_is_for_text_data_only(tmp_path, capsys):
+    code = main(["train", "--data", "checkerboard", "--preset", "tiny", "--text-attention", "cross",
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    assert one_error_line(code, capsys.readouterr().err, "--text-attention applies to text data only")
+    assert not (tmp_path / "run").exists()

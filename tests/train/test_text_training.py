@@ -10,7 +10,7 @@ from ntm.captions import CLASS_TEMPLATES, open_text_source, read_captions
 from ntm.config import get_preset
 from ntm.errors import ConfigError, DataError
 from ntm.guidance import product_rule
-from ntm.hub import load_model
+from ntm.hub import build_model, load_model
 from ntm.text import CachedEncoder
 from ntm.train import train
 
@@ -101,3 +101,31 @@ def test_captions_files_are_read_and_bad_ones_are_one_clear_error(tmp_path):
     (tmp_path / "empty.csv").write_text("file,caption\n")
     with pytest.raises(DataError, match="no captions"):
         read_captions(tmp_path / "empty.csv")
+
+
+def test_cross_attention_text_model_masks_padding_saves_and_reloads(tmp_path):
+    src = open_text_source("captioned-mnist", CachedEncoder(StubEncoder(dim=8, max_tokens=6)))
+    p = get_preset("tiny")
+    spec = replace(src.spec(), text_attention="cross")
+    train(p.ntm(spec), replace(p.train, steps=2, checkpoint_every=2), src, tmp_path / "ntm", progress=False)
+    model = load_model(tmp_path / "ntm").eval()
+    assert model.spec.text_attention == "cross" and model.predictor.cross_text
+    assert any(name.startswith("net.layers.0.cross.") for name, _ in model.predictor.named_parameters())
+    model.attach_text_encoder(StubEncoder(dim=8, max_tokens=6))
+    u = torch.randn(2, model.spec.num_tokens, model.spec.token_dim)
+    t, s = torch.full((2,), 0.8), torch.full((2,), 0.5)
+    y = model.encode_prompts(["a 3", "the digit 7 and more"])
+    assert not bool(y.mask.all())  # the short prompt has padding
+    noisy = type(y)(torch.where(y.mask[..., None], y.tokens, torch.randn_like(y.tokens)), y.mask, y.pooled)
+    with torch.no_grad():
+        a, b = model.predict(u, t, s, y), model.predict(u, t, s, noisy)
+        empty, null = model.predict(u, t, s, model.encode_prompts(["", ""])), model.predict(u, t, s, None)
+    # what sits in the masked positions never reaches the output; the empty prompt is the null one
+    assert torch.allclose(a[0], b[0], atol=1e-6) and torch.allclose(a[1], b[1], atol=1e-6)
+    assert torch.allclose(empty[0], null[0], atol=1e-6)
+
+
+def test_an_unknown_text_attention_is_refused():
+    src = open_text_source("captioned-mnist", CachedEncoder(StubEncoder(dim=8, max_tokens=6)))
+    with pytest.raises(ValueError, match="unknown text attention 'sideways'"):
+        build_model(get_preset("tiny").ntm(replace(src.spec(), text_attention="sideways")))
