@@ -77,6 +77,9 @@ class TrajectoryConfig:
 
     ``T`` is the default number of steps. A non-empty ``train_Ts`` (e.g. (4, 8, 16)) trains one model
     over several trajectory lengths, drawing T per sample; both networks then receive T as an input.
+    Training draws the last level t_0 per sample from U[``t_min_low``, ``t_min_high``] (the paper's
+    U[0, 0.05]); sampling stops at ``sample_t_min``. Every bound is taken at t_0 = 0, so ``t_min_high
+    = 0`` trains the last step on the bound's own grid.
     """
 
     T: int = 4
@@ -289,6 +292,9 @@ PRESETS: dict[str, Preset] = {
                          "the mnist preset with a 2 blocks x 2 layers, width-64 transporter (about a quarter of the predictor)"),
     "mnist-spline": Preset(TrajectoryConfig(T=4, shift=None), replace(_IMAGE_TRANSPORTER, transform="spline"),
                            _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN, "the mnist preset with spline transporter blocks"),
+    "mnist-t0": Preset(TrajectoryConfig(T=4, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER,
+                       _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                       "the mnist preset with the last level at t_0 = 0 in training and sampling (the bound's grid)"),
     "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16)), _IMAGE_TRANSPORTER,
                             _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
