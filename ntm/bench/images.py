@@ -231,7 +231,8 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
     src, spec = labelled_source(data)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     real, _ = src.held_out(n_samples, seed=4242)
-    results = {"config": {"data": data, "steps": steps, "n_samples": n_samples, "n_bpd": n_bpd, "guidance": guidance,
+    results = {"config": {"data": data, "ablation": "levers" if variants == LEVERS else "objective",
+                          "steps": steps, "n_samples": n_samples, "n_bpd": n_bpd, "guidance": guidance,
                           "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
     previous = previous_ablation_rows(out, results["config"])
     runs = {}

@@ -6,7 +6,7 @@ import math
 
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
-                  "Objective ablation on ", "| trained on | OOD data |", "| data | method |",
+                  "Objective ablation on ", "Lever ablation on ", "| trained on | OOD data |", "| data | method |",
                   "| data | model | T | K |")
 
 
@@ -67,8 +67,9 @@ def markdown_image_table(results: dict) -> str:
 def markdown_objective_ablation_table(results: dict) -> str:
     """The image objective ablation: one row per recipe, same budget."""
     c = results["config"]
-    lines = [f"Objective ablation on {c['data']}: {c['steps']} steps each; FID and class accuracy of {c['n_samples']} "
-             f"guided 4-step samples (w = {c['guidance']}); bits/dim on {c['n_bpd']} test images.", "",
+    kind = "Lever" if c.get("ablation") == "levers" else "Objective"
+    lines = [f"{kind} ablation on {c['data']}: {c['steps']} steps each; FID and class accuracy of {c['n_samples']} "
+             f"guided samples (w = {c['guidance']}) at T steps; bits/dim on {c['n_bpd']} test images.", "",
              "| variant | T | objective | stratified | λ | preconditioning | transporter | FID | class acc. | precision | recall | bits/dim | bound | final NLL /dim | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:

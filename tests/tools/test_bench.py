@@ -142,3 +142,4 @@ def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
     assert main(["bench", "mnist", "--levers", "--steps", "1", "--n-samples", "10", "--out", str(out),
                  "--no-progress"]) == 0
     assert json.loads(out.read_text())["rows"] == rows
+    assert out.with_suffix(".md").read_text().startswith("Lever ablation on mnist")
