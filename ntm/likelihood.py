@@ -241,6 +241,37 @@ def score_samples(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
     return out
 
 
+@torch.no_grad()
+def class_bounds(model, x: Tensor, num_trajectories: int = 16, generator: torch.Generator | None = None,
+                 batch_size: int = 4096, steps: int | None = None, progress=None) -> Tensor:
+    """The IW bound on -log p(x_0 | y) (B, C) in nats (raw units) for every class y of a
+    class-conditional NTM, from the same K trajectories per sample for every class, drawn in the
+    order of :func:`score_samples` (same generator: column c equals ``score(x, y=c)["iw"]``). The
+    transporter runs once per trajectory, the predictor once per class. ``progress``, if given, is
+    called with B_batch * C after each batch."""
+    C = model.spec.num_classes
+    if C == 0:
+        raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
+    x0, _ = _prepare(model, x, None)
+    classes = torch.arange(C, device=x0.device)
+    K = num_trajectories
+    out = []
+    for lo in range(0, x0.shape[0], batch_size):
+        xb = x0[lo:lo + batch_size]
+        w = []
+        for _ in range(K):
+            t = model.grid(xb.shape[0], 0.0, T=steps)
+            X = forward_trajectory(xb, t, generator=generator)
+            log_p = model.class_trajectory_log_probs(X, t, classes)  # (b, C, T)
+            log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
+            log_q = sum(transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1]) for k in range(t.shape[1] - 1))
+            w.append(log_p.sum(2) + (log_prior - log_q)[:, None])
+        out.append(-(torch.logsumexp(torch.stack(w), 0) - math.log(K)))
+        if progress is not None:
+            progress(xb.shape[0] * C)
+    return torch.cat(out).float().cpu() + log_scale_correction(model.spec)
+
+
 def discrete_bits_per_dim(nats: float | Tensor, dim: int):
     """A discrete NLL in nats per image -> bits per dimension."""
     return nats / (dim * math.log(2))

@@ -152,16 +152,33 @@ class NTM(TokenModel):
         f_T runs once on levels 0..T-1 (each is the target of step k and the input of step k + 1);
         level T (t = 1) is the identity.
         """
+        T = t.shape[1] - 1
+        U, logdet, u_t, TT = self._transport_levels(X, t)
+        yk = None if y is None else y.repeat_interleave(T)
+        mu, sigma = self.predictor(u_t, t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
+        return StepOutput(U, logdet, mu, sigma, u_t)
+
+    def _transport_levels(self, X: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The class-free half of ``trajectory_steps``: (u_s (B T, N, D), logdet (B T,), u_t (B T, N, D), T input)."""
         B, K = t.shape
         T = K - 1
         shape = X.shape[2:]
         TT = self.steps_tensor(B * T, T)
         U, logdet = self.transporter(X[:, :T].reshape((B * T,) + shape), t[:, :T].reshape(-1), TT)
         inputs = torch.cat([U.reshape((B, T) + shape)[:, 1:], X[:, T:].float()], dim=1)  # u_{t_k}, k = 1..T
-        yk = None if y is None else y.repeat_interleave(T)
-        u_t = inputs.reshape((B * T,) + shape)
-        mu, sigma = self.predictor(u_t, t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
-        return StepOutput(U, logdet, mu, sigma, u_t)
+        return U, logdet, inputs.reshape((B * T,) + shape), TT
+
+    def class_trajectory_log_probs(self, X: Tensor, t: Tensor, classes: Tensor) -> Tensor:
+        """log p(x_{t_{k-1}} | x_{t_k}, y = c) (B, C, T) for each class c of ``classes`` (C,): as
+        ``trajectory_log_probs`` once per class, but f_T (which takes no label) runs only once."""
+        B, T = t.shape[0], t.shape[1] - 1
+        U, logdet, u_t, TT = self._transport_levels(X, t)
+        out = []
+        for c in classes.tolist():
+            yk = torch.full((B * T,), int(c), dtype=torch.long, device=X.device)
+            mu, sigma = self.predictor(u_t, t[:, 1:].reshape(-1), t[:, :T].reshape(-1), yk, TT)
+            out.append(StepOutput(U, logdet, mu, sigma, u_t).log_prob().reshape(B, T))
+        return torch.stack(out, 1)
 
     def trajectory_log_probs(self, X: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """log p(x_{t_{k-1}} | x_{t_k}, y) for k = 1..T: X (B, T + 1, N, D), t (B, T + 1) -> (B, T)."""

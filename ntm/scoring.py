@@ -7,7 +7,8 @@ Both work on any model with ``score(x, y=None, generator=...) -> {"nll": (B,), .
 
 * ``class_log_likelihoods``: log p(x | y) for every class y, each from the same random draws (the
   same trajectories for NTM, the same Hutchinson probes for FM), so that the differences between
-  classes carry no Monte Carlo noise from the trajectories themselves.
+  classes carry no Monte Carlo noise from the trajectories themselves. NTM's transporter takes no
+  label, so it runs once per trajectory for all classes; only the predictor runs per class.
 * ``bayes_posterior``: log p(y | x) = log p(x | y) + log p(y) - log sum_y' p(x | y') p(y').
 * ``StepTypicality``: the trajectory splits -log p(x) into T per-step terms, one per noise scale.
   A sample is typical when its vector of step terms (and prior term) looks like those of the
@@ -23,14 +24,22 @@ import math
 import torch
 from torch import Tensor
 
+from .flow_matching import FlowMatching
+from .likelihood import class_bounds
+
 
 def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, **score_kwargs) -> Tensor:
     """log p(x | y) estimates (B, C) for raw x (B, ...) and every class y of a class-conditional
-    model: minus ``model.score(x, y=c, ...)["nll"]``, each class with a generator seeded ``seed``.
-    ``progress``, if given, is called with the number of samples scored after each class."""
+    model, each class from the same random draws (a generator seeded ``seed``): for NTM minus its IW
+    bound (``ntm.likelihood.class_bounds``: the label-free transporter runs once for all classes),
+    for FM minus ``model.score(x, y=c)["nll"]`` per class. ``progress``, if given, is called with the
+    number of (sample, class) pairs scored."""
     C = model.spec.num_classes
     if C == 0:
         raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
+    if not isinstance(model, FlowMatching):
+        g = torch.Generator(device=model.device).manual_seed(seed)
+        return -class_bounds(model, x, generator=g, progress=progress, **score_kwargs)
     out = []
     for c in range(C):
         y = torch.full((x.shape[0],), c, dtype=torch.long)

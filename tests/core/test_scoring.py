@@ -2,6 +2,7 @@
 step-typicality statistic."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from ntm.likelihood import nll_bounds
 from ntm.model import NTM
 from ntm.predictor import GaussianDataPosterior
 from ntm.scoring import StepTypicality, bayes_posterior, class_log_likelihoods, step_features
+
+from conftest import randomize
 
 
 def test_scores_equal_the_bounds_of_nll_bound_on_the_same_seeds(random_model):
@@ -80,6 +83,24 @@ def test_bayes_classifier_reaches_the_bayes_optimal_accuracy_with_the_true_kerne
     acc = float((post.argmax(1) == y).float().mean())
     optimal = 0.5 * (1 + math.erf(delta / 2 / math.sqrt(2)))
     assert abs(acc - optimal) < 3 * math.sqrt(optimal * (1 - optimal) / n)
+
+
+def test_class_log_likelihoods_share_the_transporter_and_equal_per_class_scores(small_config):
+    torch.manual_seed(0)
+    model = NTM(replace(small_config, data=replace(small_config.data, num_classes=3)))
+    randomize(model, 0.2)
+    model.eval()
+    x = torch.randn(11, 2)
+    ll = class_log_likelihoods(model, x, seed=5, num_trajectories=3, batch_size=4)
+    for c in range(3):
+        per_class = model.score(x, y=torch.full((11,), c), num_trajectories=3, batch_size=4,
+                                generator=torch.Generator().manual_seed(5))["nll"]
+        assert torch.allclose(ll[:, c], -per_class, atol=1e-4, rtol=1e-5)
+    # the label-free transporter ran once per trajectory batch, not once per class
+    calls = []
+    model.transporter.register_forward_hook(lambda *a: calls.append(1))
+    class_log_likelihoods(model, x, seed=5, num_trajectories=3, batch_size=4)
+    assert len(calls) == 3 * 3  # 3 batches x 3 trajectories
 
 
 def test_bayes_classification_needs_labels_and_the_prior_shifts_the_posterior(random_model):
