@@ -16,6 +16,8 @@ The statistics (larger = more anomalous):
 * ``ntm-steps``: the squared Mahalanobis distance of the vector of per-step terms of the one-trajectory
   bound (and its prior term) under a Gaussian fitted to the same vectors of training images
   (``ntm.scoring.StepTypicality``): a typicality test across the trajectory's noise scales;
+* ``ntm-steps-k``: the same test on the step terms averaged over ``steps_k`` trajectories (less
+  trajectory noise; T steps_k evaluations); each NTM row records its ``trajectories``;
 * ``fm-ode``: FM's ODE estimate of -log p(x) (Heun, Hutchinson; 2 evaluations and 2 vector-Jacobian
   products per step), on a smaller subset;
 * ``glow``: Glow's exact -log p(x) (one pass).
@@ -63,12 +65,12 @@ def _base_settings(quick: bool) -> dict:
     if quick:
         return {"preset": "mnist-quick", "n": 200, "n_fit": 400, "n_fm": 24, "fm_ode_steps": 16, "iw_k": 4,
                 "glow": GlowConfig(steps=300, blocks=4, hidden=32), "n_bayes": 100, "n_bayes_fm": 10,
-                "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000,
+                "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2,
                 "multi_t_steps": 300, "n_tight_toy": 1000}
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)
     # costs about a second per image, so it scores fewer images than the one-pass statistics
     return {"preset": "mnist", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
-            "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS,
+            "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
             "classifier_steps": 3000, "multi_t_steps": 600, "n_tight_toy": 5000}
 
 
@@ -132,8 +134,10 @@ def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: St
         out["ntm-steps"] = (typicality.distance(step_features(one)), s1)
     iw, s2 = _timed(lambda: ntm.score(x, num_trajectories=settings["iw_k"], generator=torch.Generator().manual_seed(2)))
     out["ntm-iw"] = (iw["iw"], s2)
-    if typicality_k is not None:  # the same test on step terms averaged over the K trajectories
-        out["ntm-steps-k"] = (typicality_k.distance(step_features(iw)), s2)
+    if typicality_k is not None:  # the same test on step terms averaged over steps_k trajectories
+        many, s5 = _timed(lambda: ntm.score(x, num_trajectories=settings["steps_k"],
+                                            generator=torch.Generator().manual_seed(4)))
+        out["ntm-steps-k"] = (typicality_k.distance(step_features(many)), s5)
     if fm:
         m = settings["n_fm"]
         res, s3 = _timed(lambda: models["fm"].score(x[:m], steps=settings["fm_ode_steps"],
@@ -146,8 +150,13 @@ def ood_statistics(models: dict, x: torch.Tensor, settings: dict, typicality: St
 
 
 def network_evaluations_per_image(method: str, T: int, settings: dict) -> int:
-    return {"ntm-bound": T, "ntm-steps": T, "ntm-iw": T * settings["iw_k"], "ntm-steps-k": T * settings["iw_k"], "glow": 1,
-            "fm-ode": 2 * settings["fm_ode_steps"]}[method]
+    return {"ntm-bound": T, "ntm-steps": T, "ntm-iw": T * settings["iw_k"], "ntm-steps-k": T * settings["steps_k"],
+            "glow": 1, "fm-ode": 2 * settings["fm_ode_steps"]}[method]
+
+
+def trajectories_of(method: str, settings: dict) -> int | None:
+    """How many trajectories per image an NTM statistic averages (None for the other methods)."""
+    return {"ntm-bound": 1, "ntm-steps": 1, "ntm-iw": settings["iw_k"], "ntm-steps-k": settings["steps_k"]}.get(method)
 
 
 def previous_results(out: Path, config: dict, field: str, running, keys: tuple[str, ...] | None = None) -> tuple[list, dict]:
@@ -197,7 +206,7 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
         typicality = StepTypicality(step_features(models["ntm"].score(
             fit_x, num_trajectories=1, generator=torch.Generator().manual_seed(1))))
         typicality_k = StepTypicality(step_features(models["ntm"].score(
-            fit_x, num_trajectories=settings["iw_k"], generator=torch.Generator().manual_seed(2))))
+            fit_x, num_trajectories=settings["steps_k"], generator=torch.Generator().manual_seed(2))))
         T = models["ntm"].config.trajectory.T
         stats_in = ood_statistics(models, image_set(train_data, n), settings, typicality, fm=True,
                                   typicality_k=typicality_k)
@@ -209,7 +218,7 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
                 row = {"train_data": train_data, "ood_data": ood, "method": method,
                        **detection_scores(s_in, s_out), "nfe_per_image": network_evaluations_per_image(method, T, settings),
                        "seconds_per_1000": 1000 * (sec_in + sec_out) / (len(s_in) + len(s_out)),
-                       "n_in": len(s_in), "n_out": len(s_out)}
+                       "n_in": len(s_in), "n_out": len(s_out), "trajectories": trajectories_of(method, settings)}
                 if method in ("ntm-bound", "ntm-iw", "fm-ode", "glow"):
                     row["bpd_in"] = float(bits_per_dim(s_in.mean(), 784))
                     row["bpd_out"] = float(bits_per_dim(s_out.mean(), 784))
