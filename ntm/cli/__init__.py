@@ -576,7 +576,7 @@ def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optio
         check_bench_output(out)
         res = run_image_ablation(data, out=out, steps=steps or (100 if quick else 2000),
                                  n_samples=n_samples or (200 if quick else 1000), guidance=guidance, progress=progress,
-                                 variants=LEVERS if levers else ABLATION)
+                                 variants=LEVERS if levers else ABLATION, kind=name if levers else "objective")
         typer.echo(table_for(res))
         typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
         return

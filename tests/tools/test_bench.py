@@ -117,28 +117,30 @@ def test_objective_ablation_bench_end_to_end(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
+    import ntm.bench.images as images
     import ntm.cli as cli
 
     monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
     real = cli.run_image_ablation
     monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 4}))
+    # the shipped levers plus a multi-T variant (a row per step count, from one checkpoint)
+    monkeypatch.setattr(cli, "LEVERS", images.LEVERS + (("multi-t", "mnist-multi-t", {}),))
     out = tmp_path / "levers.json"
     assert main(["bench", "mnist", "--levers", "--steps", "1", "--n-samples", "10", "--out", str(out),
                  "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
-    # the multi-T variant gets a row at each of its step counts, from one checkpoint
     assert [(r["variant"], r["steps"]) for r in rows] == [
-        ("default", 4), ("cosine-lambda", 4), ("wide-transporter", 4), ("spline", 4), ("multi-t", 4), ("multi-t", 8),
-        ("multi-t", 16), ("t0-zero", 4)]
+        ("default", 4), ("cosine-lambda", 4), ("wide-transporter", 4), ("spline", 4), ("t0-zero", 4), ("multi-t", 4),
+        ("multi-t", 8), ("multi-t", 16)]
     assert [r["transporter"] for r in rows[1:4]] == ["2x1 w32", "2x2 w64", "2x1 w32"]
     assert [r["transform"] for r in rows[2:4]] == ["affine", "spline"]
-    assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[4:7]] == ["4,", "8,", "16"]
+    assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[5:]] == ["4,", "8,", "16"]
+    assert rows[5]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
     # trained at t_0 = 0 only: no discretised bound (its t_0 lies outside the trained range)
-    assert not any(k.startswith("discretised") for k in rows[7]["bpd_bounds"])
-    assert rows[4]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
+    assert not any(k.startswith("discretised") for k in rows[4]["bpd_bounds"])
     assert (tmp_path / "levers" / "samples-multi-t-T16.png").is_file()
     # a re-run keeps every finished row (same runs, same settings) instead of scoring it again
-    monkeypatch.setattr("ntm.bench.images.evaluate_image_row", lambda *a, **k: pytest.fail("row scored again"))
+    monkeypatch.setattr(images, "evaluate_image_row", lambda *a, **k: pytest.fail("row scored again"))
     assert main(["bench", "mnist", "--levers", "--steps", "1", "--n-samples", "10", "--out", str(out),
                  "--no-progress"]) == 0
     assert json.loads(out.read_text())["rows"] == rows
