@@ -295,9 +295,9 @@ PRESETS: dict[str, Preset] = {
     "mnist-t0": Preset(TrajectoryConfig(T=4, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER,
                        _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                        "the mnist preset with the last level at t_0 = 0 in training and sampling (the bound's grid)"),
-    "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16)), _IMAGE_TRANSPORTER,
-                            _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                            "the mnist preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
+    "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0),
+                            _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                            "the mnist-t0 preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

@@ -27,7 +27,8 @@ with NTM's IW bound and FM's ODE estimate (common random numbers across classes)
 CNN classifier; accuracy and expected calibration error (15 bins).
 
 The IW bound's tightness against K goes to ``results/ood/iw-vs-k.png`` (MNIST NTM) and its numbers into
-the OOD results' config.
+the OOD results' config. ``ntm bench tightness`` (``results/tightness.json``) gives the bound of one
+multi-T image model against T and K.
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ from tqdm import tqdm
 
 from ..config import get_preset
 from ..errors import CheckpointError
-from ..data import open_source
 from ..hub import load_model
 from ..images import dequantize, load_named
 from ..likelihood import bits_per_dim
@@ -65,13 +65,12 @@ def _base_settings(quick: bool) -> dict:
     if quick:
         return {"preset": "mnist-quick", "n": 200, "n_fit": 400, "n_fm": 24, "fm_ode_steps": 16, "iw_k": 4,
                 "glow": GlowConfig(steps=300, blocks=4, hidden=32), "n_bayes": 100, "n_bayes_fm": 10,
-                "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2,
-                "multi_t_steps": 300, "n_tight_toy": 1000}
+                "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2}
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)
     # costs about a second per image, so it scores fewer images than the one-pass statistics
     return {"preset": "mnist", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
             "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
-            "classifier_steps": 3000, "multi_t_steps": 600, "n_tight_toy": 5000}
+            "classifier_steps": 3000}
 
 
 def image_set(name: str, n: int, seed: int = 4242) -> torch.Tensor:
@@ -195,8 +194,6 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
     results["config"]["models"] = {k: v for k, v in old.get("models", {}).items() if k not in pairs}
     if "iw_vs_k" in old and "mnist" not in pairs:
         results["config"]["iw_vs_k"] = old["iw_vs_k"]
-    if "iw_vs_t" in old:
-        results["config"]["iw_vs_t"] = old["iw_vs_t"]
     n = settings["n"]
     for train_data, sets in pairs.items():
         models, info = bench_models(train_data, quick, settings, progress, glow=glow)
@@ -228,35 +225,7 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
             results["config"]["iw_vs_k"] = iw_tightness(models["ntm"], image_set("mnist", settings["n_tight"], seed=99),
                                                         settings["ks"], out.with_suffix("") / "iw-vs-k.png")
             write_results(out, results)
-    if settings["multi_t_steps"] and "iw_vs_t" not in results["config"]:
-        results["config"]["iw_vs_t"] = multi_t_tightness(out.with_suffix(""), settings, progress)
-        write_results(out, results)
     return results
-
-
-def multi_t_tightness(folder: Path, settings: dict, progress: bool) -> dict:
-    """The bounds of one multi-T model (the ``toy-multi-t`` preset on checkerboard: T in {4, 8, 16})
-    against T and K, in nats per point on held-out points, and their figure."""
-    p = get_preset("toy-multi-t")
-    src = open_source("checkerboard")
-    cfg = replace(p.train, steps=settings["multi_t_steps"])
-    run = folder / "runs" / "toy-multi-t"
-    summary = train_or_reuse(run, p.ntm(src.spec()), cfg, src, progress)
-    model = load_model(run, map_location=bench_device()).eval()
-    x, _ = src.held_out(settings["n_tight_toy"], seed=99)
-    table = {}
-    for T in model.train_Ts:
-        table[str(T)] = {}
-        for K in settings["ks"]:
-            s = model.score(x, num_trajectories=K, steps=T, generator=torch.Generator().manual_seed(1000 * T + K))
-            table[str(T)][str(K)] = {"iw_nats": float(s["iw"].mean()), "elbo_nats": float(s["elbo"].mean()),
-                                     "se": float(s["iw"].std() / len(x) ** 0.5)}
-    ks = list(settings["ks"])
-    line_plot({f"T = {T}": (ks, [table[T][str(k)]["iw_nats"] for k in ks]) for T in table},
-              folder / "iw-vs-t.png", xlabel="trajectories K", ylabel="IW bound, nats per point", log_x=True,
-              title="one multi-T model (checkerboard): the bound against T and K")
-    return {"data": "checkerboard", "preset": "toy-multi-t", "train_steps": cfg.steps, "n": len(x),
-            "train_seconds": summary["seconds"], "by_t_and_k": table}
 
 
 def run_tightness_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
