@@ -244,16 +244,17 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
         model = load_model(runs[label], map_location=bench_device())
         log = read_log(runs[label])
         tail = [r["nll"] for r in log[-8:] if "nll" in r]
-        recipe = {**ntm_recipe(model_cfg, train_cfg, default=False), **transporter_keys(model_cfg)}
+        recipe = ntm_recipe(model_cfg, train_cfg, default=False)
         for T in model.train_Ts:
             old = previous.get((label, T))
-            # the same finished run (its training time is its fingerprint) and recipe: keep the row
+            # the same finished run (its training time is its fingerprint) and recipe: keep the row,
+            # with the lever keys read again from that run's config
             if old and old.get("train_seconds") == summary["seconds"] and all(old.get(k) == v for k, v in recipe.items()):
-                results["rows"].append(old)
+                results["rows"].append({**old, **lever_keys(model_cfg)})
                 continue
             row, images = evaluate_image_row(model, T, guidance, real, classifier, "project classifier")
             results["rows"].append({"variant": label, "steps": T, **ntm_recipe(model_cfg, train_cfg, default=False),
-                                    **transporter_keys(model_cfg),
+                                    **lever_keys(model_cfg),
                                     **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
                                     **ntm_bounds(model, src, n_bpd, 2, steps=T), "final_nll": sum(tail) / max(1, len(tail)),
                                     "train_seconds": summary["seconds"]})
@@ -284,10 +285,11 @@ def ntm_recipe(cfg: NTMConfig, train_cfg: TrainConfig, default: bool) -> dict:
             "precondition": cfg.predictor.precondition, "default": default}
 
 
-def transporter_keys(cfg: NTMConfig) -> dict:
-    """The transporter's size and its share of the model's parameters, for the ablation rows."""
-    tr = cfg.transporter
-    return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}", "multi_T": list(cfg.trajectory.train_Ts)}
+def lever_keys(cfg: NTMConfig) -> dict:
+    """What the levers change in the model config, for the ablation rows: the transporter's size
+    (blocks x layers, width), the trained step counts and the upper end of the trained t_0 range."""
+    tr, tj = cfg.transporter, cfg.trajectory
+    return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}", "multi_T": list(tj.train_Ts), "t_min_high": tj.t_min_high}
 
 
 def by_step_table(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int = 2) -> dict:

@@ -136,6 +136,7 @@ def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
     assert [r["transform"] for r in rows[2:4]] == ["affine", "spline"]
     assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[5:]] == ["4,", "8,", "16"]
     assert rows[5]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
+    assert rows[0]["t_min_high"] == 0.05 and rows[4]["t_min_high"] == 0.0
     # trained at t_0 = 0 only: no discretised bound (its t_0 lies outside the trained range)
     assert not any(k.startswith("discretised") for k in rows[4]["bpd_bounds"])
     assert (tmp_path / "levers" / "samples-multi-t-T16.png").is_file()
