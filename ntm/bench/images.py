@@ -253,8 +253,7 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
                 results["rows"].append({**old, **lever_keys(model_cfg)})
                 continue
             row, images = evaluate_image_row(model, T, guidance, real, classifier, "project classifier")
-            results["rows"].append({"variant": label, "steps": T, **ntm_recipe(model_cfg, train_cfg, default=False),
-                                    **lever_keys(model_cfg),
+            results["rows"].append({"variant": label, "steps": T, **recipe, **lever_keys(model_cfg),
                                     **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
                                     **ntm_bounds(model, src, n_bpd, 2, steps=T), "final_nll": sum(tail) / max(1, len(tail)),
                                     "train_seconds": summary["seconds"]})
