@@ -298,6 +298,9 @@ PRESETS: dict[str, Preset] = {
     "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0),
                             _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist-t0 preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
+    "mnist-spline-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0),
+                                   replace(_IMAGE_TRANSPORTER, transform="spline"), _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                                   "the mnist-multi-t preset with spline transporter blocks"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

@@ -74,21 +74,28 @@ def trajectory_nll(model, x: Tensor, y: Tensor | None = None, t_min: float | Non
     return nll + (t.shape[1] - 1) * log_scale_correction(model.spec)
 
 
+def _draw_trajectory(model, x0: Tensor, generator: torch.Generator | None, steps: int | None,
+                     t_min: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One forward trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = ``t_min``)
+    and its model-free terms. -> (t (B, T + 1), X (B, T + 1, N, D), log q(x_{t_k} | x_{t_{k-1}}) (B, T),
+    log N(x_1) (B,))."""
+    t = model.grid(x0.shape[0], t_min, T=steps)
+    X = forward_trajectory(x0, t, generator=generator)
+    log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
+    log_q = torch.stack([transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1])
+                         for k in range(t.shape[1] - 1)], 1)
+    return t, X, log_q, log_prior
+
+
 def _elbo_parts(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None,
                 steps: int | None, t_min: float = 0.0, levels: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = ``t_min``).
     -> (t (B, T + 1), log p(x_{t_{k-1}} | x_{t_k}) (B, T), log q(x_{t_k} | x_{t_{k-1}}) (B, T), log N(x_1) (B,)).
     ``levels``, when a list, receives the trajectory (B, T + 1, N, D)."""
-    B = x0.shape[0]
-    t = model.grid(B, t_min, T=steps)
-    X = forward_trajectory(x0, t, generator=generator)
+    t, X, log_q, log_prior = _draw_trajectory(model, x0, generator, steps, t_min)
     if levels is not None:
         levels.append(X)
-    log_p = model.trajectory_log_probs(X, t, y)
-    log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
-    log_q = torch.stack([transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1])
-                         for k in range(t.shape[1] - 1)], 1)
-    return t, log_p, log_q, log_prior
+    return t, model.trajectory_log_probs(X, t, y), log_q, log_prior
 
 
 @torch.no_grad()
@@ -260,12 +267,9 @@ def class_bounds(model, x: Tensor, num_trajectories: int = 16, generator: torch.
         xb = x0[lo:lo + batch_size]
         w = []
         for _ in range(K):
-            t = model.grid(xb.shape[0], 0.0, T=steps)
-            X = forward_trajectory(xb, t, generator=generator)
+            t, X, log_q, log_prior = _draw_trajectory(model, xb, generator, steps)
             log_p = model.class_trajectory_log_probs(X, t, classes)  # (b, C, T)
-            log_prior = gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
-            log_q = sum(transition_log_prob(X[:, k], X[:, k + 1], t[:, k], t[:, k + 1]) for k in range(t.shape[1] - 1))
-            w.append(log_p.sum(2) + (log_prior - log_q)[:, None])
+            w.append(log_p.sum(2) + (log_prior - log_q.sum(1))[:, None])
         out.append(-(torch.logsumexp(torch.stack(w), 0) - math.log(K)))
         if progress is not None:
             progress(xb.shape[0] * C)
