@@ -88,14 +88,20 @@ def _draw_trajectory(model, x0: Tensor, generator: torch.Generator | None, steps
 
 
 def _elbo_parts(model, x0: Tensor, y: Tensor | None, generator: torch.Generator | None,
-                steps: int | None, t_min: float = 0.0, levels: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                steps: int | None, t_min: float = 0.0, levels: list | None = None,
+                logdets: list | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One trajectory per sample of standardised x0 (B, N, D) on the bound's grid (t_0 = ``t_min``).
     -> (t (B, T + 1), log p(x_{t_{k-1}} | x_{t_k}) (B, T), log q(x_{t_k} | x_{t_{k-1}}) (B, T), log N(x_1) (B,)).
-    ``levels``, when a list, receives the trajectory (B, T + 1, N, D)."""
+    ``levels``, when a list, receives the trajectory (B, T + 1, N, D); ``logdets`` the transporter's
+    log|det df_T/dx| at each step's target level (B, T), the part of log p that is not the predictor's."""
     t, X, log_q, log_prior = _draw_trajectory(model, x0, generator, steps, t_min)
     if levels is not None:
         levels.append(X)
-    return t, model.trajectory_log_probs(X, t, y), log_q, log_prior
+    out = model.trajectory_steps(X, t, y)
+    B, T = t.shape[0], t.shape[1] - 1
+    if logdets is not None:
+        logdets.append(out.logdet.reshape(B, T))
+    return t, out.log_prob().reshape(B, T), log_q, log_prior
 
 
 @torch.no_grad()
@@ -216,19 +222,20 @@ def score_samples(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
     Returns tensors on the CPU: ``elbo`` and ``iw`` (B,), the ELBO and importance-weighted bounds on
     -log p(x_0) in nats (raw units); ``nll`` = ``iw`` (the tightest); ``step_terms`` (B, T), the
     K-average of -log p(x_{t_{k-1}} | x_{t_k}) + log q(x_{t_k} | x_{t_{k-1}}) for k = 1..T, and
-    ``prior_term`` (B,), the K-average of -log N(x_1; 0, I) (standardised units), so that
+    ``step_logdets`` (B, T), the K-average of the transporter's log|det df_T/dx| inside each step's
+    log p; ``prior_term`` (B,), the K-average of -log N(x_1; 0, I) (standardised units), so that
     elbo = step_terms.sum(1) + prior_term + ``log_scale_correction``; for images also ``bpd`` and
     ``iw_bpd``. ``progress``, if given, is called with the number of samples after each batch.
     """
     x0, y = _prepare(model, x, y)
     K = num_trajectories
-    parts: dict[str, list] = {"elbo": [], "iw": [], "step_terms": [], "prior_term": []}
+    parts: dict[str, list] = {"elbo": [], "iw": [], "step_terms": [], "step_logdets": [], "prior_term": []}
     for lo in range(0, x0.shape[0], batch_size):
         xb = x0[lo:lo + batch_size]
         yb = None if y is None else y[lo:lo + batch_size]
-        terms, priors = [], []
+        terms, priors, logdets = [], [], []
         for _ in range(K):
-            _, log_p, log_q, log_prior = _elbo_parts(model, xb, yb, generator, steps)
+            _, log_p, log_q, log_prior = _elbo_parts(model, xb, yb, generator, steps, logdets=logdets)
             terms.append(log_q - log_p)
             priors.append(-log_prior)
         terms_k, priors_k = torch.stack(terms), torch.stack(priors)  # (K, b, T), (K, b)
@@ -236,6 +243,7 @@ def score_samples(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
         parts["elbo"].append(-w.mean(0))
         parts["iw"].append(-(torch.logsumexp(w, 0) - math.log(K)))
         parts["step_terms"].append(terms_k.mean(0))
+        parts["step_logdets"].append(torch.stack(logdets).mean(0))
         parts["prior_term"].append(priors_k.mean(0))
         if progress is not None:
             progress(xb.shape[0])

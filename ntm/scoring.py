@@ -10,6 +10,8 @@ Both work on any model with ``score(x, y=None, generator=...) -> {"nll": (B,), .
   classes carry no Monte Carlo noise from the trajectories themselves. NTM's transporter takes no
   label, so it runs once per trajectory for all classes; only the predictor runs per class.
 * ``bayes_posterior``: log p(y | x) = log p(x | y) + log p(y) - log sum_y' p(x | y') p(y').
+* ``noisy_level_bound``: the bound on -log p(x_{t_1}), the density of the data at the first noisy
+  level, read off the same trajectories: a likelihood that no longer pays for pixel-level detail.
 * ``StepTypicality``: the trajectory splits -log p(x) into T per-step terms, one per noise scale.
   A sample is typical when its vector of step terms (and prior term) looks like those of the
   training data: the statistic is the Mahalanobis distance of that vector under a Gaussian fitted
@@ -63,6 +65,19 @@ def step_features(scores: dict[str, Tensor]) -> Tensor:
     return torch.cat([scores["step_terms"], scores["prior_term"][:, None]], 1)
 
 
+def noisy_level_bound(scores: dict[str, Tensor], level: int = 1) -> Tensor:
+    """An upper bound (B,) on -log p(x_{t_level}), the density of the data noised to the trajectory's
+    level ``level`` (1 = the first noisy one), averaged over the scored trajectories: the step terms
+    of the steps above that level plus the prior term (standardised units; the constant that maps
+    them to raw units is left out, so only differences between samples mean anything). Leaving
+    out the fine steps leaves out most of what makes an image "simple" or "complex" at the pixel
+    level, which is what lets simpler data outscore the training data under the full bound."""
+    T = scores["step_terms"].shape[1]
+    if not 0 <= level < T:
+        raise ValueError(f"level must be in 0..{T - 1} for a {T}-step trajectory; got {level}")
+    return scores["step_terms"][:, level:].sum(1) + scores["prior_term"]
+
+
 class StepTypicality:
     """A Gaussian fit to in-distribution feature vectors (M, F) (``step_features``); ``distance``
     gives the squared Mahalanobis distance (B,) of new ones: larger is less typical.
@@ -82,4 +97,4 @@ class StepTypicality:
         return z.square().sum(0).float()
 
 
-__all__ = ["class_log_likelihoods", "bayes_posterior", "step_features", "StepTypicality"]
+__all__ = ["class_log_likelihoods", "bayes_posterior", "step_features", "noisy_level_bound", "StepTypicality"]

@@ -11,8 +11,9 @@ from torch import nn
 from ntm.config import DataSpec, NTMConfig, TrajectoryConfig, TransporterConfig
 from ntm.likelihood import nll_bounds
 from ntm.model import NTM
-from ntm.predictor import GaussianDataPosterior
-from ntm.scoring import StepTypicality, bayes_posterior, class_log_likelihoods, step_features
+from ntm.predictor import GaussianDataPosterior, gaussian_log_prob
+from ntm.scoring import StepTypicality, bayes_posterior, class_log_likelihoods, noisy_level_bound, step_features
+from ntm.trajectory import forward_trajectory, transition_log_prob
 
 from conftest import randomize
 
@@ -126,3 +127,37 @@ def test_step_typicality_is_the_mahalanobis_distance_of_the_fitted_gaussian():
     assert float(stat.distance(f[:5000]).mean()) == pytest.approx(3.0, abs=0.1)
     with pytest.raises(ValueError, match="more fitting samples"):
         StepTypicality(f[:3])
+
+
+def test_noisy_level_bound_is_the_bound_on_the_first_noisy_level_of_the_same_trajectory(random_model):
+    # an independent computation of -log p(x_{t_1}) + log q(x_{t_2:T} | x_{t_1}) - log N(x_1) from the same
+    # draws: the forward trajectory redrawn with the score's seed, each step's log p from step_log_prob
+    x = torch.randn(9, 2)
+    s = random_model.score(x, num_trajectories=1, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    x0 = random_model.to_tokens(x)
+    t = random_model.grid(9, 0.0)
+    X = forward_trajectory(x0, t, generator=g)
+    T = t.shape[1] - 1
+    want = -gaussian_log_prob(X[:, -1], torch.zeros_like(X[:, -1]), torch.ones_like(X[:, -1]))
+    for k in range(2, T + 1):
+        with torch.no_grad():
+            want = want - random_model.step_log_prob(X[:, k - 1], X[:, k], t[:, k - 1], t[:, k])
+        want = want + transition_log_prob(X[:, k - 1], X[:, k], t[:, k - 1], t[:, k])
+    assert torch.allclose(noisy_level_bound(s, level=1), want, atol=1e-3)
+    # level 0 is the whole ELBO bound (raw units: no scale correction for this spec)
+    assert torch.allclose(noisy_level_bound(s, level=0), s["elbo"], atol=1e-3)
+    with pytest.raises(ValueError, match="level must be in 0..3"):
+        noisy_level_bound(s, level=4)
+
+
+def test_step_logdets_are_the_transporters_part_of_each_step(random_model):
+    x = torch.randn(6, 2)
+    s = random_model.score(x, num_trajectories=1, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    t = random_model.grid(6, 0.0)
+    X = forward_trajectory(random_model.to_tokens(x), t, generator=g)
+    with torch.no_grad():
+        for k in range(1, t.shape[1]):
+            _, logdet = random_model.transporter(X[:, k - 1], t[:, k - 1], random_model.steps_tensor(6, t.shape[1] - 1))
+            assert torch.allclose(s["step_logdets"][:, k - 1], logdet, atol=1e-4)

@@ -37,13 +37,13 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
     monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
     res = run_ood_bench(quick=True, progress=False, settings=TINY, out_sets={"mnist": ("noise", "mnist-inverted")})
-    methods = {"ntm-bound", "ntm-iw", "ntm-steps", "ntm-steps-k", "fm-ode", "glow"}
+    methods = {"ntm-bound", "ntm-iw", "ntm-steps", "ntm-steps-k", "ntm-noisy", "fm-ode", "glow"}
     assert {(r["ood_data"], r["method"]) for r in res["rows"]} == {(o, m) for o in ("noise", "mnist-inverted")
                                                                    for m in methods}
     for r in res["rows"]:
         assert 0 <= r["auroc"] <= 1 and 0 <= r["aupr"] <= 1 and r["seconds_per_1000"] > 0
     nfe = {r["method"]: r["nfe_per_image"] for r in res["rows"]}
-    assert nfe == {"ntm-bound": 4, "ntm-steps": 4, "ntm-iw": 8, "ntm-steps-k": 8, "fm-ode": 4, "glow": 1}
+    assert nfe == {"ntm-bound": 4, "ntm-steps": 4, "ntm-iw": 8, "ntm-steps-k": 8, "ntm-noisy": 8, "fm-ode": 4, "glow": 1}
     assert {r["n_in"] for r in res["rows"] if r["method"] == "fm-ode"} == {6}
     out = tmp_path / "results" / "ood-quick.json"
     assert json.loads(out.read_text())["rows"] == res["rows"]
