@@ -149,6 +149,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     for kind in ("ntm", "fm"):
         models[kind] = load_model(runs[kind], map_location=bench_device())
     previous = previous_rows(out, results["config"])
+    previous.update(fm_rows_of_other_presets(out, results["config"], configs["fm"], train_cfg, summaries["fm"], spec))
     step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
     results["config"]["seconds_per_step"] = step_cost
     results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
@@ -406,19 +407,53 @@ def reusable(previous: dict, key: tuple, distill_steps: int) -> bool:
     return True
 
 
+# config entries that do not change what a row measures
+VOLATILE = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
+            "distill_steps", "step_cost_probe", "by_step")
+
+
+def _same_config(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> bool:
+    skip = VOLATILE + ignore
+    return {k: v for k, v in old.items() if k not in skip} == {k: v for k, v in new.items() if k not in skip}
+
+
+def _row_key(r: dict) -> tuple:
+    return r["model"], r["steps"], r["decode"], r["solver"]
+
+
 def previous_rows(out: Path, config: dict) -> dict:
     """Rows of an earlier run of the same bench configuration, keyed by (model, steps, decode, solver)."""
     try:
         old = json.loads(Path(out).read_text())
     except (OSError, ValueError):
         return {}
-    volatile = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inverse_timing", "distill",
-                "distill_steps", "step_cost_probe", "by_step")
-    same = {k: v for k, v in old.get("config", {}).items() if k not in volatile} == \
-        {k: v for k, v in config.items() if k not in volatile}
-    if not same:
+    if not _same_config(old.get("config", {}), config):
         return {}
-    return {(r["model"], r["steps"], r["decode"], r["solver"]): r for r in old.get("rows", [])}
+    return {_row_key(r): r for r in old.get("rows", [])}
+
+
+def fm_rows_of_other_presets(out: Path, config: dict, fm_cfg, train_cfg: TrainConfig, fm_summary: dict,
+                             spec) -> dict:
+    """FM rows of the benches of other presets that measured this very FM run: the same settings but
+    for the preset, a preset whose FM model and training equal this one's, and rows made by a run
+    with this run's training time and steps (a run copied between bench folders). Keyed like
+    :func:`previous_rows`; presets differ in the NTM only, so FM is not scored twice."""
+    found = {}
+    for path in sorted(Path(out).parent.glob("*.json")):
+        try:
+            old = json.loads(path.read_text())
+            other = get_preset(old["config"]["preset"])
+        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            continue
+        if path == Path(out) or not _same_config(old["config"], config, ignore=("preset",)):
+            continue
+        if other.fm(spec) != fm_cfg or replace(other.train, steps=train_cfg.steps) != train_cfg:
+            continue
+        for r in old.get("rows", []):
+            if (r.get("model") == "fm" and r.get("train_seconds") == fm_summary["seconds"]
+                    and r.get("train_steps") == fm_summary["steps"]):
+                found.setdefault(_row_key(r), r)
+    return found
 
 
 @torch.no_grad()

@@ -93,7 +93,25 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     again = json.loads(out.read_text())
     assert [r["img_per_s"] for r in again["rows"]] == [r["img_per_s"] for r in res["rows"]]
+    # another preset with the same FM and training, over a copy of this FM run: its FM rows are reused
+    import shutil
+    from dataclasses import replace
 
+    import ntm.bench.images as images
+    from ntm.config import PRESETS
+
+    quick = PRESETS["mnist-quick"]
+    monkeypatch.setitem(PRESETS, "quick-spline", replace(quick, transporter=replace(quick.transporter, transform="spline")))
+    shutil.copytree(folder / "runs" / "fm", tmp_path / "spline" / "runs" / "fm")
+    scored, real_row = [], images.evaluate_image_row
+    monkeypatch.setattr(images, "evaluate_image_row",
+                        lambda model, *a, **k: scored.append(type(model).__name__) or real_row(model, *a, **k))
+    other = real("mnist", out=tmp_path / "spline.json", quick=True, steps=3, n_samples=20, progress=False,
+                 classifier_steps=20, settings={"preset": "quick-spline", "n_bpd": 8, "n_bpd_fm": 2,
+                                                "fm_ode_steps": 2, "bpd_trajectories": 1})
+    assert scored == ["NTM"] * 3  # the NTM rows at 4, 8 and 16 steps; no FM row scored again
+    assert [r for r in other["rows"] if r["model"] == "fm"] == [r for r in res["rows"] if r["model"] == "fm"]
+    assert {r["transform"] for r in other["rows"] if r["model"] == "ntm"} == {"spline"}
 
 
 @pytest.mark.slow
