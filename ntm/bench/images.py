@@ -148,8 +148,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
         results["config"]["distill"] = distilled(runs["ntm"], src, distill_steps, progress)
     for kind in ("ntm", "fm"):
         models[kind] = load_model(runs[kind], map_location=bench_device())
-    previous = previous_rows(out, results["config"])
-    previous.update(fm_rows_of_other_presets(out, results["config"], configs["fm"], train_cfg, summaries["fm"], spec))
+    previous = previous_rows(out, results["config"], summaries)
     step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
     results["config"]["seconds_per_step"] = step_cost
     results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
@@ -158,13 +157,22 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     loss_curves(runs, folder / "training-curves.png")
     extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
 
-    ntm_bpd = {T: ntm_bounds(models["ntm"], src, settings["n_bpd"], settings["bpd_trajectories"], steps=T)
-               for T in NTM_STEPS}
-    m = settings["n_bpd_fm"]
-    fm_bpd = fm_bits_per_dim(models["fm"], bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"])
-    fm_bpd_kind = f"uniform ODE estimate ({settings['fm_ode_steps']} Heun steps, Hutchinson, n={m})"
+    bounds: dict = {}  # computed when a row needs them: a re-run that reuses every row costs no bound
+
+    def row_bounds(kind: str, T: int) -> dict:
+        if (kind, T) not in bounds:
+            if kind == "ntm":
+                bounds[kind, T] = ntm_bounds(models["ntm"], src, settings["n_bpd"], settings["bpd_trajectories"], steps=T)
+            else:
+                m = settings["n_bpd_fm"]
+                bounds[kind, T] = {"bpd": fm_bits_per_dim(models["fm"], bpd_x[:m], bpd_y[:m], settings["fm_ode_steps"]),
+                                   "bpd_kind": f"uniform ODE estimate ({settings['fm_ode_steps']} Heun steps, "
+                                               f"Hutchinson, n={m})"}
+        return bounds[kind, T]
+
     results["config"]["by_step"] = by_step_table(models["ntm"], bpd_x[:200], bpd_y[:200])
-    recipe = ntm_recipe(configs["ntm"], train_cfg, default=settings["preset"] == default_preset(spec))
+    recipe = {**ntm_recipe(configs["ntm"], train_cfg, default=settings["preset"] == default_preset(spec)),
+              **lever_keys(configs["ntm"])}
 
     decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
     jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
@@ -175,17 +183,15 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     refined = None
     for kind, decode, solver, k in jobs:
         key = (kind, k, decode, solver)
-        # an NTM row is reused only when it was made by the same recipe (the config holds none of it)
-        same_recipe = kind != "ntm" or all(previous.get(key, {}).get(k) == v for k, v in recipe.items())
-        if reusable(previous, key, distill_steps) and same_recipe:
-            results["rows"].append(previous[key])
+        if reusable(previous, key, distill_steps):  # made by this very run: only its recipe keys are renewed
+            results["rows"].append({**previous[key], **(recipe if kind == "ntm" else {})})
             continue
         row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
                                          decode=decode)
         if kind == "ntm":
-            row.update(recipe, **ntm_bpd[k])
+            row.update(recipe, **row_bounds(kind, k))
         else:
-            row.update(objective="fm", transform=None, bpd=fm_bpd, bpd_kind=fm_bpd_kind)
+            row.update(objective="fm", transform=None, **row_bounds(kind, 0))
         row.update(train_seconds=summaries[kind]["seconds"], train_steps=summaries[kind]["steps"])
         if decode == "inverse+score":
             refined = images
@@ -412,47 +418,24 @@ VOLATILE = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inve
             "distill_steps", "step_cost_probe", "by_step")
 
 
-def _same_config(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> bool:
-    skip = VOLATILE + ignore
-    return {k: v for k, v in old.items() if k not in skip} == {k: v for k, v in new.items() if k not in skip}
-
-
-def _row_key(r: dict) -> tuple:
-    return r["model"], r["steps"], r["decode"], r["solver"]
-
-
-def previous_rows(out: Path, config: dict) -> dict:
-    """Rows of an earlier run of the same bench configuration, keyed by (model, steps, decode, solver)."""
-    try:
-        old = json.loads(Path(out).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not _same_config(old.get("config", {}), config):
-        return {}
-    return {_row_key(r): r for r in old.get("rows", [])}
-
-
-def fm_rows_of_other_presets(out: Path, config: dict, fm_cfg, train_cfg: TrainConfig, fm_summary: dict,
-                             spec) -> dict:
-    """FM rows of the benches of other presets that measured this very FM run: the same settings but
-    for the preset, a preset whose FM model and training equal this one's, and rows made by a run
-    with this run's training time and steps (a run copied between bench folders). Keyed like
-    :func:`previous_rows`; presets differ in the NTM only, so FM is not scored twice."""
-    found = {}
-    for path in sorted(Path(out).parent.glob("*.json")):
+def previous_rows(out: Path, config: dict, summaries: dict) -> dict:
+    """Rows measured earlier on these very runs with the same bench settings, keyed by (model, steps,
+    decode, solver): from ``out`` first, then from the benches of other presets beside it (a run
+    copied between bench folders, or an FM baseline that several presets share). A row belongs to a
+    run when its ``train_seconds`` and ``train_steps`` are the run's (``summaries[model]``)."""
+    out = Path(out)
+    found: dict = {}
+    for path in [out] + sorted(p for p in out.parent.glob("*.json") if p != out):
         try:
             old = json.loads(path.read_text())
-            other = get_preset(old["config"]["preset"])
-        except (OSError, ValueError, KeyError, TypeError, ConfigError):
+            same = ({k: v for k, v in old["config"].items() if k not in VOLATILE + ("preset",)} ==
+                    {k: v for k, v in config.items() if k not in VOLATILE + ("preset",)})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if path == Path(out) or not _same_config(old["config"], config, ignore=("preset",)):
-            continue
-        if other.fm(spec) != fm_cfg or replace(other.train, steps=train_cfg.steps) != train_cfg:
-            continue
-        for r in old.get("rows", []):
-            if (r.get("model") == "fm" and r.get("train_seconds") == fm_summary["seconds"]
-                    and r.get("train_steps") == fm_summary["steps"]):
-                found.setdefault(_row_key(r), r)
+        for r in old.get("rows", []) if same else []:
+            run = summaries.get(r.get("model"))
+            if run and r.get("train_seconds") == run["seconds"] and r.get("train_steps") == run["steps"]:
+                found.setdefault((r["model"], r["steps"], r["decode"], r["solver"]), r)
     return found
 
 
