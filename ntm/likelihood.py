@@ -257,31 +257,51 @@ def score_samples(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
 
 
 @torch.no_grad()
-def class_bounds(model, x: Tensor, num_trajectories: int = 16, generator: torch.Generator | None = None,
-                 batch_size: int = 4096, steps: int | None = None, progress=None) -> Tensor:
-    """The IW bound on -log p(x_0 | y) (B, C) in nats (raw units) for every class y of a
-    class-conditional NTM, from the same K trajectories per sample for every class, drawn in the
-    order of :func:`score_samples` (same generator: column c equals ``score(x, y=c)["iw"]``). The
-    transporter runs once per trajectory, the predictor once per class. ``progress``, if given, is
-    called with B_batch * C after each batch."""
+def class_step_terms(model, x: Tensor, num_trajectories: int = 16, generator: torch.Generator | None = None,
+                     batch_size: int = 4096, steps: int | None = None, progress=None) -> tuple[Tensor, Tensor]:
+    """The step terms of every class y of a class-conditional NTM on raw x (B, ...), from the same
+    K trajectories per sample for every class, drawn in the order of :func:`score_samples`.
+    -> (terms (K, B, C, T): log q(x_{t_k} | x_{t_{k-1}}) - log p(x_{t_{k-1}} | x_{t_k}, y = c) for
+    k = 1..T, prior (K, B): -log N(x_1; 0, I)), standardised units. The transporter (which takes no
+    label) runs once per trajectory, the predictor once per class. ``progress``, if given, is called
+    with B_batch * C after each batch."""
     C = model.spec.num_classes
     if C == 0:
         raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
     x0, _ = _prepare(model, x, None)
     classes = torch.arange(C, device=x0.device)
-    K = num_trajectories
-    out = []
+    terms, priors = [], []
     for lo in range(0, x0.shape[0], batch_size):
         xb = x0[lo:lo + batch_size]
-        w = []
-        for _ in range(K):
+        tk, pk = [], []
+        for _ in range(num_trajectories):
             t, X, log_q, log_prior = _draw_trajectory(model, xb, generator, steps)
-            log_p = model.class_trajectory_log_probs(X, t, classes)  # (b, C, T)
-            w.append(log_p.sum(2) + (log_prior - log_q.sum(1))[:, None])
-        out.append(-(torch.logsumexp(torch.stack(w), 0) - math.log(K)))
+            tk.append(log_q[:, None] - model.class_trajectory_log_probs(X, t, classes))  # (b, C, T)
+            pk.append(-log_prior)
+        terms.append(torch.stack(tk))
+        priors.append(torch.stack(pk))
         if progress is not None:
             progress(xb.shape[0] * C)
-    return torch.cat(out).float().cpu() + log_scale_correction(model.spec)
+    return torch.cat(terms, 1).float().cpu(), torch.cat(priors, 1).float().cpu()
+
+
+def iw_of_terms(terms: Tensor, prior: Tensor) -> Tensor:
+    """The importance-weighted bound (B, ...) from per-trajectory step terms (K, B, ..., T) and prior
+    terms (K, B): -log mean_k exp(-(sum of the terms + prior))."""
+    w = -(terms.sum(-1) + prior.reshape(prior.shape + (1,) * (terms.dim() - prior.dim() - 1)))
+    return -(torch.logsumexp(w.double(), 0) - math.log(terms.shape[0])).float()
+
+
+def level_bound_of_terms(terms: Tensor, prior: Tensor, level: int = 1) -> Tensor:
+    """The bound (B, ...) on -log p(x_{t_level}) averaged over the K trajectories, from per-trajectory
+    step terms (K, B, ..., T) and prior terms (K, B): the steps above ``level`` and the prior
+    (standardised units; level 0 is the ELBO bound). Each trajectory draws its own x_{t_level}, so
+    the K draws are averaged (no importance weighting)."""
+    T = terms.shape[-1]
+    if not 0 <= level < T:
+        raise ValueError(f"level must be in 0..{T - 1} for a {T}-step trajectory; got {level}")
+    p = prior.reshape(prior.shape + (1,) * (terms.dim() - prior.dim() - 1))
+    return (terms[..., level:].sum(-1) + p).mean(0)
 
 
 def discrete_bits_per_dim(nats: float | Tensor, dim: int):

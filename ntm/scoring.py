@@ -27,29 +27,42 @@ import torch
 from torch import Tensor
 
 from .flow_matching import FlowMatching
-from .likelihood import class_bounds
+from .likelihood import class_step_terms, iw_of_terms, level_bound_of_terms, log_scale_correction
 
 
-def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, **score_kwargs) -> Tensor:
+def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, level: int = 0, **score_kwargs) -> Tensor:
     """log p(x | y) estimates (B, C) for raw x (B, ...) and every class y of a class-conditional
     model, each class from the same random draws (a generator seeded ``seed``): for NTM minus its IW
-    bound (``ntm.likelihood.class_bounds``: the label-free transporter runs once for all classes),
-    for FM minus ``model.score(x, y=c)["nll"]`` per class. ``progress``, if given, is called with the
-    number of (sample, class) pairs scored."""
-    C = model.spec.num_classes
-    if C == 0:
+    bound (:func:`ntm_class_log_likelihoods`), for FM minus ``model.score(x, y=c)["nll"]`` per
+    class. ``level`` >= 1 (NTM only) scores the data noised to that level of the trajectory instead.
+    ``progress``, if given, is called with the number of (sample, class) pairs scored."""
+    if model.spec.num_classes == 0:
         raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
     if not isinstance(model, FlowMatching):
-        g = torch.Generator(device=model.device).manual_seed(seed)
-        return -class_bounds(model, x, generator=g, progress=progress, **score_kwargs)
+        return ntm_class_log_likelihoods(model, x, (level,), seed, progress, **score_kwargs)[level]
+    if level != 0:
+        raise ValueError("an FM model has no trajectory levels; level must be 0")
     out = []
-    for c in range(C):
+    for c in range(model.spec.num_classes):
         y = torch.full((x.shape[0],), c, dtype=torch.long)
         out.append(-model.score(x, y=y, generator=torch.Generator(device=model.device).manual_seed(seed),
                                 **score_kwargs)["nll"].float().cpu())
         if progress is not None:
             progress(x.shape[0])
     return torch.stack(out, 1)
+
+
+def ntm_class_log_likelihoods(model, x: Tensor, levels: tuple[int, ...] = (0, 1), seed: int = 0, progress=None,
+                              **score_kwargs) -> dict[int, Tensor]:
+    """For each level in ``levels``, log-likelihoods (B, C) of a class-conditional NTM from one set of
+    K trajectories (``ntm.likelihood.class_step_terms``; the label-free transporter runs once for all
+    classes): level 0 is minus the IW bound on -log p(x | y) (raw units); level j >= 1 is minus the
+    K-averaged bound on -log p(x_{t_j} | y), the data noised to the trajectory's level j
+    (standardised units), which leaves out the finest steps where pixel detail, not the class, is paid for."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    terms, prior = class_step_terms(model, x, generator=g, progress=progress, **score_kwargs)
+    return {lv: -(iw_of_terms(terms, prior) + log_scale_correction(model.spec)) if lv == 0
+            else -level_bound_of_terms(terms, prior, lv) for lv in levels}
 
 
 def bayes_posterior(log_likelihoods: Tensor, log_prior: Tensor | None = None) -> Tensor:
@@ -72,10 +85,7 @@ def noisy_level_bound(scores: dict[str, Tensor], level: int = 1) -> Tensor:
     them to raw units is left out, so only differences between samples mean anything). Leaving
     out the fine steps leaves out most of what makes an image "simple" or "complex" at the pixel
     level, which is what lets simpler data outscore the training data under the full bound."""
-    T = scores["step_terms"].shape[1]
-    if not 0 <= level < T:
-        raise ValueError(f"level must be in 0..{T - 1} for a {T}-step trajectory; got {level}")
-    return scores["step_terms"][:, level:].sum(1) + scores["prior_term"]
+    return level_bound_of_terms(scores["step_terms"][None], scores["prior_term"][None], level)
 
 
 class StepTypicality:
@@ -97,4 +107,4 @@ class StepTypicality:
         return z.square().sum(0).float()
 
 
-__all__ = ["class_log_likelihoods", "bayes_posterior", "step_features", "noisy_level_bound", "StepTypicality"]
+__all__ = ["class_log_likelihoods", "ntm_class_log_likelihoods", "bayes_posterior", "step_features", "noisy_level_bound", "StepTypicality"]

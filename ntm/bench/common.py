@@ -52,6 +52,14 @@ def is_bench_output(f: Path, out: Path) -> bool:
     return ok and (f == out or f.read_text().startswith(TABLE_PREFIXES))
 
 
+def image_bench_folder(data: str, preset: str, quick: bool) -> Path:
+    """Where ``ntm bench <data> [--preset P] [--quick]`` keeps its runs and pictures (the JSON is this
+    path + ``.json``): ``results/<data>[-<preset>][-quick]``, the preset named unless it is the
+    default (mnist) or the quick one."""
+    named = f"-{preset}" if preset not in ("mnist", "mnist-quick") else ""
+    return results_dir() / f"{data}{named}{'-quick' if quick else ''}"
+
+
 def replaceable_run(run_dir: Path) -> None:
     """A bench work folder may be replaced only if it is (the start of) an ntm run."""
     if run_dir.exists() and not ((run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file()):
@@ -96,5 +104,6 @@ def write_results(out: str | Path, results: dict) -> None:
     write_text(out.with_suffix(".md"), table_for(results))
 
 
-__all__ = ["BenchStopped", "results_dir", "bench_device", "check_bench_output", "is_bench_output", "same_run",
+__all__ = ["BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "is_bench_output",
+           "same_run",
            "train_or_reuse", "write_results"]

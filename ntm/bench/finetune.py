@@ -30,6 +30,13 @@ def teacher_folder(out: Path, tag: str) -> Path:
     return Path(out).parent / tag / "runs" / "fm"
 
 
+def finetune_preset(quick: bool) -> str:
+    """The finetune benches' preset: the fresh transporter is the affine recipe's (the default when
+    these benches ran; their runs keep it), and the teacher is the image bench's FM (the same in
+    every mnist preset)."""
+    return "mnist-quick" if quick else "mnist-affine"
+
+
 def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick: bool = False,
                        guidance: float = 1.0, n_samples: int | None = None, progress: bool = True,
                        classifier_steps: int = 3000, settings: dict | None = None, steps: int | None = None) -> dict:
@@ -41,7 +48,7 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     the from-scratch NTM gets the teacher's steps plus the finetune's. Rows: FM at 4 and 50 Euler
     steps, the finetuned NTMs and the from-scratch NTM at 4 steps. Writes ``results/<data>-finetune[-quick].json``.
     """
-    settings = bench_settings(quick, settings, n_samples)
+    settings = bench_settings(quick, {"preset": finetune_preset(quick), **(settings or {})}, n_samples)
     tag = f"{data}-quick" if quick else data
     out = Path(out) if out else results_dir() / f"{data}-finetune{'-quick' if quick else ''}.json"
     folder = out.with_suffix("")
@@ -136,7 +143,7 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
     out = Path(out) if out else results_dir() / f"{data}-finetune-ablation{'-quick' if quick else ''}.json"
     folder = out.with_suffix("")
     src, spec = labelled_source(data)
-    preset = "mnist-quick" if quick else "mnist"
+    preset = finetune_preset(quick)
     p = get_preset(preset)
     fm_cfg = p.fm(spec)
     teacher_dir = teacher_folder(out, tag)

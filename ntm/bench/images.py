@@ -44,7 +44,7 @@ DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
 ABLATION = (
     ("paper-nll", "mnist-paper", {}),
     ("nll-rb-stratified", "mnist-paper", {"objective": "nll-rb", "stratified": True}),
-    ("default", "mnist", {}),
+    ("default", "mnist-affine", {}),  # the default recipe when the ablation ran (affine blocks)
 )
 # further variants for a longer session (not in the default table): the hybrid term alone
 MORE_ABLATION = (("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),)
@@ -53,8 +53,8 @@ MORE_ABLATION = (("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),)
 # budget instead (`ntm bench mnist --preset mnist-multi-t`); a multi-T variant added here gets a row
 # at each of its step counts.
 LEVERS = (
-    ("default", "mnist", {}),
-    ("cosine-lambda", "mnist", {"hybrid_schedule": "cosine"}),
+    ("default", "mnist-affine", {}),  # the default recipe when the levers ran (affine blocks)
+    ("cosine-lambda", "mnist-affine", {"hybrid_schedule": "cosine"}),
     ("wide-transporter", "mnist-wide", {}),
     ("spline", "mnist-spline", {}),
     ("t0-zero", "mnist-t0", {}),
@@ -148,7 +148,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
         results["config"]["distill"] = distilled(runs["ntm"], src, distill_steps, progress)
     for kind in ("ntm", "fm"):
         models[kind] = load_model(runs[kind], map_location=bench_device())
-    previous = previous_rows(out, results["config"], summaries)
+    previous, sources = previous_rows(out, results["config"], summaries)
     step_cost = {k: summaries[k]["seconds"] / max(1, summaries[k]["steps"]) for k in summaries}
     results["config"]["seconds_per_step"] = step_cost
     results["config"]["ntm_fm_step_cost_ratio"] = step_cost["ntm"] / step_cost["fm"]
@@ -185,6 +185,9 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
         key = (kind, k, decode, solver)
         if reusable(previous, key, distill_steps):  # made by this very run: only its recipe keys are renewed
             results["rows"].append({**previous[key], **(recipe if kind == "ntm" else {})})
+            grid = sources[key] / grid_file(kind, k, solver, decode)
+            if grid.parent != folder and grid.is_file():  # the row's picture comes with it
+                shutil.copyfile(grid, folder / grid.name)
             continue
         row, images = evaluate_image_row(models[kind], k, guidance, real, classifier, extractor, solver=solver,
                                          decode=decode)
@@ -391,10 +394,15 @@ def evaluate_image_row(model, steps: int, guidance: float, real: torch.Tensor, c
     return row, images
 
 
+def grid_file(kind: str, k: int, solver: str | None, decode: str | None, label: str | None = None) -> str:
+    """The file name of a row's sample grid in its bench folder."""
+    name = label or f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
+    return f"samples-{name}.png"
+
+
 def save_grid(images: torch.Tensor, folder: Path, kind: str, k: int, solver: str | None, decode: str | None,
           guidance: float, label: str | None = None) -> None:
-    name = label or f"{kind}-{solver + '-' if solver else ''}{'' if decode in (None, 'inverse') else decode + '-'}{k}"
-    image_grid(images[:100].numpy(), folder / f"samples-{name}.png",
+    image_grid(images[:100].numpy(), folder / grid_file(kind, k, solver, decode, label),
                title=f"{(label or kind).upper()} {k} steps ({solver or decode}), guidance {guidance}")
 
 
@@ -418,13 +426,15 @@ VOLATILE = ("torch_threads", "seconds_per_step", "ntm_fm_step_cost_ratio", "inve
             "distill_steps", "step_cost_probe", "by_step")
 
 
-def previous_rows(out: Path, config: dict, summaries: dict) -> dict:
+def previous_rows(out: Path, config: dict, summaries: dict) -> tuple[dict, dict]:
     """Rows measured earlier on these very runs with the same bench settings, keyed by (model, steps,
     decode, solver): from ``out`` first, then from the benches of other presets beside it (a run
     copied between bench folders, or an FM baseline that several presets share). A row belongs to a
-    run when its ``train_seconds`` and ``train_steps`` are the run's (``summaries[model]``)."""
+    run when its ``train_seconds`` and ``train_steps`` are the run's (``summaries[model]``).
+    -> (rows, the bench folder each row's pictures are in)."""
     out = Path(out)
     found: dict = {}
+    sources: dict = {}
     for path in [out] + sorted(p for p in out.parent.glob("*.json") if p != out):
         try:
             old = json.loads(path.read_text())
@@ -435,8 +445,10 @@ def previous_rows(out: Path, config: dict, summaries: dict) -> dict:
         for r in old.get("rows", []) if same else []:
             run = summaries.get(r.get("model"))
             if run and r.get("train_seconds") == run["seconds"] and r.get("train_steps") == run["steps"]:
-                found.setdefault((r["model"], r["steps"], r["decode"], r["solver"]), r)
-    return found
+                key = (r["model"], r["steps"], r["decode"], r["solver"])
+                if key not in found:
+                    found[key], sources[key] = r, path.with_suffix("")
+    return found, sources
 
 
 @torch.no_grad()

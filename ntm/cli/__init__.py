@@ -15,7 +15,7 @@ import torch
 import typer
 from tqdm import tqdm
 
-from ..bench.common import check_bench_output, results_dir
+from ..bench.common import check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
 from ..bench.ood import run_bayes_bench, run_ood_bench, run_tightness_bench
@@ -580,8 +580,7 @@ def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optio
         typer.echo(table_for(res))
         typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
         return
-    named = f"-{preset}" if preset is not None and preset not in ("mnist", "mnist-quick") else ""
-    out = out or results_dir() / f"{data}{named}{'-quick' if quick else ''}.json"
+    out = out or image_bench_folder(data, preset or "mnist", quick).with_suffix(".json")
     check_bench_output(out)
     res = run_image_bench(data, out=out, quick=quick, steps=steps, n_samples=n_samples, guidance=guidance,
                           progress=progress, distill_steps=distill_steps,

@@ -12,7 +12,8 @@ from ntm.config import DataSpec, NTMConfig, TrajectoryConfig, TransporterConfig
 from ntm.likelihood import nll_bounds
 from ntm.model import NTM
 from ntm.predictor import GaussianDataPosterior, gaussian_log_prob
-from ntm.scoring import StepTypicality, bayes_posterior, class_log_likelihoods, noisy_level_bound, step_features
+from ntm.scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, noisy_level_bound,
+                         ntm_class_log_likelihoods, step_features)
 from ntm.trajectory import forward_trajectory, transition_log_prob
 
 from conftest import randomize
@@ -93,10 +94,14 @@ def test_class_log_likelihoods_share_the_transporter_and_equal_per_class_scores(
     model.eval()
     x = torch.randn(11, 2)
     ll = class_log_likelihoods(model, x, seed=5, num_trajectories=3, batch_size=4)
+    both = ntm_class_log_likelihoods(model, x, (0, 1), seed=5, num_trajectories=3, batch_size=4)
+    assert torch.equal(both[0], ll)
     for c in range(3):
         per_class = model.score(x, y=torch.full((11,), c), num_trajectories=3, batch_size=4,
-                                generator=torch.Generator().manual_seed(5))["nll"]
-        assert torch.allclose(ll[:, c], -per_class, atol=1e-4, rtol=1e-5)
+                                generator=torch.Generator().manual_seed(5))
+        assert torch.allclose(ll[:, c], -per_class["nll"], atol=1e-4, rtol=1e-5)
+        # level 1: the bound on -log p(x_{t_1} | y) of the same trajectories, as read off the class's scores
+        assert torch.allclose(both[1][:, c], -noisy_level_bound(per_class, level=1), atol=1e-4, rtol=1e-5)
     # the label-free transporter ran once per trajectory batch, not once per class
     calls = []
     model.transporter.register_forward_hook(lambda *a: calls.append(1))
@@ -107,6 +112,8 @@ def test_class_log_likelihoods_share_the_transporter_and_equal_per_class_scores(
 def test_bayes_classification_needs_labels_and_the_prior_shifts_the_posterior(random_model):
     with pytest.raises(ValueError, match="class-conditional"):
         class_log_likelihoods(random_model, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="class-conditional"):
+        ntm_class_log_likelihoods(random_model, torch.randn(3, 2))
     ll = torch.tensor([[0.0, 0.0]])
     assert torch.allclose(bayes_posterior(ll).exp(), torch.tensor([[0.5, 0.5]]))
     skew = bayes_posterior(ll, torch.log(torch.tensor([0.9, 0.1]))).exp()

@@ -78,7 +78,7 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
     ntm_rows = [r for r in res["rows"] if r["model"] == "ntm"]
     for r in ntm_rows:  # the tightest of the four bounds at the row's own T, and named as such
         assert r["bpd"] == min(r["bpd_bounds"].values()) and r["bpd_kind"].endswith(f"T={r['steps']}, K=1")
-        assert r["objective"] == "nll-rb+hybrid" and r["transform"] == "affine" and r["default"] is False
+        assert r["objective"] == "nll-rb+hybrid" and r["transform"] == "spline" and r["default"] is False
     assert res["config"]["by_step"]["times"][0] == 0.0 and len(res["config"]["by_step"]["neg_log_p_per_dim"]) == 4
     # the denoiser and the score-refined decode of the same trajectories differ, by less than the image range
     assert 0 < res["rows"][2]["rmse_to_score"] < 2 and 0 < res["rows"][2]["feature_dist_to_score"] < 10
@@ -101,17 +101,18 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
     from ntm.config import PRESETS
 
     quick = PRESETS["mnist-quick"]
-    monkeypatch.setitem(PRESETS, "quick-spline", replace(quick, transporter=replace(quick.transporter, transform="spline")))
-    shutil.copytree(folder / "runs" / "fm", tmp_path / "spline" / "runs" / "fm")
+    monkeypatch.setitem(PRESETS, "quick-affine", replace(quick, transporter=replace(quick.transporter, transform="affine")))
+    shutil.copytree(folder / "runs" / "fm", tmp_path / "affine" / "runs" / "fm")
     scored, real_row = [], images.evaluate_image_row
     monkeypatch.setattr(images, "evaluate_image_row",
                         lambda model, *a, **k: scored.append(type(model).__name__) or real_row(model, *a, **k))
-    other = real("mnist", out=tmp_path / "spline.json", quick=True, steps=3, n_samples=20, progress=False,
-                 classifier_steps=20, settings={"preset": "quick-spline", "n_bpd": 8, "n_bpd_fm": 2,
+    other = real("mnist", out=tmp_path / "affine.json", quick=True, steps=3, n_samples=20, progress=False,
+                 classifier_steps=20, settings={"preset": "quick-affine", "n_bpd": 8, "n_bpd_fm": 2,
                                                 "fm_ode_steps": 2, "bpd_trajectories": 1})
     assert scored == ["NTM"] * 3  # the NTM rows at 4, 8 and 16 steps; no FM row scored again
     assert [r for r in other["rows"] if r["model"] == "fm"] == [r for r in res["rows"] if r["model"] == "fm"]
-    assert {r["transform"] for r in other["rows"] if r["model"] == "ntm"} == {"spline"}
+    assert {r["transform"] for r in other["rows"] if r["model"] == "ntm"} == {"affine"}
+    assert (tmp_path / "affine" / "samples-fm-euler-4.png").is_file()  # a reused row's picture comes with it
 
 
 @pytest.mark.slow

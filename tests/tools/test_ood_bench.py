@@ -56,10 +56,10 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     stamp = glow.stat().st_mtime_ns
     res = run_bayes_bench(quick=True, progress=False, settings=TINY, data_sets=("mnist",))
     assert glow.stat().st_mtime_ns == stamp
-    assert [r["method"] for r in res["rows"]] == ["ntm-bayes", "fm-ode-bayes", "cnn"]
+    assert [r["method"] for r in res["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "fm-ode-bayes", "cnn"]
     for r in res["rows"]:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1
-    assert [r["n"] for r in res["rows"]][:2] == [12, 4]
+    assert [r["n"] for r in res["rows"]][:3] == [12, 12, 4] and res["rows"][1]["level"] == 1
     assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
 
 
