@@ -61,8 +61,10 @@ class AffineARBlock(nn.Module):
         parameters (B, n, D, 3K - 1) or None."""
         out = self.proj_out(h).float()
         D = self.token_dim
-        log_scale, shift = out[..., :D], out[..., D:2 * D]
-        raw = out[..., 2 * D:].reshape(out.shape[:-1] + (D, -1)) if self.spline else None
+        # split, not slices: its backward concatenates the parts' gradients instead of zero-filling
+        # a full-size buffer per part
+        log_scale, shift, rest = out.split([D, D, out.shape[-1] - 2 * D], dim=-1)
+        raw = rest.reshape(out.shape[:-1] + (D, -1)) if self.spline else None
         return soft_clip(log_scale, self.clip), shift, raw
 
     def _transform(self, x: Tensor, params) -> tuple[Tensor, Tensor]:
