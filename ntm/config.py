@@ -268,18 +268,23 @@ _IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, 
 _IMAGE_TRANSPORTER_WIDE = TransporterConfig(blocks=2, layers=2, width=64, heads=4)
 
 PRESETS: dict[str, Preset] = {
-    "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
-                  "default 2-D preset: T=4, time shift -1, 2 blocks x 2 layers transporter, 4-layer predictor"),
+    "toy": Preset(TrajectoryConfig(T=4, shift=-1.0), replace(_TOY_TRANSPORTER, transform="spline"), _TOY_PREDICTOR,
+                  _TOY_TRAIN, "default 2-D preset: T=4, time shift -1, 2 blocks x 2 layers spline transporter, "
+                  "4-layer predictor"),
+    "toy-affine": Preset(TrajectoryConfig(T=4, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
+                         "the toy preset with affine transporter blocks (the default before the spline lever; "
+                         "the base of the other toy-* presets)"),
     "toy-t8": Preset(TrajectoryConfig(T=8, shift=-1.0), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
-                     "the toy preset with an 8-step trajectory"),
+                     "the toy-affine preset with an 8-step trajectory"),
     "toy-paper-shift": Preset(TrajectoryConfig(T=4, shift=None), _TOY_TRANSPORTER, _TOY_PREDICTOR, _TOY_TRAIN,
-                              "the toy preset with the paper's length-dependent time shift"),
+                              "the toy-affine preset with the paper's length-dependent time shift"),
     "toy-deep": Preset(TrajectoryConfig(T=4, shift=-1.0), TransporterConfig(blocks=4, layers=2, width=32, heads=4),
-                       _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a 4-block transporter"),
+                       _TOY_PREDICTOR, _TOY_TRAIN, "the toy-affine preset with a 4-block transporter"),
     "toy-spline": Preset(TrajectoryConfig(T=4, shift=-1.0), replace(_TOY_TRANSPORTER, transform="spline"), _TOY_PREDICTOR,
-                         _TOY_TRAIN, "the toy preset with spline blocks (affine + 8-bin rational-quadratic spline)"),
+                         _TOY_TRAIN, "the toy-affine preset with spline blocks (affine + 8-bin rational-quadratic "
+                         "spline): the toy preset"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
-                          _TOY_TRAIN, "the toy preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
+                          _TOY_TRAIN, "the toy-affine preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                     "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens), 8000 pair-wise steps: the "
                     "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 10), data "

@@ -127,7 +127,9 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
         held_out = src.held_out(n_eval, seed=40_000)[0]
         floor_ed = noise_floor(name, n_samples, seeds)
         base = p.ntm(spec)
-        variants = {"ntm": base, "ntm-no-transporter": replace(base, transporter=replace(p.transporter, enabled=False))}
+        # a disabled transporter has no element-wise transform (the same run for every transform)
+        variants = {"ntm": base, "ntm-no-transporter": replace(base, transporter=replace(p.transporter, enabled=False,
+                                                                                            transform="affine"))}
         for label, cfg in variants.items():
             if label not in models:
                 continue
