@@ -258,6 +258,9 @@ _IMAGE_TRANSPORTER = TransporterConfig(blocks=2, layers=1, width=32, heads=2)
 # the default since the lever ablation and the full-budget runs: spline blocks (the bound at T = 4
 # fell from 3.48 to 1.84 bits/dim at equal samples; docs/objectives.md)
 _IMAGE_TRANSPORTER_SPLINE = replace(_IMAGE_TRANSPORTER, transform="spline")
+# the default's trajectory since the multi-T spline run: one checkpoint trained over T in {4, 8, 16}
+# with the last level at t_0 = 0 (the bound's grid); it samples at T = 4 unless told otherwise
+_IMAGE_TRAJECTORY = TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0)
 _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
 _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
@@ -285,35 +288,34 @@ PRESETS: dict[str, Preset] = {
                          "spline): the toy preset"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy-affine preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
-    "mnist": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+    "mnist": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                     "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens), 8000 pair-wise steps: the "
                     "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 10), data "
-                    "preconditioning, spline transporter blocks"),
+                    "preconditioning, spline transporter blocks, T in {4, 8, 16} with t_0 = 0 (samples at T = 4)"),
     "mnist-affine": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                            "the mnist preset with affine transporter blocks (the default before the spline lever; "
                            "the base of the lever ablation and of the OOD, finetune and text benches' runs)"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
-    "mnist-demo": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
+    "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
                          replace(_IMAGE_TRAIN, steps=2500, warmup=100),
                          "the mnist preset with 2500 steps (the budget measured for `make demo`; see the README)"),
-    "mnist-quick": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
+    "mnist-quick": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
                           replace(_IMAGE_TRAIN, steps=600, warmup=100, checkpoint_every=200),
                           "the mnist preset with 600 steps (smoke checks; `ntm bench mnist --quick`)"),
     "mnist-wide": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_WIDE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                          "the mnist-affine preset with a 2 blocks x 2 layers, width-64 transporter (about a quarter "
                          "of the predictor)"),
     "mnist-spline": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
-                           _IMAGE_TRAIN, "the mnist-affine preset with spline transporter blocks (the mnist preset)"),
+                           _IMAGE_TRAIN, "the mnist-affine preset with spline transporter blocks"),
     "mnist-t0": Preset(TrajectoryConfig(T=4, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER,
                        _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                        "the mnist-affine preset with the last level at t_0 = 0 in training and sampling (the bound's grid)"),
     "mnist-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0),
                             _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist-t0 preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
-    "mnist-spline-multi-t": Preset(TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0),
-                                   _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                                   "the mnist-multi-t preset with spline transporter blocks"),
+    "mnist-spline-multi-t": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                                   "the mnist-multi-t preset with spline transporter blocks (the mnist preset)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

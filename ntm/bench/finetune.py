@@ -174,7 +174,8 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
             model = load_model(folder / "runs" / name, map_location=bench_device())
         row, _ = evaluate_image_row(model, p.trajectory.T, guidance, real, classifier, "project classifier")
         with torch.no_grad():
-            _, logdet = model.transporter(model.to_tokens(bpd_x), torch.zeros(n_bpd, device=model.device))
+            _, logdet = model.transporter(model.to_tokens(bpd_x), torch.zeros(n_bpd, device=model.device),
+                                          model.steps_tensor(n_bpd, model.config.trajectory.T))
         trained = name != "step-0"
         results["rows"].append({"variant": name, "velocity_scale": scale, "tau0": tau0,
                                 "pretrained_lr": lr if trained else None, "fresh_lr": fresh_lr if trained else None,

@@ -243,12 +243,11 @@ def run_tightness_bench(out: str | Path | None = None, quick: bool = False, prog
     """The bounds of one multi-T image model against T and K (``results/tightness[-quick].json``): per
     (T, K) the mean uniform ELBO and IW bounds in bits/dim on ``n`` test images (the same images for
     every cell; fresh trajectories per cell), their standard errors, and ``iw-vs-t.png``. ``run``
-    defaults to the NTM of ``ntm bench <data> --preset mnist-multi-t``."""
+    defaults to the NTM of ``ntm bench <data>`` (the default recipe trains over T in {4, 8, 16})."""
     out = Path(out) if out else results_dir() / ("tightness-quick.json" if quick else "tightness.json")
-    run = Path(run) if run else results_dir() / f"{data}-mnist-multi-t" / "runs" / "ntm"
+    run = Path(run) if run else image_bench_folder(data, "mnist", quick=False) / "runs" / "ntm"
     if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir():
-        raise CheckpointError(f"no multi-T model in {run}: train one with `ntm bench {data} --preset mnist-multi-t` "
-                              "or name it with --run")
+        raise CheckpointError(f"no multi-T model in {run}: train one with `ntm bench {data}` or name it with --run")
     model = load_model(run, map_location=bench_device()).eval()
     if not model.multi_T:
         raise CheckpointError(f"{run} was trained for T = {model.config.trajectory.T} only; the bound against T "
