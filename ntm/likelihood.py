@@ -157,8 +157,13 @@ def _batched_bounds(weight, x: Tensor, y: Tensor | None, num_trajectories: int,
         yb = None if y is None else y[lo:lo + batch_size]
         w = torch.stack([weight(x[lo:lo + batch_size], yb) for _ in range(num_trajectories)])  # (K, b)
         elbo.append(-w.mean(0))
-        iw.append(-(torch.logsumexp(w, 0) - math.log(num_trajectories)))
+        iw.append(iw_bound(w))
     return torch.cat(elbo), torch.cat(iw)
+
+
+def iw_bound(log_weights: Tensor) -> Tensor:
+    """The importance-weighted bound -log mean_k exp(w_k) (...) from K log weights (K, ...)."""
+    return -(torch.logsumexp(log_weights, 0) - math.log(log_weights.shape[0]))
 
 
 def _log_normal_mass(a: Tensor, b: Tensor) -> Tensor:
@@ -241,7 +246,7 @@ def score_samples(model, x: Tensor, y: Tensor | None = None, num_trajectories: i
         terms_k, priors_k = torch.stack(terms), torch.stack(priors)  # (K, b, T), (K, b)
         w = -(terms_k.sum(2) + priors_k)  # log weights (K, b)
         parts["elbo"].append(-w.mean(0))
-        parts["iw"].append(-(torch.logsumexp(w, 0) - math.log(K)))
+        parts["iw"].append(iw_bound(w))
         parts["step_terms"].append(terms_k.mean(0))
         parts["step_logdets"].append(torch.stack(logdets).mean(0))
         parts["prior_term"].append(priors_k.mean(0))
@@ -285,11 +290,19 @@ def class_step_terms(model, x: Tensor, num_trajectories: int = 16, generator: to
     return torch.cat(terms, 1).float().cpu(), torch.cat(priors, 1).float().cpu()
 
 
+def _totals(terms: Tensor, prior: Tensor, level: int = 0) -> Tensor:
+    """Per-trajectory sums (K, B, ...) of the step terms (K, B, ..., T) from ``level`` up and the prior
+    terms (K, B)."""
+    T = terms.shape[-1]
+    if not 0 <= level < T:
+        raise ValueError(f"level must be in 0..{T - 1} for a {T}-step trajectory; got {level}")
+    return terms[..., level:].sum(-1) + prior.reshape(prior.shape + (1,) * (terms.dim() - prior.dim() - 1))
+
+
 def iw_of_terms(terms: Tensor, prior: Tensor) -> Tensor:
     """The importance-weighted bound (B, ...) from per-trajectory step terms (K, B, ..., T) and prior
     terms (K, B): -log mean_k exp(-(sum of the terms + prior))."""
-    w = -(terms.sum(-1) + prior.reshape(prior.shape + (1,) * (terms.dim() - prior.dim() - 1)))
-    return -(torch.logsumexp(w.double(), 0) - math.log(terms.shape[0])).float()
+    return iw_bound(-_totals(terms, prior).double()).float()
 
 
 def level_bound_of_terms(terms: Tensor, prior: Tensor, level: int = 1) -> Tensor:
@@ -297,11 +310,7 @@ def level_bound_of_terms(terms: Tensor, prior: Tensor, level: int = 1) -> Tensor
     step terms (K, B, ..., T) and prior terms (K, B): the steps above ``level`` and the prior
     (standardised units; level 0 is the ELBO bound). Each trajectory draws its own x_{t_level}, so
     the K draws are averaged (no importance weighting)."""
-    T = terms.shape[-1]
-    if not 0 <= level < T:
-        raise ValueError(f"level must be in 0..{T - 1} for a {T}-step trajectory; got {level}")
-    p = prior.reshape(prior.shape + (1,) * (terms.dim() - prior.dim() - 1))
-    return (terms[..., level:].sum(-1) + p).mean(0)
+    return _totals(terms, prior, level).mean(0)
 
 
 def discrete_bits_per_dim(nats: float | Tensor, dim: int):

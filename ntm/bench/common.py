@@ -52,6 +52,12 @@ def is_bench_output(f: Path, out: Path) -> bool:
     return ok and (f == out or f.read_text().startswith(TABLE_PREFIXES))
 
 
+# the image recipe the runs of the OOD, Bayes, finetune and text benches and of the objective and
+# lever ablations were trained with (the default until the spline transporter): those benches keep it
+# so that their runs are reused, not retrained
+AFFINE_RUNS_PRESET = "mnist-affine"
+
+
 def image_bench_folder(data: str, preset: str, quick: bool) -> Path:
     """Where ``ntm bench <data> [--preset P] [--quick]`` keeps its runs and pictures (the JSON is this
     path + ``.json``): ``results/<data>[-<preset>][-quick]``, the preset named unless it is the
@@ -104,6 +110,6 @@ def write_results(out: str | Path, results: dict) -> None:
     write_text(out.with_suffix(".md"), table_for(results))
 
 
-__all__ = ["BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "is_bench_output",
+__all__ = ["AFFINE_RUNS_PRESET", "BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "is_bench_output",
            "same_run",
            "train_or_reuse", "write_results"]

@@ -36,7 +36,7 @@ from ..tools.metrics import classifier_accuracy, image_quality, load_or_train_cl
 from ..tools.plots import image_grid, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
-from .common import BenchStopped, bench_device, results_dir, train_or_reuse, write_results
+from .common import AFFINE_RUNS_PRESET, BenchStopped, bench_device, results_dir, train_or_reuse, write_results
 
 NTM_STEPS = (4, 8, 16)
 DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
@@ -44,7 +44,7 @@ DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
 ABLATION = (
     ("paper-nll", "mnist-paper", {}),
     ("nll-rb-stratified", "mnist-paper", {"objective": "nll-rb", "stratified": True}),
-    ("default", "mnist-affine", {}),  # the default recipe when the ablation ran (affine blocks)
+    ("default", AFFINE_RUNS_PRESET, {}),  # the default recipe when the ablation ran
 )
 # further variants for a longer session (not in the default table): the hybrid term alone
 MORE_ABLATION = (("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),)
@@ -53,8 +53,8 @@ MORE_ABLATION = (("nll-hybrid", "mnist-paper", {"hybrid_weight": 1.0}),)
 # budget instead (`ntm bench mnist --preset mnist-multi-t`); a multi-T variant added here gets a row
 # at each of its step counts.
 LEVERS = (
-    ("default", "mnist-affine", {}),  # the default recipe when the levers ran (affine blocks)
-    ("cosine-lambda", "mnist-affine", {"hybrid_schedule": "cosine"}),
+    ("default", AFFINE_RUNS_PRESET, {}),  # the default recipe when the levers ran
+    ("cosine-lambda", AFFINE_RUNS_PRESET, {"hybrid_schedule": "cosine"}),
     ("wide-transporter", "mnist-wide", {}),
     ("spline", "mnist-spline", {}),
     ("t0-zero", "mnist-t0", {}),
@@ -433,13 +433,14 @@ def previous_rows(out: Path, config: dict, summaries: dict) -> tuple[dict, dict]
     run when its ``train_seconds`` and ``train_steps`` are the run's (``summaries[model]``).
     -> (rows, the bench folder each row's pictures are in)."""
     out = Path(out)
+    ignored = VOLATILE + ("preset",)
+    wanted = {k: v for k, v in config.items() if k not in ignored}
     found: dict = {}
     sources: dict = {}
     for path in [out] + sorted(p for p in out.parent.glob("*.json") if p != out):
         try:
             old = json.loads(path.read_text())
-            same = ({k: v for k, v in old["config"].items() if k not in VOLATILE + ("preset",)} ==
-                    {k: v for k, v in config.items() if k not in VOLATILE + ("preset",)})
+            same = {k: v for k, v in old["config"].items() if k not in ignored} == wanted
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         for r in old.get("rows", []) if same else []:

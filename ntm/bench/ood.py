@@ -55,7 +55,7 @@ from ..scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, n
 from ..tools.glow import GlowConfig, glow_nll, glow_or_train
 from ..tools.metrics import calibration_error, classifier_accuracy, detection_scores, load_or_train_classifier
 from ..tools.plots import line_plot
-from .common import bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
+from .common import AFFINE_RUNS_PRESET, bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
 from .images import labelled_source
 
 OUT_SETS = {"mnist": ("fashion", "noise", "constant", "mnist-vflip", "mnist-inverted"), "fashion": ("mnist",)}
@@ -74,8 +74,8 @@ def _base_settings(quick: bool) -> dict:
                 "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2}
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)
     # costs about a second per image, so it scores fewer images than the one-pass statistics
-    # the affine recipe's runs (the default when this bench ran): results/<data>-mnist-affine/runs
-    return {"preset": "mnist-affine", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
+    # the affine recipe's runs: results/<data>-mnist-affine/runs
+    return {"preset": AFFINE_RUNS_PRESET, "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
             "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
             "classifier_steps": 3000}
 
