@@ -28,46 +28,44 @@ def num_params(bins: int) -> int:
     return 3 * bins - 1
 
 
-def _normalised(raw: Tensor) -> Tensor:
-    """softmax over the last dimension, written out: for the few bins here it is several times
-    faster on CPU than ``torch.softmax``. The shift is a constant for autograd (softmax ignores it)."""
-    e = (raw - raw.detach().amax(dim=-1, keepdim=True)).exp()
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def _knots(raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Bin sizes (..., 2, K) (widths, heights, on [-bound, bound]), knots (..., 2, K + 1) (x, y) and
-    slopes at the knots (..., K + 1)."""
-    size_raw, slope_raw = raw.split([2 * bins, bins - 1], dim=-1)
-    # widths and heights in one pass, each bin at least MIN_BIN of the interval
-    sizes = (2 * bound) * (MIN_BIN + (1 - MIN_BIN * bins) * _normalised(size_raw.unflatten(-1, (2, bins))))
-    # interior knots from the cumulative sums; the two ends are exactly -bound and bound
-    inner = torch.cumsum(sizes[..., :-1], dim=-1) - bound
-    knots = F.pad(F.pad(inner, (1, 0), value=-bound), (0, 1), value=bound)
-    # softplus shifted so that 0 maps to slope 1; the end slopes are 1 (the identity tails)
-    slopes = F.pad(MIN_SLOPE + F.softplus(slope_raw + math.log(math.expm1(1 - MIN_SLOPE))), (1, 1), value=1.0)
-    return sizes, knots, slopes
-
-
-def _gather(v: Tensor, idx: Tensor) -> Tensor:
-    """v (..., R, M) at the indices idx (..., J) of its last dimension, for every row R -> (..., R, J):
-    one gather (and one scatter backward) for all the rows."""
-    return v.gather(-1, idx[..., None, :].expand(*idx.shape[:-1], v.shape[-2], idx.shape[-1]))
+_SLOPE_SHIFT = math.log(math.expm1(1 - MIN_SLOPE))  # softplus(0 + shift) = 1 - MIN_SLOPE: zeros give slope 1
 
 
 def _bin(value: Tensor, raw: Tensor, bins: int, bound: float, on_y: bool):
     """The bin of each clamped ``value`` among the x knots (forward) or y knots (inverse) and that bin's
-    (x_k, w_k, y_k, h_k, d_k, d_{k+1}), each shaped like ``value``."""
-    sizes, knots, slopes = _knots(raw, bins, bound)
-    edges = knots[..., 1 if on_y else 0, 1:-1]
-    k = torch.searchsorted(edges.contiguous(), value[..., None].contiguous(), right=True).clamp(0, bins - 1)
-    wk, hk = _gather(sizes, k)[..., 0].unbind(-1)
-    x0, y0 = _gather(knots, k)[..., 0].unbind(-1)
-    d0, d1 = _gather(slopes[..., None, :], torch.cat([k, k + 1], -1))[..., 0, :].unbind(-1)
-    # the last bin's size is the rest of the interval (the cumulative sum's rounding stays inside)
-    last = k[..., 0] == bins - 1
+    (x_k, w_k, y_k, h_k, d_k, d_{k+1}), each shaped like ``value``.
+
+    Bin widths and heights are MIN_BIN + (1 - MIN_BIN K) softmax(logits) of the interval 2 * bound.
+    Only the searched row of knots is built in full; everything else is read at the bin: the knot
+    below bin k is -bound + k * step + scale * E_{k-1}, with E the cumulative sums of the exponentials
+    (a matmul with a triangular matrix, several times faster on CPU than ``cumsum`` over 8 bins), and
+    the slopes pass through their softplus after the gather, for two values per element, not K - 1.
+    """
+    size_raw, slope_raw = raw.split([2 * bins, bins - 1], dim=-1)
+    size_raw = size_raw.unflatten(-1, (2, bins))  # (..., 2, K): width and height logits
+    # the shift is a constant for autograd (the softmax ignores it)
+    e = (size_raw - size_raw.detach().amax(dim=-1, keepdim=True)).exp()
+    cum = e @ torch.triu(torch.ones(bins, bins, device=raw.device, dtype=e.dtype))  # (..., 2, K)
+    step = 2 * bound * MIN_BIN
+    scale = (2 * bound * (1 - MIN_BIN * bins)) / cum[..., -1:]  # (..., 2, 1): the softmax's normaliser
+    row = 1 if on_y else 0
+    j = torch.arange(1, bins, device=raw.device, dtype=raw.dtype)
+    edges = torch.addcmul(j * step - bound, cum[..., row, :-1], scale[..., row, :])  # interior knots (..., K - 1)
+    k = torch.searchsorted(edges, value[..., None].contiguous(), right=True).clamp(0, bins - 1)  # (..., 1)
+    below = (k - 1).clamp_min(0)
+    first, last = k[..., 0] == 0, k[..., 0] == bins - 1
+    # E_{k-1} and E_k of both rows in one gather (..., 2, 2); E_{-1} = 0
+    c = cum.gather(-1, torch.cat([below, k], -1)[..., None, :].expand(*k.shape[:-1], 2, 2))
+    c_below = torch.where(first[..., None], 0.0, c[..., 0])
+    x0, y0 = (k.to(raw.dtype) * step - bound + c_below * scale[..., 0]).unbind(-1)
+    wk, hk = (step + (c[..., 1] - c_below) * scale[..., 0]).unbind(-1)
+    # the last bin's size is the rest of the interval (the sums' rounding stays inside)
     wk = torch.where(last, bound - x0, wk)
     hk = torch.where(last, bound - y0, hk)
+    # slopes at the interior knots k - 1 and k (the end slopes are 1: the identity tails)
+    d = MIN_SLOPE + F.softplus(slope_raw.gather(-1, torch.cat([below, k.clamp_max(bins - 2)], -1)) + _SLOPE_SHIFT)
+    d0 = torch.where(first, 1.0, d[..., 0])
+    d1 = torch.where(last, 1.0, d[..., 1])
     return x0, wk, y0, hk, d0, d1
 
 

@@ -26,13 +26,14 @@ class AffineARBlock(nn.Module):
     """One causal block over N tokens of D channels, conditioned on the level time t: an affine map
     of each token given the previous ones, followed by a spline when ``cfg.transform`` is "spline"."""
 
-    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool, multi_T: bool = False):
+    def __init__(self, cfg: TransporterConfig, num_tokens: int, token_dim: int, flip: bool, multi_T: bool = False,
+                 spline: bool | None = None):
         super().__init__()
         W = cfg.width
         self.flip = flip
         self.clip = cfg.log_scale_clip
         self.token_dim = token_dim
-        self.spline = cfg.transform == "spline"
+        self.spline = cfg.transform == "spline" if spline is None else spline
         self.bins, self.bound = cfg.spline_bins, cfg.spline_bound
         per_channel = 2 + (num_params(cfg.spline_bins) if self.spline else 0)
         self.proj_in = nn.Linear(token_dim, W)
@@ -185,8 +186,10 @@ class Transporter(nn.Module):
         super().__init__()
         self.enabled = cfg.enabled
         n_blocks = cfg.blocks if cfg.enabled else 0
+        splines = n_blocks if cfg.spline_blocks is None else cfg.spline_blocks
         self.blocks = nn.ModuleList(
-            AffineARBlock(cfg, num_tokens, token_dim, flip=bool(i % 2), multi_T=multi_T) for i in range(n_blocks)
+            AffineARBlock(cfg, num_tokens, token_dim, flip=bool(i % 2), multi_T=multi_T,
+                          spline=cfg.transform == "spline" and i < splines) for i in range(n_blocks)
         )
 
     def forward(self, x: Tensor, t: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor]:

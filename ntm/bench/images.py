@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DISTILL_TRAIN, NTMConfig, TrainConfig, default_preset, get_preset
+from ..config import DISTILL_TRAIN, FMConfig, NTMConfig, TrainConfig, default_preset, get_preset
 from ..data import to_tokens
 from ..denoising import denoiser_dir
 from ..errors import ConfigError
@@ -57,16 +57,19 @@ LEVERS = (
     ("cosine-lambda", AFFINE_RUNS_PRESET, {"hybrid_schedule": "cosine"}),
     ("wide-transporter", "mnist-wide", {}),
     ("spline", "mnist-spline", {}),
+    ("spline-one-block", "mnist-spline-one", {}),  # cheaper steps: one spline block, or 4 bins
+    ("spline-4-bins", "mnist-spline-4bins", {}),
     ("t0-zero", "mnist-t0", {}),
 )
 
 
-def ablation_runs(spec, steps: int, variants: tuple = ABLATION) -> list[tuple[str, NTMConfig, TrainConfig]]:
-    """(label, model config, training config) of each ablation variant at ``steps`` training steps."""
+def ablation_runs(spec, steps: int, variants: tuple = ABLATION) -> list[tuple[str, NTMConfig, TrainConfig, FMConfig]]:
+    """(label, model config, training config, the FM on the same backbone) of each ablation variant at
+    ``steps`` training steps."""
     out = []
     for label, preset, options in variants:
         p = get_preset(preset)
-        out.append((label, p.ntm(spec), replace(p.train, steps=steps, **options)))
+        out.append((label, p.ntm(spec), replace(p.train, steps=steps, **options), p.fm(spec)))
     return out
 FM_ROWS = (("euler", 4), ("euler", 8), ("euler", 50), ("heun", 4))
 
@@ -232,12 +235,13 @@ def distilled(run: Path, src, steps: int, progress: bool) -> dict:
 
 def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps: int = 2000, n_samples: int = 1000,
                        n_bpd: int = 200, guidance: float = 1.0, variants: tuple = ABLATION, progress: bool = True,
-                       classifier_steps: int = 3000, kind: str = "objective") -> dict:
+                       classifier_steps: int = 3000, kind: str = "objective", probe_steps: int = 12) -> dict:
     """Each objective recipe of ``variants`` trained for ``steps`` on ``data`` (same data stream and
     budget), then scored by FID / class accuracy of ``n_samples`` guided 4-step samples and by the
     tightest bits/dim bound on ``n_bpd`` test images (2 trajectories). Runs are reused like the other
     benches; a re-run keeps the rows of finished, unchanged runs. ``kind`` ("objective" or "levers")
-    titles the table. Writes ``results/<data>-ablation.json`` unless ``out`` says otherwise."""
+    titles the table; each variant's training step is timed against an FM step over ``probe_steps``
+    steps. Writes ``results/<data>-ablation.json`` unless ``out`` says otherwise."""
     out = Path(out) if out else results_dir() / f"{data}-ablation.json"
     folder = out.with_suffix("")
     src, spec = labelled_source(data)
@@ -248,22 +252,25 @@ def run_image_ablation(data: str = "mnist", out: str | Path | None = None, steps
                           "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
     previous = previous_ablation_rows(out, results["config"])
     runs = {}
-    for label, model_cfg, train_cfg in ablation_runs(spec, steps, variants):
+    for label, model_cfg, train_cfg, fm_cfg in ablation_runs(spec, steps, variants):
         runs[label] = folder / "runs" / label
         summary = train_or_reuse(runs[label], model_cfg, train_cfg, src, progress)
         model = load_model(runs[label], map_location=bench_device())
         log = read_log(runs[label])
         tail = [r["nll"] for r in log[-8:] if "nll" in r]
         recipe = ntm_recipe(model_cfg, train_cfg, default=False)
+        # the variant's step against an FM step, timed back to back now (volatile: not part of a row's identity)
+        cost = {"step_cost_vs_fm": step_cost_probe({"ntm": model_cfg, "fm": fm_cfg}, train_cfg, src, probe_steps,
+                                                      min(3, probe_steps))["ratio"]}
         for T in model.train_Ts:
             old = previous.get((label, T))
             # the same finished run (its training time is its fingerprint) and recipe: keep the row,
             # with the lever keys read again from that run's config
             if old and old.get("train_seconds") == summary["seconds"] and all(old.get(k) == v for k, v in recipe.items()):
-                results["rows"].append({**old, **lever_keys(model_cfg)})
+                results["rows"].append({**old, **lever_keys(model_cfg), **cost})
                 continue
             row, images = evaluate_image_row(model, T, guidance, real, classifier, "project classifier")
-            results["rows"].append({"variant": label, "steps": T, **recipe, **lever_keys(model_cfg),
+            results["rows"].append({"variant": label, "steps": T, **recipe, **lever_keys(model_cfg), **cost,
                                     **{k: row[k] for k in ("fid", "kid", "precision", "recall", "class_acc", "img_per_s")},
                                     **ntm_bounds(model, src, n_bpd, 2, steps=T), "final_nll": sum(tail) / max(1, len(tail)),
                                     "train_seconds": summary["seconds"]})
@@ -296,9 +303,13 @@ def ntm_recipe(cfg: NTMConfig, train_cfg: TrainConfig, default: bool) -> dict:
 
 def lever_keys(cfg: NTMConfig) -> dict:
     """What the levers change in the model config, for the ablation rows: the transporter's size
-    (blocks x layers, width), the trained step counts and the upper end of the trained t_0 range."""
+    (blocks x layers, width), its splines (None when affine), the trained step counts and the upper end
+    of the trained t_0 range."""
     tr, tj = cfg.transporter, cfg.trajectory
-    return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}", "multi_T": list(tj.train_Ts), "t_min_high": tj.t_min_high}
+    splines = None if tr.transform != "spline" else \
+        f"{tr.blocks if tr.spline_blocks is None else tr.spline_blocks} of {tr.blocks} blocks, {tr.spline_bins} bins"
+    return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}", "splines": splines, "multi_T": list(tj.train_Ts),
+            "t_min_high": tj.t_min_high}
 
 
 def by_step_table(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: int = 2) -> dict:

@@ -70,14 +70,17 @@ def markdown_objective_ablation_table(results: dict) -> str:
     kind = "Lever" if c.get("ablation") == "levers" else "Objective"
     lines = [f"{kind} ablation on {c['data']}: {c['steps']} steps each; FID and class accuracy of {c['n_samples']} "
              f"guided samples (w = {c['guidance']}) at T steps; bits/dim on {c['n_bpd']} test images.", "",
-             "| variant | T | objective | stratified | λ | preconditioning | transporter | t_0 in training | FID | class acc. | precision | recall | bits/dim | bound | final NLL /dim | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | T | objective | stratified | λ | preconditioning | transporter | t_0 in training | FID | class acc. | precision | recall | bits/dim | bound | final NLL /dim | train s | step ÷ FM step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         transporter = f"{r.get('transporter', '2x1 w32')} {r.get('transform', 'affine')}"
+        if r.get("splines"):
+            transporter += f" ({r['splines']})"
+        cost = f"{r['step_cost_vs_fm']:.2f}×" if "step_cost_vs_fm" in r else "—"
         t0 = f"U[0, {r.get('t_min_high', 0.05):g}]" if r.get("t_min_high", 0.05) > 0 else "0"
         lines.append(f"| {r['variant']} | {r.get('steps', 4)} | {r['objective']} | {'yes' if r['stratified'] else 'no'} | "
                      f"{r['hybrid_weight']:g} | {r['precondition']} | {transporter} | {t0} | {r['fid']:.3f} | {100 * r['class_acc']:.1f}% | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['bpd']:.3f} | {r['bpd_kind']} | {r['final_nll']:.4f} | {r['train_seconds']:.0f} |")
+                     f"{r['recall']:.3f} | {r['bpd']:.3f} | {r['bpd_kind']} | {r['final_nll']:.4f} | {r['train_seconds']:.0f} | {cost} |")
     return "\n".join(lines) + "\n"
 
 

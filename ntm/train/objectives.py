@@ -65,7 +65,7 @@ class ScoredSteps:
     """The reverse steps scored for one group of samples (one trajectory length T): M = n * per_sample
     steps ordered (sample, step). Each step k (M,) goes from level x_t at time t to x_s at time s
     (M, N, D; s, t (M,)) of a trajectory of the clean x0 (M, N, D), with label y (M,); ``weight``
-    scales each step (T in pair-wise mode, else 1)."""
+    scales each step (pair-wise mode: each sample's T (M,), else 1)."""
 
     out: StepOutput
     x_s: Tensor
@@ -76,7 +76,7 @@ class ScoredSteps:
     k: Tensor
     y: Tensor | None
     per_sample: int
-    weight: float
+    weight: float | Tensor
 
     def per_sample_sum(self, values: Tensor) -> Tensor:
         """(M,) per-step values -> (n,) weighted sums over each sample's steps."""
@@ -181,23 +181,34 @@ class NTMObjective(nn.Module):
         return TrainingNoise(t_min, T, drop, eps, k_unif)
 
     def scored_steps(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise, idx: Tensor, T: int) -> ScoredSteps:
-        """Draw the trajectories of samples ``idx`` (all of length T) and score their steps."""
+        """e2e mode: draw the trajectories of samples ``idx`` (all of length T) and score all their steps."""
         m = self.model
         yi = None if y is None else y[idx]
         t = m.grid(len(idx), noise.t_min[idx], T=T)
         X = forward_trajectory(x0[idx], t, noise=noise.eps[idx, : T + 1])
         shape = X.shape[2:]
-        if self.mode == "e2e":
-            out = m.trajectory_steps(X, t, yi)
-            k = torch.arange(1, T + 1, device=X.device).repeat(len(idx))
-            return ScoredSteps(out, X[:, :T].reshape((-1,) + shape), X[:, 1:].reshape((-1,) + shape),
-                               x0[idx].float().repeat_interleave(T, 0), t[:, :T].reshape(-1), t[:, 1:].reshape(-1), k,
-                               None if yi is None else yi.repeat_interleave(T), T, 1.0)
-        k = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
-        rows = torch.arange(len(idx), device=X.device)
-        out = m.pair_steps(X, t, k, yi)
-        return ScoredSteps(out, X[rows, k - 1], X[rows, k], x0[idx].float(), t[rows, k - 1], t[rows, k], k, yi, 1,
-                           float(T))
+        out = m.trajectory_steps(X, t, yi)
+        k = torch.arange(1, T + 1, device=X.device).repeat(len(idx))
+        return ScoredSteps(out, X[:, :T].reshape((-1,) + shape), X[:, 1:].reshape((-1,) + shape),
+                           x0[idx].float().repeat_interleave(T, 0), t[:, :T].reshape(-1), t[:, 1:].reshape(-1), k,
+                           None if yi is None else yi.repeat_interleave(T), T, 1.0)
+
+    def scored_pairs(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise) -> ScoredSteps:
+        """Pair-wise mode: one step k of each sample's trajectory (of its own length T), scored for the
+        whole batch in one pass of f_T and the predictor, whatever mix of lengths it holds."""
+        m = self.model
+        B = x0.shape[0]
+        x_s = torch.empty(x0.shape, device=x0.device)
+        x_t, s, t, k = torch.empty_like(x_s), x0.new_empty(B).float(), x0.new_empty(B).float(), noise.T.clone()
+        for T in m.train_Ts:  # the levels of each length's trajectories (cheap), put back in batch order
+            idx = (noise.T == T).nonzero().squeeze(1)
+            times = m.grid(len(idx), noise.t_min[idx], T=T)
+            X = forward_trajectory(x0[idx], times, noise=noise.eps[idx, : T + 1])
+            kk = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
+            rows = torch.arange(len(idx), device=X.device)
+            x_s[idx], x_t[idx], s[idx], t[idx], k[idx] = X[rows, kk - 1], X[rows, kk], times[rows, kk - 1], times[rows, kk], kk
+        out = m.step(x_s, x_t, s, t, y, noise.T.float() if m.multi_T else None)
+        return ScoredSteps(out, x_s, x_t, x0.float(), s, t, k, y, 1, noise.T.float())
 
     def step_losses(self, steps: ScoredSteps) -> tuple[Tensor, Tensor]:
         """(the NLL of each step (M,), the training loss of each step (M,): weighted, minus the
@@ -227,11 +238,15 @@ class NTMObjective(nn.Module):
         nll = torch.zeros(B, device=x0.device)
         base = torch.zeros(B, device=x0.device)
         extras: dict[str, Tensor] = {}
-        # a fixed order over all trained lengths (empty groups included) keeps the sequence of forward
-        # passes identical on every process, which FSDP's collectives require
-        for T in m.train_Ts:
-            idx = (noise.T == T).nonzero().squeeze(1)
-            steps = self.scored_steps(x0, y, noise, idx, T)
+        # pair-wise: one pass for the whole batch; e2e: one per trained length, in a fixed order (empty
+        # groups included) so that the sequence of forward passes is identical on every process, which
+        # FSDP's collectives require
+        if self.mode == "e2e":
+            groups = (((noise.T == T).nonzero().squeeze(1), T) for T in m.train_Ts)
+        else:
+            groups = ((torch.arange(B, device=x0.device), None),)
+        for idx, T in groups:
+            steps = self.scored_steps(x0, y, noise, idx, T) if T else self.scored_pairs(x0, y, noise)
             step_nll, step_loss = self.step_losses(steps)
             nll = nll.index_put((idx,), steps.per_sample_sum(step_nll))
             base = base.index_put((idx,), steps.per_sample_sum(step_loss))

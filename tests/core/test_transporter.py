@@ -1,5 +1,7 @@
 """The transporter against autograd Jacobians, its inverse, cached decoding and causality."""
 
+import math
+
 import pytest
 import torch
 from conftest import randomize
@@ -118,9 +120,66 @@ def test_spline_round_trip_slopes_and_identity_at_zero():
     assert torch.allclose(y0, x, atol=1e-12) and l0.abs().max() < 1e-12
 
 
+def _reference_spline(x: float, raw: torch.Tensor, bins: int, bound: float) -> tuple[float, float]:
+    """One element of the rational-quadratic spline, written the plain way (Durkan et al. 2019, eq. 4
+    and its derivative): all knots built in Python from the softmax of the logits, bin found by a scan."""
+    from ntm.splines import MIN_BIN, MIN_SLOPE
+
+    if not -bound < x < bound:
+        return x, 0.0
+    r = raw.double().tolist()
+    def sizes(logits):
+        p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0).tolist()
+        return [2 * bound * (MIN_BIN + (1 - MIN_BIN * bins) * v) for v in p]
+    w, h = sizes(r[:bins]), sizes(r[bins:2 * bins])
+    slopes = [1.0] + [MIN_SLOPE + math.log1p(math.exp(v + math.log(math.expm1(1 - MIN_SLOPE))))
+                      for v in r[2 * bins:]] + [1.0]
+    xk, yk = -bound, -bound
+    for k in range(bins):
+        if x < xk + w[k] or k == bins - 1:
+            break
+        xk, yk = xk + w[k], yk + h[k]
+    wk, hk = (bound - xk, bound - yk) if k == bins - 1 else (w[k], h[k])
+    s, d0, d1 = hk / wk, slopes[k], slopes[k + 1]
+    th = (x - xk) / wk
+    den = s + (d1 + d0 - 2 * s) * th * (1 - th)
+    y = yk + hk * (s * th**2 + d0 * th * (1 - th)) / den
+    dy = s**2 * (d1 * th**2 + 2 * s * th * (1 - th) + d0 * (1 - th) ** 2) / den**2
+    return y, math.log(dy)
+
+
+def test_spline_matches_a_plain_reference_and_its_inverse():
+    from ntm.splines import spline_forward, spline_inverse
+
+    torch.manual_seed(1)
+    x = (torch.randn(300) * 2.5).double()
+    raw = (torch.randn(300, 23) * 1.5).double()
+    y, logd = spline_forward(x, raw, 8, 4.0)
+    ref = torch.tensor([_reference_spline(float(x[i]), raw[i], 8, 4.0) for i in range(300)], dtype=torch.float64)
+    assert torch.allclose(y, ref[:, 0], atol=1e-10) and torch.allclose(logd, ref[:, 1], atol=1e-9)
+    assert torch.allclose(spline_inverse(ref[:, 0], raw, 8, 4.0), x, atol=1e-9)
+
+
 def test_jacobi_inverse_with_splines():
     tr = _transporter(2, 1, N=7, D=2, transform="spline")
     x, t = torch.randn(5, 7, 2), torch.rand(5) * 0.9
     with torch.no_grad():
         u, _ = tr(x, t)
         assert torch.allclose(tr.inverse(u, t, method="jacobi"), x, atol=1e-4)
+
+
+def test_spline_blocks_limits_the_splines_to_the_first_blocks():
+    from ntm.config import NTMConfig, validate_model_config
+
+    tr = Transporter(TransporterConfig(blocks=3, layers=1, width=16, heads=2, transform="spline", spline_blocks=1,
+                                       spline_bound=2.0), 4, 2)
+    assert [b.spline for b in tr.blocks] == [True, False, False]
+    assert tr.blocks[0].proj_out.out_features > tr.blocks[1].proj_out.out_features
+    randomize(tr, 0.12, 0)
+    x, t = torch.randn(1, 4, 2), torch.tensor([0.3])
+    with torch.no_grad():
+        u, logdet = tr.eval()(x, t)
+    J = torch.autograd.functional.jacobian(lambda z: tr(z.reshape(1, 4, 2), t)[0].reshape(-1), x.reshape(-1))
+    assert float(logdet) == pytest.approx(float(torch.linalg.slogdet(J.double())[1]), abs=1e-4)
+    with pytest.raises(ValueError, match="spline_blocks"):
+        validate_model_config(NTMConfig(transporter=TransporterConfig(blocks=2, transform="spline", spline_blocks=3)))

@@ -121,7 +121,8 @@ def test_objective_ablation_bench_end_to_end(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
     real = cli.run_image_ablation
-    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 8}))
+    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 8,
+                                                                                      "probe_steps": 1}))
     out = tmp_path / "abl.json"
     assert main(["bench", "mnist", "--ablation", "--quick", "--steps", "2", "--n-samples", "20", "--out", str(out),
                  "--no-progress"]) == 0
@@ -141,7 +142,8 @@ def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
     real = cli.run_image_ablation
-    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 4}))
+    monkeypatch.setattr(cli, "run_image_ablation", lambda *a, **k: real(*a, **{**k, "classifier_steps": 20, "n_bpd": 4,
+                                                                                      "probe_steps": 1}))
     # the shipped levers plus a multi-T variant (a row per step count, from one checkpoint)
     monkeypatch.setattr(cli, "LEVERS", images.LEVERS + (("multi-t", "mnist-multi-t", {}),))
     out = tmp_path / "levers.json"
@@ -149,19 +151,24 @@ def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
                  "--no-progress"]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["steps"]) for r in rows] == [
-        ("default", 4), ("cosine-lambda", 4), ("wide-transporter", 4), ("spline", 4), ("t0-zero", 4), ("multi-t", 4),
-        ("multi-t", 8), ("multi-t", 16)]
+        ("default", 4), ("cosine-lambda", 4), ("wide-transporter", 4), ("spline", 4), ("spline-one-block", 4),
+        ("spline-4-bins", 4), ("t0-zero", 4), ("multi-t", 4), ("multi-t", 8), ("multi-t", 16)]
     assert [r["transporter"] for r in rows[1:4]] == ["2x1 w32", "2x2 w64", "2x1 w32"]
     assert [r["transform"] for r in rows[2:4]] == ["affine", "spline"]
-    assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[5:]] == ["4,", "8,", "16"]
-    assert rows[5]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
-    assert rows[0]["t_min_high"] == 0.05 and rows[4]["t_min_high"] == 0.0
+    assert [r["splines"] for r in rows[2:6]] == [None, "2 of 2 blocks, 8 bins", "1 of 2 blocks, 8 bins",
+                                                 "2 of 2 blocks, 4 bins"]
+    assert all(r["step_cost_vs_fm"] > 0 for r in rows)
+    assert [r["bpd_kind"].split("T=")[1][:2] for r in rows[7:]] == ["4,", "8,", "16"]
+    assert rows[7]["multi_T"] == [4, 8, 16] and rows[0]["multi_T"] == []
+    assert rows[0]["t_min_high"] == 0.05 and rows[6]["t_min_high"] == 0.0
     # trained at t_0 = 0 only: no discretised bound (its t_0 lies outside the trained range)
-    assert not any(k.startswith("discretised") for k in rows[4]["bpd_bounds"])
+    assert not any(k.startswith("discretised") for k in rows[6]["bpd_bounds"])
     assert (tmp_path / "levers" / "samples-multi-t-T16.png").is_file()
     # a re-run keeps every finished row (same runs, same settings) instead of scoring it again
     monkeypatch.setattr(images, "evaluate_image_row", lambda *a, **k: pytest.fail("row scored again"))
     assert main(["bench", "mnist", "--levers", "--steps", "1", "--n-samples", "10", "--out", str(out),
                  "--no-progress"]) == 0
-    assert json.loads(out.read_text())["rows"] == rows
+    again = json.loads(out.read_text())["rows"]
+    assert [{k: v for k, v in r.items() if k != "step_cost_vs_fm"} for r in again] == \
+        [{k: v for k, v in r.items() if k != "step_cost_vs_fm"} for r in rows]
     assert out.with_suffix(".md").read_text().startswith("Lever ablation on mnist")

@@ -79,6 +79,38 @@ def test_e2e_objective_is_the_trajectory_nll_per_dimension(random_model):
     assert float(loss) == pytest.approx(float(nll.mean()) / 2, rel=1e-5) and parts["nll"] == pytest.approx(float(loss))
 
 
+def test_multi_t_pairwise_loss_is_each_samples_own_step_times_its_t(small_config):
+    """One pass over a batch that mixes lengths T in {2, 4, 8}: the loss is the mean of T_i times
+    -log p of sample i's scored step, each rebuilt here alone from its own grid, levels and T."""
+    from conftest import randomize
+
+    from dataclasses import replace
+
+    from ntm.model import NTM
+    from ntm.train.objectives import NTMObjective
+    from ntm.trajectory import forward_trajectory
+
+    torch.manual_seed(0)
+    model = NTM(replace(small_config, trajectory=TrajectoryConfig(T=4, shift=-1.0, train_Ts=(2, 4, 8)),
+                        transporter=replace(small_config.transporter, transform="spline")))
+    randomize(model, 0.1, 0)
+    objective = NTMObjective(model, "pairwise", 0.0)
+    x0 = torch.randn(24, 2, 1)
+    noise = objective.draw_noise(24, torch.Generator().manual_seed(3))
+    assert len(set(noise.T.tolist())) == 3
+    with torch.no_grad():
+        loss, _ = objective(x0, None, noise)
+        total = 0.0
+        for i in range(24):
+            T = int(noise.T[i])
+            t = model.grid(1, noise.t_min[i:i + 1], T=T)
+            X = forward_trajectory(x0[i:i + 1], t, noise=noise.eps[i:i + 1, :T + 1])
+            k = int(noise.k_unif[i] * T) + 1
+            lp = model.step_log_prob(X[:, k - 1], X[:, k], t[:, k - 1], t[:, k], T=torch.tensor([float(T)]))
+            total -= T * float(lp)
+    assert float(loss) == pytest.approx(total / 24 / 2, rel=1e-5)
+
+
 def test_pairwise_loss_is_unbiased_for_e2e(random_model):
     from ntm.train.objectives import NTMObjective
 
