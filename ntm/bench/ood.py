@@ -55,7 +55,7 @@ from ..scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, n
 from ..tools.glow import GlowConfig, glow_nll, glow_or_train
 from ..tools.metrics import calibration_error, classifier_accuracy, detection_scores, load_or_train_classifier
 from ..tools.plots import line_plot
-from .common import AFFINE_RUNS_PRESET, bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
+from .common import bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
 from .images import labelled_source
 
 OUT_SETS = {"mnist": ("fashion", "noise", "constant", "mnist-vflip", "mnist-inverted"), "fashion": ("mnist",)}
@@ -73,9 +73,9 @@ def _base_settings(quick: bool) -> dict:
                 "glow": GlowConfig(steps=300, blocks=4, hidden=32), "n_bayes": 100, "n_bayes_fm": 10,
                 "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2}
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)
-    # costs about a second per image, so it scores fewer images than the one-pass statistics
-    # the affine recipe's runs: results/<data>-mnist-affine/runs
-    return {"preset": AFFINE_RUNS_PRESET, "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
+    # costs about a second per image, so it scores fewer images than the one-pass statistics.
+    # The default recipe's runs (results/<data>/runs); --preset mnist-affine: results/<data>-mnist-affine/runs
+    return {"preset": "mnist", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
             "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
             "classifier_steps": 3000}
 
@@ -306,7 +306,7 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
     of data sets not in ``data_sets`` are kept from an earlier run with the same settings."""
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("bayes-quick.json" if quick else "bayes.json")
-    results = {"config": {"quick": quick, "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
+    results = {"config": {"quick": quick, "preset": settings["preset"], "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
                           "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15, "n_bayes": settings["n_bayes"],
                           "n_bayes_fm": settings["n_bayes_fm"]}, "rows": []}
     results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]

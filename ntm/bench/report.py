@@ -4,6 +4,8 @@
     <!-- results: results/mnist.json -->
     (the table of that file, replaced on every run)
     <!-- /results -->
+
+``<!-- results: results/mnist.json rows -->`` keeps an image bench's main table only (no per-step splits).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..errors import DataError
 from ..io import write_text
 from .tables import table_for
 
-MARKER = re.compile(r"(<!-- results: (?P<file>[^ ]+?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+MARKER = re.compile(r"(<!-- results: (?P<file>[^ ]+?)(?P<rows> rows)? -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
 def fill_markers(text: str, root: Path, where: str = "") -> tuple[str, int]:
@@ -31,7 +33,7 @@ def fill_markers(text: str, root: Path, where: str = "") -> tuple[str, int]:
         except (OSError, ValueError) as exc:
             raise DataError(f"{where}: cannot read {file} ({exc.__class__.__name__})") from None
         count += 1
-        return match.group(1) + table_for(results) + match.group(4)
+        return match.group(1) + table_for(results, details=not match.group("rows")) + match.group(5)
 
     return MARKER.sub(table, text), count
 

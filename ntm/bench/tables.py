@@ -32,9 +32,9 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_image_table(results: dict) -> str:
+def markdown_image_table(results: dict, details: bool = True) -> str:
     """The image bench rows as a markdown table (with the NTM recipe and the kind of each bits/dim
-    bound when the rows name them), and the per-step bound when the results hold it."""
+    bound when the rows name them), and with ``details`` the per-step bounds the results hold."""
     recipes = any("objective" in r for r in results["rows"])
     head = "| model | steps | decode / solver | NFE | FID | KID ×1e3 | precision | recall | class acc. | bits/dim | img/s | train s |"
     rule = "|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -53,15 +53,22 @@ def markdown_image_table(results: dict) -> str:
                      f"{1e3 * r['kid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {100 * r['class_acc']:.1f}% | "
                      f"{bpd} | {r['img_per_s']:.1f} | {r['train_seconds']:.0f} |")
     table = "\n".join(lines) + "\n"
-    by_step = results.get("config", {}).get("by_step")
-    if by_step:
-        t = by_step["times"]
-        rows = [f"| {k} | {t[k]:.3f} → {t[k - 1]:.3f} | {nlp:+.4f} | {lq:+.4f} |"
-                for k, (nlp, lq) in enumerate(zip(by_step["neg_log_p_per_dim"], by_step["log_q_per_dim"]), start=1)]
-        table += ("\nPer-step uniform ELBO of the NTM at T = 4, nats/dim (" + f"{by_step['n']} test images, "
-                  f"{by_step['trajectories']} trajectories; prior -log N(x_1) {by_step['neg_log_prior_per_dim']:+.4f}):\n\n"
-                  "| step | t → s | -log p | log q |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    config = results.get("config", {}) if details else {}
+    for by_step in [config.get("by_step")] + list(config.get("by_step_other_T", {}).values()):
+        if by_step:
+            table += by_step_markdown(by_step)
     return table
+
+
+def by_step_markdown(by_step: dict) -> str:
+    """One per-step split of the ELBO (``by_step_table``) as a caption and a table; "net" is the
+    step's share of the bound, -log p + log q."""
+    t = by_step["times"]
+    rows = [f"| {k} | {t[k]:.3f} → {t[k - 1]:.3f} | {nlp:+.4f} | {lq:+.4f} | {nlp + lq:+.4f} |"
+            for k, (nlp, lq) in enumerate(zip(by_step["neg_log_p_per_dim"], by_step["log_q_per_dim"]), start=1)]
+    return (f"\nPer-step uniform ELBO of the NTM at T = {by_step.get('T', len(t) - 1)}, nats/dim ({by_step['n']} test "
+            f"images, {by_step['trajectories']} trajectories; prior -log N(x_1) {by_step['neg_log_prior_per_dim']:+.4f}):\n\n"
+            "| step | t → s | -log p | log q | net |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def markdown_objective_ablation_table(results: dict) -> str:
@@ -143,8 +150,9 @@ def markdown_tightness_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_for(results: dict) -> str:
-    """The table of a results JSON, chosen by what its rows hold."""
+def table_for(results: dict, details: bool = True) -> str:
+    """The table of a results JSON, chosen by what its rows hold (``details`` False: an image
+    bench's main table only, without the per-step splits)."""
     rows = results.get("rows", [])
     if rows and "iw_bpd" in rows[0] and "trajectories" in rows[0]:
         return markdown_tightness_table(results)
@@ -159,5 +167,5 @@ def table_for(results: dict) -> str:
     if rows and "variant" in rows[0]:
         return markdown_ablation_table(results)
     if rows and "fid" in rows[0]:
-        return markdown_image_table(results)
+        return markdown_image_table(results, details)
     return markdown_table(results)

@@ -654,9 +654,15 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 
 
-def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool, **kwargs) -> None:
-    """Run one of the benches that write results/<name>[-quick].json and print its table."""
-    out = out or results_dir() / f"{name}{'-quick' if quick else ''}.json"
+def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool,
+                      preset: Optional[str] = None, **kwargs) -> None:
+    """Run one of the benches that write results/<name>[-<preset>][-quick].json and print its table
+    (``preset``: the models' recipe, named in the file unless it is the default)."""
+    if preset is not None:
+        get_preset(preset)  # an unknown name is one clear error before any work
+        kwargs["settings"] = {"preset": preset}
+    named = f"-{preset}" if preset not in (None, "mnist") else ""
+    out = out or results_dir() / f"{name}{named}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = runner(out, quick=quick, progress=progress, **kwargs)
     typer.echo(table_for(res))
@@ -664,6 +670,9 @@ def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progr
 
 
 _BENCH_OUT = typer.Option(None, help="results JSON (default results/<bench>[-quick].json)")
+_MODELS_PRESET = typer.Option(None, help="the recipe of the NTM and FM runs scored (default: mnist, quick: "
+                              "mnist-quick; e.g. mnist-affine: the runs of `ntm bench <data> --preset mnist-affine`, "
+                              "written to results/<bench>-mnist-affine.json)")
 _TRAIN_SETS = typer.Option("mnist,fashion", "--data", help="the training sets to run (the rows of the others are kept)")
 
 
@@ -700,16 +709,16 @@ def bench_tightness(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, prog
 @bench_app.command("ood")
 def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
               glow: bool = typer.Option(True, help="also train and score the Glow peer (--no-glow: skip it)"),
-              progress: bool = _PROGRESS):
+              preset: Optional[str] = _MODELS_PRESET, progress: bool = _PROGRESS):
     """Out-of-distribution detection with NTM's bounds and per-step terms, FM's ODE likelihood and Glow."""
-    _likelihood_bench("ood", run_ood_bench, quick, out, progress, only=_train_sets(data), glow=glow)
+    _likelihood_bench("ood", run_ood_bench, quick, out, progress, preset, only=_train_sets(data), glow=glow)
 
 
 @bench_app.command("bayes")
 def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
-                progress: bool = _PROGRESS):
+                preset: Optional[str] = _MODELS_PRESET, progress: bool = _PROGRESS):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
-    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, data_sets=_train_sets(data))
+    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, preset, data_sets=_train_sets(data))
 
 
 @app.command()

@@ -80,6 +80,9 @@ def test_quick_image_bench_end_to_end(tmp_path, monkeypatch, capsys):
         assert r["bpd"] == min(r["bpd_bounds"].values()) and r["bpd_kind"].endswith(f"T={r['steps']}, K=1")
         assert r["objective"] == "nll-rb+hybrid" and r["transform"] == "spline" and r["default"] is False
     assert res["config"]["by_step"]["times"][0] == 0.0 and len(res["config"]["by_step"]["neg_log_p_per_dim"]) == 4
+    other = res["config"]["by_step_other_T"]  # the multi-T model's split on its other grids
+    assert sorted(other) == ["16", "8"] and [len(other[k]["log_q_per_dim"]) for k in ("8", "16")] == [8, 16]
+    assert "Per-step uniform ELBO of the NTM at T = 16" in out.with_suffix(".md").read_text()
     # the denoiser and the score-refined decode of the same trajectories differ, by less than the image range
     assert 0 < res["rows"][2]["rmse_to_score"] < 2 and 0 < res["rows"][2]["feature_dist_to_score"] < 10
     timing = res["config"]["inverse_timing"]

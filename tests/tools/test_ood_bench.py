@@ -118,3 +118,25 @@ def test_tightness_bench_end_to_end(tmp_path):
     assert all(abs(r["iw_bpd"] - r["elbo_bpd"]) < 1e-5 for r in rows if r["trajectories"] == 1)
     assert (tmp_path / "tight" / "iw-vs-t.png").is_file()
     assert out.with_suffix(".md").read_text().startswith("| data | model | T | K |")
+
+
+def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypatch, capsys):
+    """--preset picks the recipe whose runs are scored and names the results file after it (the
+    default recipe keeps results/<bench>.json); an unknown preset is one error line and no file."""
+    import ntm.cli as cli
+
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path))
+    seen = []
+
+    def fake(out, quick, progress, settings=None, data_sets=()):
+        seen.append((out.name, (settings or {}).get("preset")))
+        return {"config": {}, "rows": [{"data": "mnist", "method": "cnn", "accuracy": 0.9, "ece": 0.1, "n": 1}]}
+
+    monkeypatch.setattr(cli, "run_bayes_bench", fake)
+    assert main(["bench", "bayes", "--preset", "mnist-affine", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--preset", "mnist", "--no-progress"]) == 0
+    assert seen == [("bayes-mnist-affine.json", "mnist-affine"), ("bayes.json", None), ("bayes.json", "mnist")]
+    capsys.readouterr()
+    assert one_error_line(main(["bench", "bayes", "--preset", "nope", "--no-progress"]), capsys.readouterr().err, "nope")
+    assert not (tmp_path / "bayes-nope.json").exists()

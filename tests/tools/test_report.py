@@ -33,3 +33,13 @@ def test_report_fills_markers_and_rewrites_tables(tmp_path, capsys):
     assert main(["report", "--root", str(tmp_path)]) == 1
     assert "missing.json" in capsys.readouterr().err and (tmp_path / "docs" / "b.md").read_text().endswith("-->\n")
     assert fill_markers("plain text", tmp_path) == ("plain text", 0)
+
+
+def test_a_rows_marker_keeps_the_main_image_table_only(tmp_path):
+    (tmp_path / "results").mkdir()
+    shutil.copy(ROOT / "results" / "mnist.json", tmp_path / "results" / "mnist.json")
+    full, n = fill_markers("<!-- results: results/mnist.json -->\n<!-- /results -->\n", tmp_path)
+    rows, m = fill_markers("<!-- results: results/mnist.json rows -->\n<!-- /results -->\n", tmp_path)
+    assert n == m == 1 and "Per-step uniform ELBO" in full and "Per-step uniform ELBO" not in rows
+    body = rows.split("-->\n", 1)[1]
+    assert full.split("-->\n", 1)[1].startswith(body.split("<!-- /results")[0])
