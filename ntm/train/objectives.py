@@ -62,8 +62,8 @@ class TrainingNoise:
 
 @dataclass
 class ScoredSteps:
-    """The reverse steps scored for one group of samples (one trajectory length T): M = n * per_sample
-    steps ordered (sample, step). Each step k (M,) goes from level x_t at time t to x_s at time s
+    """The reverse steps scored for a group of samples (e2e: one trajectory length T; pair-wise: the
+    whole batch, lengths mixed): M = n * per_sample steps ordered (sample, step). Each step k (M,) goes from level x_t at time t to x_s at time s
     (M, N, D; s, t (M,)) of a trajectory of the clean x0 (M, N, D), with label y (M,); ``weight``
     scales each step (pair-wise mode: each sample's T (M,), else 1)."""
 
