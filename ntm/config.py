@@ -202,7 +202,10 @@ class TrainConfig:
     ``step_weights`` (one per step k = 1..T, empty: all 1) weight the step NLLs (any other choice
     than 1 is no longer the likelihood). ``hybrid_weight`` lambda adds the x0_hat regression
     lambda sum_{k >= 2} ||x0_hat - x_0||^2 / t_k^2 / dim on the noisy steps; ``hybrid_schedule``
-    "constant" keeps lambda, "cosine" decays it to 0 over the second half of training."""
+    "constant" keeps lambda, "cosine" decays it to 0 over the second half of training.
+    ``T_weights`` (one per trained length of a multi-T model, empty: uniform) are the relative
+    frequencies of the lengths T drawn for the samples: e.g. (4, 8, 16) gives every step of every
+    grid the same share of the batches. Each grid's objective is unchanged; only the mix is."""
 
     steps: int = 6000
     batch_size: int = 512
@@ -226,6 +229,7 @@ class TrainConfig:
     step_weights: tuple[float, ...] = ()
     hybrid_weight: float = 0.0
     hybrid_schedule: str = "constant"
+    T_weights: tuple[float, ...] = ()
 
 
 MODES = ("e2e", "pairwise")
@@ -324,6 +328,10 @@ PRESETS: dict[str, Preset] = {
                             "the mnist-t0 preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
     "mnist-spline-multi-t": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                                    "the mnist-multi-t preset with spline transporter blocks (the mnist preset)"),
+    "mnist-t-by-steps": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
+                               replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
+                               "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16): every step "
+                               "of every grid gets the same share of the batches"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),
@@ -476,6 +484,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown hybrid schedule '{cfg.hybrid_schedule}' (use {' or '.join(HYBRID_SCHEDULES)})")
     if not (0.0 <= cfg.hybrid_weight < math.inf) or any(not (0.0 <= w < math.inf) for w in cfg.step_weights):
         raise ConfigError("the hybrid weight and the step weights must be finite numbers >= 0")
+    if any(not (0.0 < w < math.inf) for w in cfg.T_weights):
+        raise ConfigError("the T weights must be finite numbers > 0")
     ft = cfg.finetune
     if ft is not None:
         if not ft.teacher:

@@ -122,12 +122,13 @@ class NTMObjective(nn.Module):
     models draw T per sample. ``class_dropout`` replaces that share of labels by the null label.
     ``objective`` "nll" (the paper's) or "nll-rb" (minus :func:`rao_blackwell_cv`: the same
     expectation); ``step_weights`` w_k multiply the step NLLs; ``hybrid_weight`` adds
-    lambda(p) sum_{k >= 2} ||x0_hat - x_0||^2 / t_k^2 / dim (see ``TrainConfig``).
+    lambda(p) sum_{k >= 2} ||x0_hat - x_0||^2 / t_k^2 / dim (see ``TrainConfig``); ``T_weights``
+    are the relative frequencies of a multi-T model's lengths (empty: uniform).
     """
 
     def __init__(self, model: NTM, mode: str = "e2e", class_dropout: float = 0.1, objective: str = "nll",
                  stratified: bool = False, step_weights: tuple[float, ...] = (), hybrid_weight: float = 0.0,
-                 hybrid_schedule: str = "constant"):
+                 hybrid_schedule: str = "constant", T_weights: tuple[float, ...] = ()):
         super().__init__()
         if mode not in ("e2e", "pairwise"):
             raise ValueError(f"unknown training mode '{mode}' (use 'e2e' or 'pairwise')")
@@ -137,6 +138,9 @@ class NTMObjective(nn.Module):
             raise ValueError("stratified steps apply to pair-wise training")
         if step_weights and any(T != len(step_weights) for T in model.train_Ts):
             raise ValueError(f"{len(step_weights)} step weights for a model of T in {list(model.train_Ts)}")
+        if T_weights and (len(T_weights) != len(model.train_Ts) or min(T_weights) <= 0):
+            raise ValueError(f"T weights {list(T_weights)} for a model of T in {list(model.train_Ts)} "
+                             "(one weight > 0 per length)")
         self.model = model
         self.mode = mode
         self.class_dropout = class_dropout
@@ -145,12 +149,13 @@ class NTMObjective(nn.Module):
         self.step_weights = tuple(step_weights)
         self.hybrid_weight = hybrid_weight
         self.hybrid_schedule = hybrid_schedule
+        self.T_weights = tuple(T_weights)
 
     @classmethod
     def from_config(cls, model: NTM, cfg) -> "NTMObjective":
         """The objective a ``TrainConfig`` names."""
         return cls(model, cfg.mode, cfg.class_dropout, cfg.objective, cfg.stratified, cfg.step_weights,
-                   cfg.hybrid_weight, cfg.hybrid_schedule)
+                   cfg.hybrid_weight, cfg.hybrid_schedule, cfg.T_weights)
 
     @property
     def spec(self) -> DataSpec:
@@ -163,7 +168,12 @@ class NTMObjective(nn.Module):
         tc = m.config.trajectory
         dev = device or m.device
         Ts = torch.tensor(m.train_Ts, device=dev)
-        T = Ts[(rand((batch,), generator, dev) * len(Ts)).long().clamp(max=len(Ts) - 1)]
+        u = rand((batch,), generator, dev)
+        if self.T_weights:  # the length whose share of the cumulative weights holds u
+            edges = torch.tensor(self.T_weights, device=dev, dtype=torch.float64).cumsum(0)
+            T = Ts[torch.searchsorted((edges / edges[-1]).to(u.dtype)[:-1].contiguous(), u, right=True)]
+        else:
+            T = Ts[(u * len(Ts)).long().clamp(max=len(Ts) - 1)]
         # t_min ~ U[lo, hi_T] with hi_T = min(t_min_high, t_1(T) / 2), so t_0 < t_1 even for long grids
         hi = torch.tensor([m.t_min_high(int(v)) for v in m.train_Ts], device=dev)[
             (T[:, None] == Ts[None]).float().argmax(1)]

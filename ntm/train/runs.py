@@ -63,7 +63,8 @@ def make_objective(model: NTM | FlowMatching, cfg: TrainConfig, device: torch.de
         model.predictor.velocity.requires_grad_(False)
     return FinetuneObjective(model, teacher, ft.aux_weight, cfg.mode, cfg.class_dropout, objective=cfg.objective,
                              stratified=cfg.stratified, step_weights=cfg.step_weights,
-                             hybrid_weight=cfg.hybrid_weight, hybrid_schedule=cfg.hybrid_schedule)
+                             hybrid_weight=cfg.hybrid_weight, hybrid_schedule=cfg.hybrid_schedule,
+                             T_weights=cfg.T_weights)
 
 
 def train(model_config: NTMConfig | FMConfig | None, train_config: TrainConfig | None, source,

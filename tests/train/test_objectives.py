@@ -272,3 +272,25 @@ def test_step_weights_scale_each_step(random_model):
         assert float(weighted(x0, None, noise)[0]) == pytest.approx(float(first.mean()) / 2, rel=1e-5)
     with pytest.raises(ValueError):
         NTMObjective(random_model, step_weights=(1.0, 2.0))
+
+
+def test_t_weights_set_the_mix_of_lengths_and_default_to_uniform(small_config):
+    from dataclasses import replace
+
+    from ntm.model import NTM
+    from ntm.train.objectives import NTMObjective
+
+    model = NTM(replace(small_config, trajectory=TrajectoryConfig(T=4, shift=-1.0, train_Ts=(2, 4, 8))))
+    n = 60_000
+    for weights, expected in (((), (1 / 3, 1 / 3, 1 / 3)), ((2.0, 4.0, 8.0), (1 / 7, 2 / 7, 4 / 7))):
+        T = NTMObjective(model, "pairwise", T_weights=weights).draw_noise(n, torch.Generator().manual_seed(0)).T
+        for v, p in zip((2, 4, 8), expected):
+            assert float((T == v).float().mean()) == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / n))
+    for bad in ((1.0, 2.0), (1.0, 0.0, 1.0)):
+        with pytest.raises(ValueError, match="T weights"):
+            NTMObjective(model, "pairwise", T_weights=bad)
+    from ntm.config import TrainConfig, validate_train_config
+    from ntm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="T weights"):
+        validate_train_config(TrainConfig(T_weights=(1.0, -1.0)))
