@@ -292,6 +292,9 @@ PRESETS: dict[str, Preset] = {
     "toy-spline": Preset(TrajectoryConfig(T=4, shift=-1.0), replace(_TOY_TRANSPORTER, transform="spline"), _TOY_PREDICTOR,
                          _TOY_TRAIN, "the toy-affine preset with spline blocks (affine + 8-bin rational-quadratic "
                          "spline): the toy preset"),
+    "toy-bins16": Preset(TrajectoryConfig(T=4, shift=-1.0),
+                         replace(_TOY_TRANSPORTER, transform="spline", spline_bins=16), _TOY_PREDICTOR, _TOY_TRAIN,
+                         "the toy preset with 16-bin splines (sharper multimodal steps)"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy-affine preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
     "mnist": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,

@@ -701,9 +701,26 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
 @bench_app.command("tightness")
 def bench_tightness(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS,
                     run: Optional[Path] = typer.Option(None, help="a multi-T NTM run (default: the NTM of `ntm bench "
-                                                       "mnist`, trained over T in {4, 8, 16})")):
+                                                       "mnist`, trained over T in {4, 8, 16})"),
+                    n: Optional[int] = typer.Option(None, min=1, help="test images (default 200, quick 20)"),
+                    ks: Optional[str] = typer.Option(None, help="comma-separated trajectory counts K (default 1,4,16)"),
+                    steps: Optional[str] = typer.Option(None, help="comma-separated T (default: every trained T)")):
     """Bits/dim bounds of one multi-T model against T and the number of trajectories K."""
-    _likelihood_bench("tightness", run_tightness_bench, quick, out, progress, run=run)
+    _likelihood_bench("tightness", run_tightness_bench, quick, out, progress, run=run, n=n,
+                      ks=_positive_ints(ks, "--ks"), Ts=_positive_ints(steps, "--steps"))
+
+
+def _positive_ints(value: Optional[str], option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integers >= 1 (None stays None)."""
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise UsageProblem(f"{option} takes comma-separated integers >= 1, got '{value}'")
+    return out
 
 
 @bench_app.command("ood")

@@ -8,9 +8,10 @@ import torch
 
 from ntm.bench.common import train_or_reuse
 from ntm.bench.images import labelled_source
-from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench
+from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench, run_tightness_bench
 from ntm.cli import main
 from ntm.config import TransporterConfig, get_preset
+from ntm.errors import ConfigError
 from ntm.images import load_named, to_uint8
 from ntm.tools.glow import GlowConfig
 
@@ -99,6 +100,9 @@ def test_tightness_bench_needs_a_multi_t_model(tmp_path, capsys):
     assert one_error_line(code, capsys.readouterr().err, "needs a multi-T model")
     code = main(["bench", "tightness", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "t.json"), "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "no multi-T model")
+    for bad in (["--ks", "4,x"], ["--steps", "0"], ["--ks", ""]):
+        code = main(["bench", "tightness", *bad, "--out", str(tmp_path / "t.json"), "--no-progress"])
+        assert one_error_line(code, capsys.readouterr().err, "comma-separated integers")
     assert not (tmp_path / "t.json").exists()
 
 
@@ -118,6 +122,13 @@ def test_tightness_bench_end_to_end(tmp_path):
     assert all(abs(r["iw_bpd"] - r["elbo_bpd"]) < 1e-5 for r in rows if r["trajectories"] == 1)
     assert (tmp_path / "tight" / "iw-vs-t.png").is_file()
     assert out.with_suffix(".md").read_text().startswith("| data | model | T | K |")
+    # some T and K only, on n images; a T the model was not trained for is one clear error
+    assert main(["bench", "tightness", "--run", str(tmp_path / "run"), "--out", str(out), "--n", "3", "--ks", "2",
+                 "--steps", "8", "--no-progress"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["steps"], r["trajectories"], r["n"]) for r in rows] == [(8, 2, 3)]
+    with pytest.raises(ConfigError, match="trained for T"):
+        run_tightness_bench(tmp_path / "t2.json", run=tmp_path / "run", n=2, ks=(1,), Ts=(5,), progress=False)
 
 
 def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypatch, capsys):
