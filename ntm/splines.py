@@ -45,7 +45,8 @@ def _bin(value: Tensor, raw: Tensor, bins: int, bound: float, on_y: bool):
     size_raw = size_raw.unflatten(-1, (2, bins))  # (..., 2, K): width and height logits
     # the shift is a constant for autograd (the softmax ignores it)
     e = (size_raw - size_raw.detach().amax(dim=-1, keepdim=True)).exp()
-    cum = e @ torch.triu(torch.ones(bins, bins, device=raw.device, dtype=e.dtype))  # (..., 2, K)
+    with torch.autocast(e.device.type, enabled=False):  # flow arithmetic stays in e's precision under autocast
+        cum = e @ torch.triu(torch.ones(bins, bins, device=raw.device, dtype=e.dtype))  # (..., 2, K)
     step = 2 * bound * MIN_BIN
     scale = (2 * bound * (1 - MIN_BIN * bins)) / cum[..., -1:]  # (..., 2, 1): the softmax's normaliser
     row = 1 if on_y else 0

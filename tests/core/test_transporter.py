@@ -158,6 +158,12 @@ def test_spline_matches_a_plain_reference_and_its_inverse():
     ref = torch.tensor([_reference_spline(float(x[i]), raw[i], 8, 4.0) for i in range(300)], dtype=torch.float64)
     assert torch.allclose(y, ref[:, 0], atol=1e-10) and torch.allclose(logd, ref[:, 1], atol=1e-9)
     assert torch.allclose(spline_inverse(ref[:, 0], raw, 8, 4.0), x, atol=1e-9)
+    # low-precision autocast (bf16 on CUDA in training) leaves the spline's own arithmetic alone
+    xf, rf = x.float(), raw.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, la = spline_forward(xf, rf, 8, 4.0)
+    yf, lf = spline_forward(xf, rf, 8, 4.0)
+    assert ya.dtype == torch.float32 and torch.equal(ya, yf) and torch.equal(la, lf)
 
 
 def test_jacobi_inverse_with_splines():
