@@ -19,6 +19,7 @@ Output: ``results/text[-quick].json`` and a folder of pictures.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -196,6 +197,39 @@ def evaluate(model, kind: str, steps: int, guidance: float, specs: list[PromptSp
     return row, images
 
 
+JOBS = (("ntm", 4, "euler"), ("ntm-ft", 4, "euler"), ("fm", 4, "euler"), ("fm", 50, "euler"))
+# what makes two runs of the bench one comparison: rows of one may stand beside rows of the other
+SAME_COMPARISON = ("data", "quick", "preset", "train_steps", "batch_size", "text_encoder", "text_attention", "n_prompts",
+                   "guidance")
+
+
+def in_job_order(rows: list[dict]) -> list[dict]:
+    order = [(k, s) for k, s, _ in JOBS]
+    return sorted(rows, key=lambda r: order.index((r["model"], r["steps"])))
+
+
+def kept_rows(out: Path, config: dict, kinds: tuple[str, ...]) -> dict:
+    """From an earlier run of this bench in ``out`` that made the same comparison (``SAME_COMPARISON``
+    and a cell classifier of the same training), the rows of the models not run now, and the
+    from-scratch NTM's sweep and step cost when it is not run now -> {"rows": [...], "config": {...}}
+    (empty when there is no such run)."""
+    try:
+        old = json.loads(Path(out).read_text())
+        same = all(old["config"].get(k) == config.get(k) for k in SAME_COMPARISON) and \
+            old["config"]["cell_classifier"]["steps"] == config["cell_classifier"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not same:
+        return {}
+    rows = [r for r in old.get("rows", []) if r.get("model") not in kinds]
+    extra = {}
+    if "ntm" not in kinds:
+        extra = {k: old["config"][k] for k in ("guidance_sweep", "step_cost") if k in old["config"]}
+    if "ntm-ft" not in kinds and any(r["model"] == "ntm-ft" for r in rows):
+        extra["finetune_steps"] = old["config"].get("finetune_steps")
+    return {"rows": rows, "config": extra} if rows else {}
+
+
 def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat") -> dict:
     """Seconds per NTM training step with prompts (captioned MNIST, read by ``text_attention``)
     against class labels (MNIST), same preset and batches, timed back to back."""
@@ -261,20 +295,26 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
                           "conditioning": CONDITIONING[spec.text_attention],
                           "n_prompts": len(specs), "cell_classifier": clf_info, "guidance": settings["guidance"]},
                "rows": []}
+    kept = kept_rows(out, results["config"], kinds)
+    if kept:  # the models not run now keep their rows (and the NTM's sweep and step cost) from the last run
+        results["config"]["rows_kept_from_earlier_run"] = sorted({r["model"] for r in kept["rows"]})
+        results["config"].update(kept["config"])
     models = {k: load_model(r, map_location=bench_device()).eval() for k, r in runs.items()}
     for m in models.values():
         m.attach_text_encoder(src.encoder.encoder)
-    jobs = [("ntm", 4, "euler"), ("ntm-ft", 4, "euler"), ("fm", 4, "euler"), ("fm", 50, "euler")]
-    for kind, steps, solver in [j for j in jobs if j[0] in kinds]:
+    for kind, steps, solver in [j for j in JOBS if j[0] in kinds]:
         row, images = evaluate(models[kind], "fm" if kind == "fm" else kind, steps, settings["guidance"], specs, real, clf,
                                solver)
         row["model"], row["train_seconds"] = kind, seconds[kind]
         results["rows"].append(row)
+        results["rows"] = in_job_order(results["rows"] + [r for r in kept.get("rows", []) if r not in results["rows"]])
         image_grid(images[::max(1, len(specs) // 60)][:60].numpy(), folder / f"samples-{kind}-{steps}.png",
                    title=f"{kind} {steps} steps, guidance {settings['guidance']:g}", ncol=6)
         write_results(out, results)
     sweep = []
     if "ntm" not in kinds:  # the sweep, the grid and the step cost are the from-scratch NTM's
+        results["rows"] = in_job_order(results["rows"] + [r for r in kept.get("rows", []) if r not in results["rows"]])
+        write_results(out, results)
         return results
     for w in settings["sweep"]:
         row, _ = evaluate(models["ntm"], "ntm", 4, w, specs, real, clf)

@@ -17,6 +17,15 @@ from conftest import StubEncoder, one_error_line
 TINY = {"preset": "tiny", "n_prompts": 3, "sweep": (0.0, 1.0), "cell_steps": 20, "probe_steps": 1}
 
 
+@pytest.fixture
+def tiny_canvas(tmp_path, monkeypatch):
+    """Results and caches under tmp_path, and a canvas of 300 training and 40 test images."""
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(captions, "CANVAS_TRAIN", 300)
+    monkeypatch.setattr(captions, "CANVAS_TEST", 40)
+
+
 def test_accuracy_row_scores_each_task_and_the_held_out_splits():
     specs = evaluation_prompts(4)
     assert [s.task for s in specs] == [t for t in TASKS for _ in range(4)]
@@ -40,11 +49,7 @@ def test_cell_classifier_reads_canvases_it_was_trained_on():
     assert empties == int((cells[:50, :, 0] == EMPTY).sum())
 
 
-def test_text_bench_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(captions, "CANVAS_TRAIN", 300)
-    monkeypatch.setattr(captions, "CANVAS_TEST", 40)
+def test_text_bench_end_to_end(tmp_path, tiny_canvas):
     res = run_text_bench(quick=True, progress=False, settings=TINY, encoder=StubEncoder(dim=8, max_tokens=8))
     assert [(r["model"], r["steps"]) for r in res["rows"]] == [("ntm", 4), ("ntm-ft", 4), ("fm", 4), ("fm", 50)]
     keys = ("acc_overall", "acc_single", "acc_two", "acc_counting", "acc_colors", "acc_position", "acc_color_attr",
@@ -64,11 +69,7 @@ def test_text_bench_end_to_end(tmp_path, monkeypatch):
     assert cost["text_over_labels"] > 0 and len(res["config"]["guidance_sweep"]) == 2
 
 
-def test_text_bench_runs_one_model_with_cross_attention(tmp_path, monkeypatch):
-    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
-    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(captions, "CANVAS_TRAIN", 300)
-    monkeypatch.setattr(captions, "CANVAS_TEST", 40)
+def test_text_bench_runs_one_model_with_cross_attention(tmp_path, tiny_canvas):
     enc = StubEncoder(dim=8, max_tokens=8)
     res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm",), "text_attention": "cross",
                                                                "sweep": (1.0,)}, encoder=enc)
@@ -84,3 +85,18 @@ def test_text_attention_is_for_text_data_only(tmp_path, capsys):
                  "--out", str(tmp_path / "run"), "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "--text-attention applies to text data only")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bench_of_some_models_keeps_the_other_models_rows_of_the_same_comparison(tmp_path, tiny_canvas):
+    enc = StubEncoder(dim=8, max_tokens=8)
+    first = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm",), "sweep": (1.0,)}, encoder=enc)
+    res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("fm",)}, encoder=enc)
+    assert [(r["model"], r["steps"]) for r in res["rows"]] == [("ntm", 4), ("fm", 4), ("fm", 50)]
+    assert res["rows"][0] == first["rows"][0]
+    assert res["config"]["rows_kept_from_earlier_run"] == ["ntm"]
+    assert res["config"]["guidance_sweep"] == first["config"]["guidance_sweep"]
+    out = tmp_path / "results" / "text-quick.json"
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    # another comparison (more prompts) keeps nothing
+    res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("fm",), "n_prompts": 4}, encoder=enc)
+    assert [r["model"] for r in res["rows"]] == ["fm", "fm"] and "rows_kept_from_earlier_run" not in res["config"]
