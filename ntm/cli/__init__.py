@@ -15,7 +15,7 @@ import torch
 import typer
 from tqdm import tqdm
 
-from ..bench.common import check_bench_output, image_bench_folder, results_dir
+from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
 from ..bench.ood import run_bayes_bench, run_ood_bench, run_tightness_bench
@@ -655,13 +655,13 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
 
 
 def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool,
-                      preset: Optional[str] = None, **kwargs) -> None:
+                      preset: Optional[str] = None, default_preset: str = "mnist", **kwargs) -> None:
     """Run one of the benches that write results/<name>[-<preset>][-quick].json and print its table
-    (``preset``: the models' recipe, named in the file unless it is the default)."""
+    (``preset``: the models' recipe, named in the file unless it is the bench's ``default_preset``)."""
     if preset is not None:
         get_preset(preset)  # an unknown name is one clear error before any work
-        kwargs["settings"] = {"preset": preset}
-    named = f"-{preset}" if preset not in (None, "mnist") else ""
+        kwargs["settings"] = {**kwargs.get("settings", {}), "preset": preset}
+    named = f"-{preset}" if preset not in (None, default_preset) else ""
     out = out or results_dir() / f"{name}{named}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = runner(out, quick=quick, progress=progress, **kwargs)
@@ -691,10 +691,13 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
                text_attention: TextAttention = typer.Option(TextAttention.concat, help="how the networks read the "
                                                             "prompt's token states: concat or cross"),
                models: str = typer.Option("ntm,ntm-ft,fm", help="comma-separated rows to train and score: ntm, "
-                                          "ntm-ft (needs fm), fm")):
+                                          "ntm-ft (needs fm), fm"),
+               preset: Optional[str] = typer.Option(None, help=f"the recipe of every model (default {AFFINE_RUNS_PRESET}, "
+                                                    "quick: mnist-quick); another one writes results/text-<preset>.json")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
     kinds = tuple(v.strip() for v in models.split(",") if v.strip())
-    _likelihood_bench("text", run_text_bench, quick, out, progress,
+    _likelihood_bench("text", run_text_bench, quick, out, progress, preset=preset,
+                      default_preset="mnist-quick" if quick else AFFINE_RUNS_PRESET,
                       settings={"train_steps": steps, "text_attention": text_attention.value, "models": kinds})
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ntm.captions as captions
+import ntm.cli as cli
 from ntm.bench.text import accuracy_row, read_canvases, run_text_bench, evaluation_prompts, train_cell_classifier
 from ntm.canvas import COLOR_NAMES, EMPTY, TASKS, make_canvases
 from ntm.cli import main
@@ -100,3 +101,23 @@ def test_a_bench_of_some_models_keeps_the_other_models_rows_of_the_same_comparis
     # another comparison (more prompts) keeps nothing
     res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("fm",), "n_prompts": 4}, encoder=enc)
     assert [r["model"] for r in res["rows"]] == ["fm", "fm"] and "rows_kept_from_earlier_run" not in res["config"]
+
+
+def test_text_bench_preset_names_its_results_file_and_an_unknown_one_is_one_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    seen = []
+
+    def fake_bench(out, quick, progress, settings):
+        seen.append((out.name, settings["preset"] if "preset" in settings else None, settings["models"]))
+        return {"rows": [], "config": {}}
+
+    monkeypatch.setattr(cli, "run_text_bench", fake_bench)
+    assert main(["bench", "text", "--models", "ntm", "--no-progress"]) == 0
+    assert main(["bench", "text", "--models", "ntm", "--preset", "mnist", "--no-progress"]) == 0
+    assert main(["bench", "text", "--models", "ntm", "--preset", "mnist-affine", "--no-progress"]) == 0
+    assert seen == [("text.json", None, ("ntm",)), ("text-mnist.json", "mnist", ("ntm",)),
+                    ("text.json", "mnist-affine", ("ntm",))]
+    capsys.readouterr()
+    code = main(["bench", "text", "--preset", "huge", "--no-progress"])
+    assert one_error_line(code, capsys.readouterr().err, "huge")
+    assert len(seen) == 3 and not (tmp_path / "results").exists()
