@@ -131,7 +131,8 @@ def read_canvases(clf: ImageClassifier, images: Tensor) -> list[list[tuple[int, 
 
 
 def load_or_train_cell_classifier(src, steps: int, progress: bool) -> tuple[ImageClassifier, dict]:
-    folder = text_cache_dir().parent / "classifiers" / f"canvas-cells-{len(src.images)}"
+    # one folder per training budget: the quick and the full bench do not evict each other's classifier
+    folder = text_cache_dir().parent / "classifiers" / f"canvas-cells-{len(src.images)}-{steps}"
     if (folder / "config.json").is_file():
         try:
             info = read_meta(folder, (CLASSIFIER_FORMAT,))["config"]

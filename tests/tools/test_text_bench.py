@@ -7,11 +7,13 @@ import torch
 
 import ntm.captions as captions
 import ntm.cli as cli
-from ntm.bench.text import accuracy_row, read_canvases, run_text_bench, evaluation_prompts, train_cell_classifier
+import ntm.bench.text as text_bench
+from ntm.bench.text import accuracy_row, load_or_train_cell_classifier, read_canvases, run_text_bench, evaluation_prompts, train_cell_classifier
 from ntm.canvas import COLOR_NAMES, EMPTY, TASKS, make_canvases
 from ntm.cli import main
 from ntm.errors import ConfigError
 from ntm.images import dequantize, load_named
+from ntm.tools.datasets import open_text_data
 
 from conftest import StubEncoder, one_error_line
 
@@ -121,3 +123,17 @@ def test_text_bench_preset_names_its_results_file_and_an_unknown_one_is_one_erro
     code = main(["bench", "text", "--preset", "huge", "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "huge")
     assert len(seen) == 3 and not (tmp_path / "results").exists()
+
+
+def test_cell_classifiers_of_two_budgets_are_cached_side_by_side(tiny_canvas, monkeypatch):
+    src = open_text_data("canvas", encoder=StubEncoder(dim=8, max_tokens=8))
+    _, five = load_or_train_cell_classifier(src, 5, progress=False)
+    _, six = load_or_train_cell_classifier(src, 6, progress=False)
+    assert (five["steps"], six["steps"]) == (5, 6)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached classifier was trained again")
+
+    monkeypatch.setattr(text_bench, "train_cell_classifier", no_training)
+    assert load_or_train_cell_classifier(src, 5, progress=False)[1] == five
+    assert load_or_train_cell_classifier(src, 6, progress=False)[1] == six
