@@ -35,6 +35,7 @@ from .common import bench_device, train_or_reuse, write_results
 TOY_BENCH_DATA = ("checkerboard", "8gaussians", "moons")
 BENCH_MODELS = ("ntm", "ntm-no-transporter", "gaussian-ceiling", "fm")
 DEFAULT_BENCH_MODELS = BENCH_MODELS
+TOY_DECODES = ("inverse", "inverse+score")
 FM_TOY_ROWS = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("euler", 64), ("heun", 4))
 
 
@@ -56,14 +57,15 @@ def sample_quality(name: str, n_samples: int, seeds: tuple[int, ...], draw) -> t
 
 
 def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds: tuple[int, ...],
-                 num_trajectories: int, steps: int | None = None) -> dict:
-    """Bounds, energy distances and low-density fractions of one model on one toy, at T = ``steps``."""
+                 num_trajectories: int, steps: int | None = None, decode: str = "inverse") -> dict:
+    """Bounds, energy distances and low-density fractions of one model on one toy, at T = ``steps``;
+    samples decoded by ``decode`` (see ``NTM.sample``)."""
     g = torch.Generator().manual_seed(2024)
     t0 = time.perf_counter()
     elbo, iw = nll_bounds(model, held_out, num_trajectories=num_trajectories, generator=g, steps=steps)
     eval_seconds = time.perf_counter() - t0
     eds, lows, samples_seconds = sample_quality(
-        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, generator=g, decode="inverse"))
+        name, n_samples, seeds, lambda g: model.sample(n_samples, steps=steps, generator=g, decode=decode))
     n = held_out.shape[0]
     row = {
         "nll_bound": float(elbo.mean()), "nll_bound_se": float(elbo.std() / math.sqrt(n)),
@@ -108,9 +110,12 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
                   steps: int | None = None, n_eval: int = 5000, n_samples: int = 5000,
                   seeds: tuple[int, ...] = (0, 1, 2), num_trajectories: int = 8, n_reference: int = 20_000,
                   work_dir: str | Path | None = None, progress: bool = True,
-                  models: tuple[str, ...] = DEFAULT_BENCH_MODELS) -> dict:
-    """Train and evaluate the three samplers on each toy; write ``out`` (JSON) and return it."""
+                  models: tuple[str, ...] = DEFAULT_BENCH_MODELS, decode: str = "inverse") -> dict:
+    """Train and evaluate the three samplers on each toy; write ``out`` (JSON) and return it.
+    ``decode``: how NTM samples leave u-space, "inverse" or "inverse+score" (trajectory score denoising)."""
     p = get_preset(preset)
+    if decode not in TOY_DECODES:
+        raise ConfigError(f"unknown decode '{decode}' (use {' or '.join(TOY_DECODES)})")
     unknown = set(models) - set(BENCH_MODELS)
     if unknown:
         raise ConfigError(f"unknown bench model(s) {', '.join(sorted(unknown))} (known: {', '.join(BENCH_MODELS)})")
@@ -119,7 +124,7 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
     results = {"config": {"preset": preset, "steps": train_cfg.steps, "batch_size": train_cfg.batch_size,
                           "T": p.trajectory.T, "shift": p.trajectory.shift, "n_eval": n_eval,
                           "n_samples": n_samples, "seeds": list(seeds), "num_trajectories": num_trajectories,
-                          "n_reference": n_reference, "torch_threads": torch.get_num_threads()},
+                          "n_reference": n_reference, "decode": decode, "torch_threads": torch.get_num_threads()},
                "rows": []}
     for name in data:
         src = open_source(name)
@@ -136,8 +141,8 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             run_dir = work / name / label
             summary = train_or_reuse(run_dir, cfg, train_cfg, src, progress)
             model = NTM.from_pretrained(run_dir, map_location=bench_device())
-            row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories)
-            row.update(model=label, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
+            row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories, decode=decode)
+            row.update(model=label, decode=decode, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
                        objective=train_cfg.objective, transform=cfg.transporter.transform if cfg.transporter.enabled else "none",
                        bound_kind=f"ELBO / IW, T={cfg.trajectory.T}, K={num_trajectories}",
                        default=label == "ntm" and preset == default_preset(spec))

@@ -524,6 +524,8 @@ def bench_toy(
     seeds: int = typer.Option(3, min=1, help="sampling seeds to average"),
     models: str = typer.Option("ntm,ntm-no-transporter,gaussian-ceiling,fm", help="comma-separated samplers to compare (fm: the flow-matching baseline at 1, 2, 4, 8, 64 Euler and 4 Heun steps)"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    decode: str = typer.Option("inverse", help="how NTM samples are decoded: inverse, or inverse+score (trajectory "
+                               "score denoising)"),
 ):
     """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
     names = tuple(d.strip() for d in data.split(",") if d.strip())
@@ -534,7 +536,7 @@ def bench_toy(
     check_bench_output(out)
     res = run_toy_bench(out, preset=preset, data=names, steps=steps,
                         n_eval=n_eval, n_samples=n_samples, seeds=tuple(range(seeds)), progress=progress,
-                        models=tuple(m.strip() for m in models.split(",") if m.strip()))
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()), decode=decode)
     typer.echo(markdown_table(res))
     typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 

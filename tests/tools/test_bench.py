@@ -175,3 +175,22 @@ def test_lever_ablation_bench_end_to_end(tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k != "step_cost_vs_fm"} for r in again] == \
         [{k: v for k, v in r.items() if k != "step_cost_vs_fm"} for r in rows]
     assert out.with_suffix(".md").read_text().startswith("Lever ablation on mnist")
+
+
+def test_toy_bench_scores_the_decode_it_is_given(tmp_path, capsys):
+    args = ["bench", "toy", "--preset", "tiny", "--steps", "4", "--data", "checkerboard", "--models", "ntm",
+            "--n-eval", "40", "--n-samples", "60", "--seeds", "1", "--no-progress"]
+    plain, scored = tmp_path / "plain.json", tmp_path / "scored.json"
+    assert main(args + ["--out", str(plain)]) == 0
+    assert main(args + ["--out", str(scored), "--decode", "inverse+score"]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(scored.read_text())
+    assert (a["config"]["decode"], b["config"]["decode"]) == ("inverse", "inverse+score")
+    assert [r["decode"] for r in b["rows"]] == ["inverse+score"]
+    # same run, same bound; only the samples' decoding differs
+    assert b["rows"][0]["nll_bound"] == a["rows"][0]["nll_bound"]
+    assert b["rows"][0]["energy_distance"] != a["rows"][0]["energy_distance"]
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "bad.json"), "--decode", "denoise"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown decode 'denoise'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.json").exists()
