@@ -35,7 +35,7 @@ from .common import bench_device, train_or_reuse, write_results
 TOY_BENCH_DATA = ("checkerboard", "8gaussians", "moons")
 BENCH_MODELS = ("ntm", "ntm-no-transporter", "gaussian-ceiling", "fm")
 DEFAULT_BENCH_MODELS = BENCH_MODELS
-TOY_DECODES = ("inverse", "inverse+score")
+TOY_DECODES = ("inverse", "inverse+score")  # the decoders of ntm.sampling.DECODERS that need no distilled denoiser
 FM_TOY_ROWS = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("euler", 64), ("heun", 4))
 
 
@@ -142,7 +142,8 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             summary = train_or_reuse(run_dir, cfg, train_cfg, src, progress)
             model = NTM.from_pretrained(run_dir, map_location=bench_device())
             row = evaluate_toy(model, name, held_out, n_samples, seeds, num_trajectories, decode=decode)
-            row.update(model=label, decode=decode, data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
+            row.update(model=label, decode=decode, data=name, train_seconds=summary["seconds"],
+                       skipped_steps=summary["skipped"],
                        objective=train_cfg.objective, transform=cfg.transporter.transform if cfg.transporter.enabled else "none",
                        bound_kind=f"ELBO / IW, T={cfg.trajectory.T}, K={num_trajectories}",
                        default=label == "ntm" and preset == default_preset(spec))

@@ -19,7 +19,7 @@ from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_f
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
 from ..bench.ood import run_bayes_bench, run_ood_bench, run_tightness_bench
-from ..bench.text import run_text_bench
+from ..bench.text import run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
@@ -699,7 +699,7 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
     kinds = tuple(v.strip() for v in models.split(",") if v.strip())
     _likelihood_bench("text", run_text_bench, quick, out, progress, preset=preset,
-                      default_preset="mnist-quick" if quick else AFFINE_RUNS_PRESET,
+                      default_preset=text_settings(quick)["preset"],
                       settings={"train_steps": steps, "text_attention": text_attention.value, "models": kinds})
 
 
