@@ -57,7 +57,7 @@ def _bin(value: Tensor, raw: Tensor, bins: int, bound: float, on_y: bool):
             below += p[i:i + 1]
             k += v >= (i + 1) * step - bound + S * below
     first, last = k == 0, k == bins - 1
-    under = torch.arange(bins, device=v.device)[:, None] < k  # (K, M): the bins left of bin k
+    under = (torch.arange(bins, device=v.device)[:, None] < k).to(v.dtype)  # (K, M): 1 on the bins left of bin k
 
     def knot_and_size(p: Tensor) -> tuple[Tensor, Tensor]:
         p_k = p.gather(0, k)
