@@ -119,10 +119,11 @@ def markdown_ood_table(results: dict) -> str:
 
 def markdown_bayes_table(results: dict) -> str:
     """Bayes classification by class-conditional likelihoods against the CNN."""
-    lines = ["| data | method | accuracy | ECE | n | s per 1000 |", "|---|---|---|---|---|---|"]
+    lines = ["| data | method | K | accuracy | ECE | n | s per 1000 |", "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         sec = f"{r['seconds_per_1000']:.0f}" if "seconds_per_1000" in r else "–"
-        lines.append(f"| {r['data']} | {r['method']} | {100 * r['accuracy']:.2f}% | {r['ece']:.4f} | {r['n']} | {sec} |")
+        lines.append(f"| {r['data']} | {r['method']} | {r.get('trajectories', '–')} | {100 * r['accuracy']:.2f}% "
+                     f"| {r['ece']:.4f} | {r['n']} | {sec} |")
     return "\n".join(lines) + "\n"
 
 

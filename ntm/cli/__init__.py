@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
-from ..bench.ood import run_bayes_bench, run_ood_bench, run_tightness_bench
+from ..bench.ood import ood_settings, run_bayes_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
@@ -657,14 +657,15 @@ def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), q
 
 
 def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progress: bool,
-                      preset: Optional[str] = None, default_preset: str = "mnist", **kwargs) -> None:
-    """Run one of the benches that write results/<name>[-<preset>][-quick].json and print its table
-    (``preset``: the models' recipe, named in the file unless it is the bench's ``default_preset``)."""
+                      preset: Optional[str] = None, default_preset: str = "mnist", suffix: str = "", **kwargs) -> None:
+    """Run one of the benches that write results/<name>[-<preset>][<suffix>][-quick].json and print its
+    table (``preset``: the models' recipe, named in the file unless it is the bench's ``default_preset``;
+    ``suffix`` names any other non-default setting, so such a run never replaces the main table)."""
     if preset is not None:
         get_preset(preset)  # an unknown name is one clear error before any work
         kwargs["settings"] = {**kwargs.get("settings", {}), "preset": preset}
     named = f"-{preset}" if preset not in (None, default_preset) else ""
-    out = out or results_dir() / f"{name}{named}{'-quick' if quick else ''}.json"
+    out = out or results_dir() / f"{name}{named}{suffix}{'-quick' if quick else ''}.json"
     check_bench_output(out)
     res = runner(out, quick=quick, progress=progress, **kwargs)
     typer.echo(table_for(res))
@@ -738,9 +739,15 @@ def bench_ood(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str 
 
 @bench_app.command("bayes")
 def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: str = _TRAIN_SETS,
-                preset: Optional[str] = _MODELS_PRESET, progress: bool = _PROGRESS):
+                preset: Optional[str] = _MODELS_PRESET, progress: bool = _PROGRESS,
+                trajectories: Optional[int] = typer.Option(None, min=1, help="trajectories K per image for NTM's "
+                                                           "rows (default: the bench's); another K writes "
+                                                           "results/bayes[-<preset>]-k<K>.json")):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
-    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, preset, data_sets=_train_sets(data))
+    default_k = ood_settings(quick)["bayes_k"]
+    k = default_k if trajectories is None else trajectories
+    _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, preset, data_sets=_train_sets(data),
+                      suffix="" if k == default_k else f"-k{k}", settings={"bayes_k": k})
 
 
 @app.command()

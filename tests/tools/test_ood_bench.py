@@ -148,6 +148,15 @@ def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypat
     assert main(["bench", "bayes", "--no-progress"]) == 0
     assert main(["bench", "bayes", "--preset", "mnist", "--no-progress"]) == 0
     assert seen == [("bayes-mnist-affine.json", "mnist-affine"), ("bayes.json", None), ("bayes.json", "mnist")]
+    # another number of trajectories is a setting of its own and a file of its own
+    seen.clear()
+    monkeypatch.setattr(cli, "run_bayes_bench", lambda out, quick, progress, settings=None, data_sets=(): (
+        seen.append((out.name, settings["bayes_k"])) or {"config": {}, "rows": []}))
+    assert main(["bench", "bayes", "--trajectories", "32", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--trajectories", "8", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--quick", "--trajectories", "8", "--no-progress"]) == 0
+    assert seen == [("bayes-k32.json", 32), ("bayes.json", 8), ("bayes-k8-quick.json", 8)]
+    assert main(["bench", "bayes", "--trajectories", "0", "--no-progress"]) == 2
     capsys.readouterr()
     assert one_error_line(main(["bench", "bayes", "--preset", "nope", "--no-progress"]), capsys.readouterr().err, "nope")
     assert not (tmp_path / "bayes-nope.json").exists()
