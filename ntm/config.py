@@ -100,6 +100,11 @@ class TransporterConfig:
     rational-quadratic spline of ``spline_bins`` bins on [-spline_bound, spline_bound], identity
     outside; Durkan et al. 2019). ``spline_blocks`` limits the splines to the first that many blocks
     (those nearest the data; None: every block), the rest stay affine: a cheaper training step.
+    ``coupling_gate`` scales what each block reads of the previous tokens by 1 + tanh(a(t, T)), a
+    zero-initialised function of the level (and T): at 0 the block is element-wise at that level, so
+    its Jacobian is diagonal. A reverse step whose true kernel is isotropic in x (a fine step) pays
+    a diagonal Gaussian's mismatch with J J^T on every step; the gate lets the blocks turn that
+    coupling off where it costs more than it gives (docs/objectives.md, "Why finer grids loosen").
     """
 
     enabled: bool = True
@@ -112,6 +117,7 @@ class TransporterConfig:
     spline_bins: int = 8
     spline_bound: float = 4.0
     spline_blocks: int | None = None
+    coupling_gate: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,6 +345,10 @@ PRESETS: dict[str, Preset] = {
                                replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
                                "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16): every step "
                                "of every grid gets the same share of the batches"),
+    "mnist-gate": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_gate=True),
+                         _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                         "the mnist preset with the transporter's coupling gated by the level and T (element-wise "
+                         "where the gate closes)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
         TransporterConfig(blocks=2, layers=1, width=16, heads=2),

@@ -42,6 +42,12 @@ class AffineARBlock(nn.Module):
         self.time = TimeEmbedding(W)
         self.steps = TimeEmbedding(W) if multi_T else None  # embeds 1/T when trained over several T
         self.net = Transformer(W, cfg.layers, cfg.heads, causal=True)
+        # 1 + tanh(gate(level embedding)) scales what the block reads of the previous tokens;
+        # zero-initialised: the ungated block at the start
+        self.gate = nn.Linear(W, 1) if cfg.coupling_gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         self.proj_out = nn.Linear(W, per_channel * token_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -83,9 +89,16 @@ class AffineARBlock(nn.Module):
         y = u if raw is None else spline_inverse(u, raw, self.bins, self.bound)
         return y * torch.exp(log_scale) + shift
 
+    def _read_previous(self, prev: Tensor, temb: Tensor) -> Tensor:
+        """Features (B, n, W) of previous tokens prev (B, n, D), scaled by the coupling gate if any."""
+        h = self.proj_in(prev.to(self.proj_in.weight.dtype))
+        if self.gate is None:
+            return h
+        return h * (1 + torch.tanh(self.gate(temb)))[:, None].to(h.dtype)
+
     def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int) -> Tensor:
         """Input features for positions [start, start + n): token n - 1 (or the start token at 0)."""
-        h = self.proj_in(prev.to(self.proj_in.weight.dtype))
+        h = self._read_previous(prev, temb)
         if start == 0:
             h = torch.cat([self.start.expand(prev.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
         n = h.shape[1]
@@ -120,7 +133,7 @@ class AffineARBlock(nn.Module):
 
     def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache) -> None:
         """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
-        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self.proj_in(xs[:, n - 1:n])
+        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], temb)
         h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
         xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
 
@@ -148,7 +161,7 @@ class AffineARBlock(nn.Module):
             converged = False
             for sweep in range(cap):
                 cache.length = a
-                prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])
+                prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb)
                 if a == 0:
                     prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
                 h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
@@ -169,7 +182,7 @@ class AffineARBlock(nn.Module):
             if b == N:
                 break
             cache.length = a
-            prev = self.proj_in(xs[:, max(a - 1, 0):b - 1])  # refill the cache with the final chunk
+            prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb)  # refill the cache with the final chunk
             if a == 0:
                 prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
             self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)

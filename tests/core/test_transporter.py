@@ -10,13 +10,16 @@ from ntm.config import TransporterConfig
 from ntm.transporter import AffineARBlock, Transporter
 
 
-TRANSFORMS = ["affine", "spline"]
+TRANSFORMS = ["affine", "spline", "spline-gated"]  # "-gated": with the coupling gate
+
+
+def _cfg(transform: str, **kw) -> TransporterConfig:
+    return TransporterConfig(transform=transform.removesuffix("-gated"), coupling_gate=transform.endswith("-gated"), **kw)
 
 
 def _transporter(blocks=2, layers=2, N=5, D=3, seed=0, transform="affine"):
     torch.manual_seed(seed)
-    tr = Transporter(TransporterConfig(blocks=blocks, layers=layers, width=16, heads=2, transform=transform,
-                                       spline_bound=2.0), N, D)
+    tr = Transporter(_cfg(transform, blocks=blocks, layers=layers, width=16, heads=2, spline_bound=2.0), N, D)
     # splines compound the slopes of every block: a milder perturbation keeps the fp32 flow well conditioned
     randomize(tr, 0.3 if transform == "affine" else 0.12, seed)
     return tr.eval()
@@ -57,7 +60,7 @@ def test_inverse_round_trip_and_cached_equals_uncached(transform):
 def test_block_is_causal_in_scan_order(flip, transform):
     torch.manual_seed(0)
     N, D = 6, 2
-    block = AffineARBlock(TransporterConfig(width=16, heads=2, layers=2, transform=transform), N, D, flip=flip)
+    block = AffineARBlock(_cfg(transform, width=16, heads=2, layers=2), N, D, flip=flip)
     randomize(block, 0.3)
     x = torch.randn(1, N, D)
     t = torch.tensor([0.4])
@@ -90,6 +93,31 @@ def test_identity_at_init_and_at_t_equal_one():
     assert torch.equal(u[[1, 3]], x[[1, 3]]) and torch.equal(ld[[1, 3]], torch.zeros(2))
     assert not torch.allclose(u[[0, 2]], x[[0, 2]])
     assert torch.equal(tr.inverse(u, t)[[1, 3]], x[[1, 3]])
+
+
+def test_coupling_gate_starts_open_and_closed_makes_the_jacobian_diagonal():
+    """A new gate leaves the blocks as they were; a closed gate (1 + tanh -> 0) leaves each token's
+    map depending on its own value only, so the Jacobian is diagonal and the log-det its log-diagonal."""
+    N, D = 5, 2
+    gated = _transporter(2, 1, N, D, transform="spline-gated")
+    plain = Transporter(_cfg("spline", blocks=2, layers=1, width=16, heads=2, spline_bound=2.0), N, D).eval()
+    keys = plain.load_state_dict(gated.state_dict(), strict=False)
+    assert keys.unexpected_keys and all(".gate." in k for k in keys.unexpected_keys) and not keys.missing_keys
+    x, t = torch.randn(3, N, D), torch.tensor([0.2, 0.5, 0.8])
+    with torch.no_grad():
+        for block in gated.blocks:  # the randomised gate: back to its initial state
+            block.gate.weight.zero_(), block.gate.bias.zero_()
+        assert torch.allclose(gated(x, t)[0], plain(x, t)[0], atol=1e-6)
+        for block in gated.blocks:
+            block.gate.bias.fill_(-30.0)
+    tt = t[:1]
+    J = torch.autograd.functional.jacobian(lambda z: gated(z.reshape(1, N, D), tt)[0].reshape(-1), x[0].reshape(-1))
+    off = J - torch.diag(J.diagonal())
+    assert off.abs().max() < 1e-6 and (J.diagonal() - 1).abs().max() > 1e-2  # element-wise, not the identity
+    assert float(gated(x[:1], tt)[1].detach()) == pytest.approx(float(J.diagonal().log().sum()), abs=1e-4)
+    with torch.no_grad():
+        u, _ = gated(x, t)
+        assert torch.allclose(gated.inverse(u, t), x, atol=1e-4)
 
 
 def test_disabled_transporter_is_identity():
