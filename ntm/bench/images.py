@@ -330,20 +330,26 @@ def by_step_table(model, x: torch.Tensor, y: torch.Tensor | None, trajectories: 
 
 
 def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, steps: int = 12,
-                    warmup: int = 3) -> dict:
+                    warmup: int = 3, rounds: int = 4) -> dict:
     """Seconds per training step (forward, backward, AdamW) of fresh NTM and FM models on the same
-    batches, timed back to back so both see the same machine load. The wall times of the bench's
-    own trainings are also reported, but they include whatever else ran meanwhile."""
-    out = {}
+    batches. The steps are interleaved, ``rounds`` turns of steps / rounds steps each, NTM then FM,
+    so that both see the same machine load even when it drifts (another job on the other core); the
+    wall times of the bench's own trainings are also reported, but they include whatever else ran
+    meanwhile."""
     device = bench_device()
+    per_round = max(1, steps // rounds)
+    jobs = {}
     for kind in ("ntm", "fm"):
         torch.manual_seed(0)
         model = build_model(configs[kind]).to(device)
         objective = make_objective(model, train_cfg, device)
         opt, _ = make_optimizer(model, train_cfg)
-        g = torch.Generator().manual_seed(0)
+        jobs[kind] = (model, objective, opt, torch.Generator().manual_seed(0))
+
+    def run(kind: str, n: int) -> float:
+        model, objective, opt, g = jobs[kind]
         seconds = 0.0
-        for i in range(warmup + steps):
+        for _ in range(n):
             x, y = src.sample(train_cfg.batch_size, g)
             t0 = time.perf_counter()
             loss, _ = objective(to_tokens(x, model.spec).to(device), None if y is None else y.to(device),
@@ -351,11 +357,19 @@ def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i >= warmup:
-                seconds += time.perf_counter() - t0
-        out[f"{kind}_seconds_per_step"] = seconds / steps
+            seconds += time.perf_counter() - t0
+        return seconds
+
+    for kind in jobs:
+        run(kind, warmup)
+    total = {"ntm": 0.0, "fm": 0.0}
+    for _ in range(rounds):
+        for kind in jobs:
+            total[kind] += run(kind, per_round)
+    out = {f"{kind}_seconds_per_step": total[kind] / (per_round * rounds) for kind in jobs}
     out["ratio"] = out["ntm_seconds_per_step"] / out["fm_seconds_per_step"]
-    out["steps_timed"] = steps
+    out["steps_timed"] = per_round * rounds
+    out["threads"] = torch.get_num_threads()
     return out
 
 
