@@ -349,3 +349,44 @@ def likelihood_report(model, x: Tensor, y: Tensor | None = None, num_trajectorie
     if by_step:
         res["by_step"] = bound_by_step(model, x, y=y, num_trajectories=4, generator=generator, steps=steps)
     return res
+
+
+def hadamard_gap(J: Tensor, logabsdet: Tensor | float | None = None) -> Tensor:
+    """0.5 [sum_i log (J J^T)_ii - log det J J^T] / d for a square Jacobian J (d, d), in nats per
+    dimension (``logabsdet``: log|det J| when already known). It is >= 0 (Hadamard's inequality), 0
+    exactly when J's rows are orthogonal (for a triangular J: when J is diagonal), and it is the KL
+    divergence from N(m, c^2 J J^T) to the closest diagonal Gaussian, for every c."""
+    J = J.double()
+    if logabsdet is None:
+        logabsdet = torch.linalg.slogdet(J)[1]
+    return 0.5 * (J.square().sum(1).log().sum() - 2 * torch.as_tensor(logabsdet, dtype=J.dtype)) / J.shape[0]
+
+
+def coupling_gap(model, x: Tensor, steps: int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The price each reverse step pays for the transporter's coupling between dimensions, on raw x (B, ...).
+
+    Once a step is fine, q(x_s | x_t) is nearly N(m, C^2 I) (the data's share of its covariance
+    shrinks as B^2 against C^2), so in u-space it is N(f_T(m, s), C^2 J J^T) with J = df_T/dx at level
+    s, while the predictor's Gaussian is diagonal: the step pays at least the Hadamard gap of J
+    (:func:`hadamard_gap`), whatever its size. On a trajectory of T levels that floor is paid at each
+    noisy level, so a finer grid pays it more often. -> (t (T,) the target levels t_0 ... t_{T-1},
+    gap (B, T) nats per dimension), from one forward trajectory per sample; the Jacobian of f_T at
+    each level is built by autograd (d backward passes: meant for small images and a few samples).
+    """
+    x0, _ = _prepare(model, x, None)
+    T = steps or model.config.trajectory.T
+    t = model.grid(x0.shape[0], 0.0, T=T)
+    with torch.no_grad():
+        X = forward_trajectory(x0, t, generator=generator)
+    shape, TT = x0.shape[1:], model.steps_tensor(1, T)
+    gaps = torch.zeros(x0.shape[0], T, dtype=torch.float64)
+    for i in range(x0.shape[0]):
+        for k in range(T):
+            level = t[i, k:k + 1]
+            J = torch.autograd.functional.jacobian(
+                lambda z: model.transporter(z.view(1, *shape), level, TT)[0].reshape(-1), X[i, k].reshape(-1),
+                vectorize=True)
+            with torch.no_grad():
+                logabsdet = model.transporter(X[i, k][None], level, TT)[1][0]
+            gaps[i, k] = hadamard_gap(J, logabsdet)
+    return t[0, :T].cpu(), gaps

@@ -7,7 +7,7 @@ import math
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
                   "Objective ablation on ", "Lever ablation on ", "| trained on | OOD data |", "| data | method |",
-                  "| data | model | T | K |")
+                  "| data | model | T | K |", "| T | level |")
 
 
 def markdown_table(results: dict) -> str:
@@ -151,12 +151,26 @@ def markdown_tightness_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_coupling_table(results: dict) -> str:
+    """The transporter's coupling gap per level of each grid, and its sum over each grid's noisy levels."""
+    lines = ["| T | level | t | coupling gap, nats/dim | ± s.e. | n |", "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        se = "–" if r["se"] is None else f"{r['se']:.4f}"
+        lines.append(f"| {r['steps']} | {r['level']} | {r['t']:.3f} | {r['gap_nats']:.4f} | {se} | {r['n']} |")
+    lines += ["", "| T | noisy levels | summed gap, nats/dim | bits/dim |", "|---|---|---|---|"]
+    for T, v in results["config"]["sum_over_noisy_levels"].items():
+        lines.append(f"| {T} | {v['levels']} | {v['noisy_levels_nats']:.4f} | {v['noisy_levels_bits']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_for(results: dict, details: bool = True) -> str:
     """The table of a results JSON, chosen by what its rows hold (``details`` False: an image
     bench's main table only, without the per-step splits)."""
     rows = results.get("rows", [])
     if rows and "iw_bpd" in rows[0] and "trajectories" in rows[0]:
         return markdown_tightness_table(results)
+    if rows and "gap_nats" in rows[0]:
+        return markdown_coupling_table(results)
     if rows and "acc_overall" in rows[0]:
         return markdown_text_table(results)
     if rows and "auroc" in rows[0]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
-from ..bench.ood import ood_settings, run_bayes_bench, run_ood_bench, run_tightness_bench
+from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
@@ -714,6 +714,16 @@ def bench_tightness(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, prog
     """Bits/dim bounds of one multi-T model against T and the number of trajectories K."""
     _likelihood_bench("tightness", run_tightness_bench, quick, out, progress, run=run, n=n,
                       ks=_positive_ints(ks, "--ks"), Ts=_positive_ints(steps, "--steps"))
+
+
+@bench_app.command("coupling")
+def bench_coupling(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress: bool = _PROGRESS,
+                   run: Optional[Path] = typer.Option(None, help="an NTM run (default: the NTM of `ntm bench mnist`)"),
+                   n: Optional[int] = typer.Option(None, min=1, help="test images, one trajectory each (default 4, quick 1)"),
+                   steps: Optional[str] = typer.Option(None, help="comma-separated T (default: every trained T)")):
+    """The floor each fine reverse step pays for the transporter's coupling, per level of each grid."""
+    _likelihood_bench("coupling", run_coupling_bench, quick, out, progress, run=run, n=n,
+                      Ts=_positive_ints(steps, "--steps"))
 
 
 def _positive_ints(value: Optional[str], option: str) -> tuple[int, ...] | None:

@@ -137,3 +137,31 @@ def test_discrete_bound_for_gaussian_data_with_the_exact_kernel_matches_the_bin_
     assert (elbo.double() >= exact - 0.02).all() and (elbo >= iw).all()
     with pytest.raises(ValueError):
         discrete_nll_bounds(model, q + 0.5, t0=t0)
+
+
+def test_hadamard_gap_closed_form_and_the_coupling_gap_of_a_model(random_model):
+    """The gap of a unit-diagonal triangular 2x2 Jacobian is log(1 + a^2) / 4 per dimension whatever
+    its row scales, and 0 for a diagonal one; on a model, each level's gap equals that of a
+    finite-difference Jacobian of f_T at the same trajectory's level, and the identity pays nothing."""
+    from ntm.likelihood import coupling_gap, hadamard_gap
+
+    a = 0.7
+    J = torch.tensor([[1.0, 0.0], [a, 1.0]], dtype=torch.float64) * torch.tensor([[2.0], [0.5]], dtype=torch.float64)
+    assert float(hadamard_gap(J)) == pytest.approx(math.log(1 + a * a) / 4, rel=1e-9)
+    assert float(hadamard_gap(torch.diag(torch.tensor([3.0, 0.2])))) == pytest.approx(0.0, abs=1e-12)
+    x = torch.randn(3, 2)
+    t, gap = coupling_gap(random_model, x, generator=torch.Generator().manual_seed(0))
+    assert t.shape == (4,) and gap.shape == (3, 4) and float(t[0]) == 0.0
+    x0 = random_model.to_tokens(x)
+    X = forward_trajectory(x0, random_model.grid(3, 0.0), generator=torch.Generator().manual_seed(0))
+    eps = 1e-3
+    for i in range(3):
+        for k in range(4):
+            level = X[i, k].reshape(-1).double()
+            f = lambda z: random_model.transporter(z.float().view(1, *x0.shape[1:]), t[k:k + 1])[0].reshape(-1).double()  # noqa: E731
+            with torch.no_grad():
+                cols = [(f(level + eps * e) - f(level - eps * e)) / (2 * eps) for e in torch.eye(2, dtype=torch.float64)]
+            assert float(gap[i, k]) == pytest.approx(float(hadamard_gap(torch.stack(cols, 1))), abs=2e-3)
+    assert float(gap[:, 1:].max()) > 1e-3  # a random transporter couples its two tokens
+    fresh = NTM(random_model.config)  # zero-initialised: the identity
+    assert float(coupling_gap(fresh, x)[1].abs().max()) < 1e-9

@@ -8,7 +8,7 @@ import torch
 
 from ntm.bench.common import train_or_reuse
 from ntm.bench.images import labelled_source
-from ntm.bench.ood import image_set, run_bayes_bench, run_ood_bench, run_tightness_bench
+from ntm.bench.ood import image_set, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ntm.cli import main
 from ntm.config import TransporterConfig, get_preset
 from ntm.errors import ConfigError
@@ -85,10 +85,13 @@ def test_the_new_tables_are_recognised_as_bench_output(tmp_path):
 
     for rows in ([{"train_data": "mnist", "ood_data": "noise", "method": "glow", "auroc": 1.0, "aupr": 1.0,
                    "nfe_per_image": 1, "seconds_per_1000": 2.0, "n_in": 5, "n_out": 5}],
-                 [{"data": "mnist", "method": "cnn", "accuracy": 0.98, "ece": 0.01, "n": 10}]):
+                 [{"data": "mnist", "method": "cnn", "accuracy": 0.98, "ece": 0.01, "n": 10}],
+                 [{"data": "mnist", "model": "ntm", "steps": 4, "level": 1, "t": 0.3, "gap_nats": 0.01, "se": None,
+                   "n": 1}]):
+        config = {"sum_over_noisy_levels": {"4": {"levels": 3, "noisy_levels_nats": 0.01, "noisy_levels_bits": 0.014}}}
         out = tmp_path / "r.json"
-        out.write_text(json.dumps({"rows": rows, "config": {}}))
-        out.with_suffix(".md").write_text(table_for({"rows": rows, "config": {}}))
+        out.write_text(json.dumps({"rows": rows, "config": config}))
+        out.with_suffix(".md").write_text(table_for({"rows": rows, "config": config}))
         check_bench_output(out)  # a re-run may replace its own table
 
 
@@ -129,6 +132,16 @@ def test_tightness_bench_end_to_end(tmp_path):
     assert [(r["steps"], r["trajectories"], r["n"]) for r in rows] == [(8, 2, 3)]
     with pytest.raises(ConfigError, match="trained for T"):
         run_tightness_bench(tmp_path / "t2.json", run=tmp_path / "run", n=2, ks=(1,), Ts=(5,), progress=False)
+    # the coupling gap of the same model: one row per level of each grid, never below 0, and a sum per T
+    out = tmp_path / "coupling.json"
+    assert main(["bench", "coupling", "--quick", "--run", str(tmp_path / "run"), "--steps", "4,8", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["steps"], r["level"]) for r in res["rows"]] == [(4, k) for k in range(4)] + [(8, k) for k in range(8)]
+    assert all(r["gap_nats"] >= -1e-9 for r in res["rows"]) and set(res["config"]["sum_over_noisy_levels"]) == {"4", "8"}
+    assert out.with_suffix(".md").read_text().startswith("| T | level | t | coupling gap")
+    with pytest.raises(ConfigError, match="trained for T"):
+        run_coupling_bench(tmp_path / "c2.json", run=tmp_path / "run", n=1, Ts=(5,), progress=False)
 
 
 def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypatch, capsys):
