@@ -373,6 +373,32 @@ def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, 
     return out
 
 
+def run_step_cost_bench(out: str | Path | None = None, data: str = "mnist", presets: tuple[str, ...] = ("mnist",),
+                        threads: tuple[int, ...] = (1, 2), steps: int = 24) -> dict:
+    """The NTM training step against an FM step on the same backbone (``results/step-cost.json``): for
+    each preset and thread count, ``step_cost_probe`` on fresh models (interleaved rounds, the same
+    batches). Meant for a quiet machine: the ratio moves with whatever else runs."""
+    out = Path(out) if out else results_dir() / "step-cost.json"
+    src, spec = labelled_source(data)
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for name in presets:
+            p = get_preset(name)
+            for n in threads:
+                torch.set_num_threads(n)
+                probe = step_cost_probe({"ntm": p.ntm(spec), "fm": p.fm(spec)}, p.train, src, steps=steps)
+                rows.append({"data": data, "preset": name, "transform": p.transporter.transform, **probe})
+    finally:
+        torch.set_num_threads(before)
+    results = {"config": {"data": data, "batch_size": {name: get_preset(name).train.batch_size for name in presets},
+                          "device": str(bench_device()), "steps_timed": steps,
+                          "note": "forward, backward and AdamW of fresh models; NTM and FM interleaved in rounds"},
+               "rows": rows}
+    write_results(out, results)
+    return results
+
+
 def ntm_bounds(model, src, n: int, trajectories: int, steps: int | None = None, t0: float = DISCRETE_T0) -> dict:
     """Every bound on the test images' discrete NLL in bits/dim that NTM gives at T = ``steps``: the
     uniformly dequantised ELBO and IW bounds and (when ``t0`` lies in the trained t_0 range) the

@@ -7,7 +7,8 @@ import math
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
                   "Objective ablation on ", "Lever ablation on ", "| trained on | OOD data |", "| data | method |",
-                  "| data | model | T | K |", "| T | level |")
+                  "| data | model | T | K |", "| T | level |",
+                  "| preset | transform | threads |")
 
 
 def markdown_table(results: dict) -> str:
@@ -163,12 +164,24 @@ def markdown_coupling_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_step_cost_table(results: dict) -> str:
+    """Seconds per training step of NTM and FM on the same backbone, and their ratio."""
+    lines = ["| preset | transform | threads | NTM s/step | FM s/step | NTM / FM | steps timed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['preset']} | {r['transform']} | {r['threads']} | {r['ntm_seconds_per_step']:.3f} "
+                     f"| {r['fm_seconds_per_step']:.3f} | {r['ratio']:.2f}× | {r['steps_timed']} |")
+    return "\n".join(lines) + "\n"
+
+
 def table_for(results: dict, details: bool = True) -> str:
     """The table of a results JSON, chosen by what its rows hold (``details`` False: an image
     bench's main table only, without the per-step splits)."""
     rows = results.get("rows", [])
     if rows and "iw_bpd" in rows[0] and "trajectories" in rows[0]:
         return markdown_tightness_table(results)
+    if rows and "ntm_seconds_per_step" in rows[0]:
+        return markdown_step_cost_table(results)
     if rows and "gap_nats" in rows[0]:
         return markdown_coupling_table(results)
     if rows and "acc_overall" in rows[0]:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench
+from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench, run_step_cost_bench
 from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import run_text_bench, text_settings
 from ..bench.report import report as run_report
@@ -714,6 +714,25 @@ def bench_tightness(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, prog
     """Bits/dim bounds of one multi-T model against T and the number of trajectories K."""
     _likelihood_bench("tightness", run_tightness_bench, quick, out, progress, run=run, n=n,
                       ks=_positive_ints(ks, "--ks"), Ts=_positive_ints(steps, "--steps"))
+
+
+@bench_app.command("step-cost")
+def bench_step_cost(out: Optional[Path] = _BENCH_OUT,
+                    data: str = typer.Option("mnist", help="mnist or fashion (the batches timed)"),
+                    presets: str = typer.Option("mnist", help="comma-separated image presets, e.g. mnist,mnist-affine"),
+                    threads: Optional[str] = typer.Option("1,2", help="comma-separated CPU thread counts"),
+                    steps: int = typer.Option(24, min=4, help="training steps timed per model")):
+    """The NTM training step against an FM step on the same backbone, timed back to back."""
+    if data not in ("mnist", "fashion"):
+        raise UsageProblem(f"unknown image data '{data}' (use mnist or fashion)")
+    names = tuple(v.strip() for v in presets.split(",") if v.strip())
+    for name in names:
+        get_preset(name)  # an unknown name is one clear error before any work
+    out = out or results_dir() / "step-cost.json"
+    check_bench_output(out)
+    res = run_step_cost_bench(out, data=data, presets=names, threads=_positive_ints(threads, "--threads"), steps=steps)
+    typer.echo(table_for(res))
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 @bench_app.command("coupling")

@@ -194,3 +194,25 @@ def test_toy_bench_scores_the_decode_it_is_given(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown decode 'denoise'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_step_cost_bench_end_to_end(tmp_path, capsys):
+    """`ntm bench step-cost`: one row per preset and thread count with both step times and their ratio;
+    a re-run replaces its own table; an unknown preset or a bad thread list is one error line, no file."""
+    from conftest import one_error_line
+
+    out = tmp_path / "cost.json"
+    for _ in range(2):
+        assert main(["bench", "step-cost", "--presets", "tiny", "--threads", "1", "--steps", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["threads"], r["steps_timed"]) for r in rows] == [("tiny", 1, 4)]
+    r = rows[0]
+    assert r["ntm_seconds_per_step"] > 0 and r["fm_seconds_per_step"] > 0
+    assert r["ratio"] == pytest.approx(r["ntm_seconds_per_step"] / r["fm_seconds_per_step"])
+    assert out.with_suffix(".md").read_text().startswith("| preset | transform | threads |")
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    assert one_error_line(main(["bench", "step-cost", "--presets", "nope", "--out", str(bad)]), capsys.readouterr().err, "nope")
+    assert one_error_line(main(["bench", "step-cost", "--threads", "0", "--out", str(bad)]), capsys.readouterr().err,
+                          "--threads")
+    assert not bad.exists()
