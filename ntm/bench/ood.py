@@ -356,8 +356,9 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
         # one set of trajectories for both: the data's own bound and the bound at the first noisy level
         ll, sec = _timed(lambda: ntm_class_log_likelihoods(models["ntm"], x, (0, 1),
                                                            num_trajectories=settings["bayes_k"]))
-        results["rows"].append(bayes_row(data, "ntm-bayes", ll[0], y, sec))
-        results["rows"].append({**bayes_row(data, "ntm-bayes-noisy", ll[1], y, sec), "level": 1})
+        k = {"trajectories": settings["bayes_k"]}
+        results["rows"].append({**bayes_row(data, "ntm-bayes", ll[0], y, sec), **k})
+        results["rows"].append({**bayes_row(data, "ntm-bayes-noisy", ll[1], y, sec), "level": 1, **k})
         m = settings["n_bayes_fm"]
         ll, sec = _timed(lambda: class_log_likelihoods(models["fm"], x[:m], steps=settings["fm_ode_steps"]))
         results["rows"].append(bayes_row(data, "fm-ode-bayes", ll, y[:m], sec))

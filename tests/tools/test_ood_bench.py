@@ -61,6 +61,7 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     for r in res["rows"]:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1
     assert [r["n"] for r in res["rows"]][:3] == [12, 12, 4] and res["rows"][1]["level"] == 1
+    assert [r.get("trajectories") for r in res["rows"]] == [TINY["bayes_k"]] * 2 + [None, None]  # NTM rows give K
     assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
 
 
