@@ -345,6 +345,9 @@ PRESETS: dict[str, Preset] = {
                                replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
                                "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16): every step "
                                "of every grid gets the same share of the batches"),
+    "mnist-t16": Preset(TrajectoryConfig(T=16, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER_SPLINE,
+                        _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                        "the mnist preset trained at T = 16 only (a transporter for the fine grid alone)"),
     "mnist-gate": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_gate=True),
                          _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                          "the mnist preset with the transporter's coupling gated by the level and T (element-wise "
