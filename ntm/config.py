@@ -105,6 +105,8 @@ class TransporterConfig:
     its Jacobian is diagonal. A reverse step whose true kernel is isotropic in x (a fine step) pays
     a diagonal Gaussian's mismatch with J J^T on every step; the gate lets the blocks turn that
     coupling off where it costs more than it gives (docs/objectives.md, "Why finer grids loosen").
+    ``coupling_t_max`` < 1 makes every block element-wise at levels t >= it (coupling only nearer
+    the data).
     """
 
     enabled: bool = True
@@ -118,6 +120,7 @@ class TransporterConfig:
     spline_bound: float = 4.0
     spline_blocks: int | None = None
     coupling_gate: bool = False
+    coupling_t_max: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,10 @@ PRESETS: dict[str, Preset] = {
     "mnist-t16": Preset(TrajectoryConfig(T=16, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER_SPLINE,
                         _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                         "the mnist preset trained at T = 16 only (a transporter for the fine grid alone)"),
+    "mnist-coupling-low": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.1),
+                                 _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                                 "the mnist preset with element-wise transporter blocks at every level t >= 0.1 "
+                                 "(coupling only at the data's level and T = 16's first)"),
     "mnist-gate": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_gate=True),
                          _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                          "the mnist preset with the transporter's coupling gated by the level and T (element-wise "
@@ -484,6 +491,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
         raise ValueError(f"invalid transform '{tr.transform}' ({tr.spline_bins} bins, bound {tr.spline_bound})")
     if tr.spline_blocks is not None and not 0 <= tr.spline_blocks <= tr.blocks:
         raise ValueError(f"spline_blocks must be between 0 and the {tr.blocks} blocks, got {tr.spline_blocks}")
+    if not 0 < tr.coupling_t_max <= 1:
+        raise ValueError(f"coupling_t_max must be in (0, 1], got {tr.coupling_t_max}")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts):
         raise ValueError("invalid block count or trajectory length")
 

@@ -45,6 +45,7 @@ class AffineARBlock(nn.Module):
         # 1 + tanh(gate(level embedding)) scales what the block reads of the previous tokens;
         # zero-initialised: the ungated block at the start
         self.gate = nn.Linear(W, 1) if cfg.coupling_gate else None
+        self.coupling_t_max = cfg.coupling_t_max  # levels at or above it: element-wise
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
@@ -52,13 +53,16 @@ class AffineARBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def _cond(self, t: Tensor, T: Tensor | None) -> Tensor:
+    def _cond(self, t: Tensor, T: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The level embedding (B, W) and the reach (B,) of the coupling: 1 below ``coupling_t_max``,
+        0 at or above it (None when every level couples)."""
         emb = self.time(t)
         if self.steps is not None:
             if T is None:
                 raise ValueError("this transporter was trained over several T; pass T")
             emb = emb + self.steps(1.0 / T.float())
-        return emb
+        reach = None if self.coupling_t_max >= 1 else (t < self.coupling_t_max).to(emb.dtype)
+        return emb, reach
 
     def _order(self, x: Tensor) -> Tensor:
         return x.flip(1) if self.flip else x
@@ -89,16 +93,17 @@ class AffineARBlock(nn.Module):
         y = u if raw is None else spline_inverse(u, raw, self.bins, self.bound)
         return y * torch.exp(log_scale) + shift
 
-    def _read_previous(self, prev: Tensor, temb: Tensor) -> Tensor:
-        """Features (B, n, W) of previous tokens prev (B, n, D), scaled by the coupling gate if any."""
+    def _read_previous(self, prev: Tensor, temb: Tensor, reach: Tensor | None) -> Tensor:
+        """Features (B, n, W) of previous tokens prev (B, n, D), scaled by the coupling gate and the
+        coupling's reach, if any (0: the block reads nothing of the other tokens, element-wise)."""
         h = self.proj_in(prev.to(self.proj_in.weight.dtype))
-        if self.gate is None:
-            return h
-        return h * (1 + torch.tanh(self.gate(temb)))[:, None].to(h.dtype)
+        if self.gate is not None:
+            h = h * (1 + torch.tanh(self.gate(temb)))[:, None].to(h.dtype)
+        return h if reach is None else h * reach[:, None, None].to(h.dtype)
 
-    def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int) -> Tensor:
+    def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int, reach: Tensor | None = None) -> Tensor:
         """Input features for positions [start, start + n): token n - 1 (or the start token at 0)."""
-        h = self._read_previous(prev, temb)
+        h = self._read_previous(prev, temb, reach)
         if start == 0:
             h = torch.cat([self.start.expand(prev.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
         n = h.shape[1]
@@ -107,8 +112,8 @@ class AffineARBlock(nn.Module):
     def forward(self, x: Tensor, t: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, N, D), t: (B,), T: (B,) or None -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
         xs = self._order(x.float())
-        temb = self._cond(t, T)
-        h = self.net(self._embed_inputs(xs, temb, 0))
+        temb, reach = self._cond(t, T)
+        h = self.net(self._embed_inputs(xs, temb, 0, reach))
         u, logd = self._transform(xs, self._params(h))
         return self._order(u), logd.flatten(1).sum(1)
 
@@ -120,20 +125,20 @@ class AffineARBlock(nn.Module):
         """
         us = self._order(u.float())
         B, N, _ = us.shape
-        temb = self._cond(t, T)
+        temb, reach = self._cond(t, T)
         xs = torch.zeros_like(us)
         cache = self.net.new_cache(B, N, us.device) if use_cache else None
         for n in range(N):
             if cache is not None:
-                self._decode_cached(us, xs, n, temb, cache)
+                self._decode_cached(us, xs, n, temb, cache, reach)
                 continue
-            h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0))[:, n:n + 1]
+            h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0, reach))[:, n:n + 1]
             xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
         return self._order(xs)
 
-    def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache) -> None:
+    def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache, reach: Tensor | None = None) -> None:
         """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
-        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], temb)
+        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], temb, reach)
         h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
         xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
 
@@ -151,7 +156,7 @@ class AffineARBlock(nn.Module):
         us = self._order(u.float())
         B, N, _ = us.shape
         chunk = N if chunk <= 0 else min(chunk, N)
-        temb = self._cond(t, T)
+        temb, reach = self._cond(t, T)
         xs = torch.zeros_like(us)
         cache = self.net.new_cache(B, N, us.device)
         iters = 0
@@ -161,7 +166,7 @@ class AffineARBlock(nn.Module):
             converged = False
             for sweep in range(cap):
                 cache.length = a
-                prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb)
+                prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb, reach)
                 if a == 0:
                     prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
                 h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
@@ -176,13 +181,13 @@ class AffineARBlock(nn.Module):
             if not converged:  # sequential fallback for this chunk; the prefix cache stays valid
                 cache.length = a
                 for n in range(a, b):
-                    self._decode_cached(us, xs, n, temb, cache)
+                    self._decode_cached(us, xs, n, temb, cache, reach)
                 iters += b - a
                 continue
             if b == N:
                 break
             cache.length = a
-            prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb)  # refill the cache with the final chunk
+            prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb, reach)  # refill the cache with the final chunk
             if a == 0:
                 prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
             self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)

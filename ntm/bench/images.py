@@ -312,7 +312,7 @@ def lever_keys(cfg: NTMConfig) -> dict:
     tr, tj = cfg.transporter, cfg.trajectory
     splines = None if tr.transform != "spline" else \
         f"{tr.blocks if tr.spline_blocks is None else tr.spline_blocks} of {tr.blocks} blocks, {tr.spline_bins} bins"
-    gate = " gated" if tr.coupling_gate else ""
+    gate = (" gated" if tr.coupling_gate else "") + (f" coupling t<{tr.coupling_t_max:g}" if tr.coupling_t_max < 1 else "")
     return {"transporter": f"{tr.blocks}x{tr.layers} w{tr.width}{gate}", "splines": splines, "multi_T": list(tj.train_Ts),
             "t_min_high": tj.t_min_high}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import randomize
 
-from ntm.config import TransporterConfig
+from ntm.config import DataSpec, NTMConfig, TransporterConfig
 from ntm.transporter import AffineARBlock, Transporter
 
 
@@ -118,6 +118,34 @@ def test_coupling_gate_starts_open_and_closed_makes_the_jacobian_diagonal():
     with torch.no_grad():
         u, _ = gated(x, t)
         assert torch.allclose(gated.inverse(u, t), x, atol=1e-4)
+
+
+def test_coupling_t_max_makes_the_blocks_element_wise_above_it():
+    """With coupling_t_max = 0.5 the Jacobian is diagonal at t = 0.7 and not at t = 0.2, and the
+    inverse (sequential and Jacobi) still undoes the map at both levels."""
+    N, D = 4, 2
+    torch.manual_seed(0)
+    tr = Transporter(TransporterConfig(blocks=2, layers=1, width=16, heads=2, transform="spline", spline_bound=2.0,
+                                       coupling_t_max=0.5), N, D)
+    randomize(tr, 0.12, 0)
+    tr.eval()
+    x = torch.randn(2, N, D)
+    for level, coupled in ((0.7, False), (0.2, True)):
+        tt = torch.tensor([level])
+        J = torch.autograd.functional.jacobian(lambda z: tr(z.reshape(1, N, D), tt)[0].reshape(-1), x[0].reshape(-1))
+        off = (J - torch.diag(J.diagonal())).abs().max()
+        assert (off > 1e-3) if coupled else (off < 1e-7)
+        with torch.no_grad():
+            t2 = tt.expand(2)
+            u, _ = tr(x, t2)
+            assert torch.allclose(tr.inverse(u, t2), x, atol=1e-4)
+            assert torch.allclose(tr.inverse(u, t2, method="jacobi"), x, atol=1e-4)
+    from ntm.config import validate_model_config
+
+    cfg = NTMConfig(data=DataSpec(shape=(2,), mean=(0.0, 0.0), std=(1.0, 1.0)),
+                    transporter=TransporterConfig(coupling_t_max=0.0))
+    with pytest.raises(ValueError, match="coupling_t_max"):
+        validate_model_config(cfg)
 
 
 def test_disabled_transporter_is_identity():
