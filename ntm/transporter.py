@@ -54,14 +54,20 @@ class AffineARBlock(nn.Module):
         nn.init.zeros_(self.proj_out.bias)
 
     def _cond(self, t: Tensor, T: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The level embedding (B, W) and the reach (B,) of the coupling: 1 below ``coupling_t_max``,
-        0 at or above it (None when every level couples)."""
+        """The level embedding (B, W) and the scale (B,) of what the block reads of the previous tokens:
+        the coupling gate's 1 + tanh(a(t, T)) times 0 at levels at or above ``coupling_t_max`` (None when
+        neither applies). Computed once per call, not once per decoded token."""
         emb = self.time(t)
         if self.steps is not None:
             if T is None:
                 raise ValueError("this transporter was trained over several T; pass T")
             emb = emb + self.steps(1.0 / T.float())
-        reach = None if self.coupling_t_max >= 1 else (t < self.coupling_t_max).to(emb.dtype)
+        reach = None
+        if self.gate is not None:
+            reach = 1 + torch.tanh(self.gate(emb))[:, 0]
+        if self.coupling_t_max < 1:
+            below = (t < self.coupling_t_max).to(emb.dtype)
+            reach = below if reach is None else reach * below
         return emb, reach
 
     def _order(self, x: Tensor) -> Tensor:
@@ -93,17 +99,15 @@ class AffineARBlock(nn.Module):
         y = u if raw is None else spline_inverse(u, raw, self.bins, self.bound)
         return y * torch.exp(log_scale) + shift
 
-    def _read_previous(self, prev: Tensor, temb: Tensor, reach: Tensor | None) -> Tensor:
-        """Features (B, n, W) of previous tokens prev (B, n, D), scaled by the coupling gate and the
-        coupling's reach, if any (0: the block reads nothing of the other tokens, element-wise)."""
+    def _read_previous(self, prev: Tensor, reach: Tensor | None) -> Tensor:
+        """Features (B, n, W) of previous tokens prev (B, n, D), scaled by ``reach`` (B,) from
+        :meth:`_cond` if any (0: the block reads nothing of the other tokens, element-wise)."""
         h = self.proj_in(prev.to(self.proj_in.weight.dtype))
-        if self.gate is not None:
-            h = h * (1 + torch.tanh(self.gate(temb)))[:, None].to(h.dtype)
         return h if reach is None else h * reach[:, None, None].to(h.dtype)
 
     def _embed_inputs(self, prev: Tensor, temb: Tensor, start: int, reach: Tensor | None = None) -> Tensor:
         """Input features for positions [start, start + n): token n - 1 (or the start token at 0)."""
-        h = self._read_previous(prev, temb, reach)
+        h = self._read_previous(prev, reach)
         if start == 0:
             h = torch.cat([self.start.expand(prev.shape[0], 1, -1).to(h.dtype), h[:, :-1]], dim=1)
         n = h.shape[1]
@@ -138,7 +142,7 @@ class AffineARBlock(nn.Module):
 
     def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache, reach: Tensor | None = None) -> None:
         """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
-        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], temb, reach)
+        prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], reach)
         h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
         xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
 
@@ -166,7 +170,7 @@ class AffineARBlock(nn.Module):
             converged = False
             for sweep in range(cap):
                 cache.length = a
-                prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb, reach)
+                prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], reach)
                 if a == 0:
                     prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
                 h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
@@ -187,7 +191,7 @@ class AffineARBlock(nn.Module):
             if b == N:
                 break
             cache.length = a
-            prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], temb, reach)  # refill the cache with the final chunk
+            prev = self._read_previous(xs[:, max(a - 1, 0):b - 1], reach)  # refill the cache with the final chunk
             if a == 0:
                 prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
             self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)

@@ -238,6 +238,19 @@ def run_ood_bench(out: str | Path | None = None, quick: bool = False, progress: 
     return results
 
 
+def bench_run_model(run: str | Path | None, data: str, Ts: tuple[int, ...] | None, what: str):
+    """The NTM of ``run`` (default: the NTM of ``ntm bench <data>``) and the grids to score (default:
+    every trained T). -> (run folder, model, Ts); a missing run or an untrained T is one clear error."""
+    run = Path(run) if run else image_bench_folder(data, "mnist", quick=False) / "runs" / "ntm"
+    if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir():
+        raise CheckpointError(f"no {what} in {run}: train one with `ntm bench {data}` or name it with --run")
+    model = load_model(run, map_location=bench_device()).eval()
+    Ts = Ts or model.train_Ts
+    if set(Ts) - set(model.train_Ts):
+        raise ConfigError(f"{run} was trained for T in {list(model.train_Ts)}; got T = {list(Ts)}")
+    return run, model, Ts
+
+
 def run_tightness_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
                         run: str | Path | None = None, data: str = "mnist", n: int | None = None,
                         ks: tuple[int, ...] | None = None, Ts: tuple[int, ...] | None = None) -> dict:
@@ -246,18 +259,12 @@ def run_tightness_bench(out: str | Path | None = None, quick: bool = False, prog
     every cell; fresh trajectories per cell), their standard errors, and ``iw-vs-t.png``. ``run``
     defaults to the NTM of ``ntm bench <data>`` (the default recipe trains over T in {4, 8, 16})."""
     out = Path(out) if out else results_dir() / ("tightness-quick.json" if quick else "tightness.json")
-    run = Path(run) if run else image_bench_folder(data, "mnist", quick=False) / "runs" / "ntm"
-    if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir():
-        raise CheckpointError(f"no multi-T model in {run}: train one with `ntm bench {data}` or name it with --run")
-    model = load_model(run, map_location=bench_device()).eval()
+    run, model, Ts = bench_run_model(run, data, Ts, "multi-T model")
     if not model.multi_T:
         raise CheckpointError(f"{run} was trained for T = {model.config.trajectory.T} only; the bound against T "
                               "needs a multi-T model (train_Ts)")
     n = n or (20 if quick else 200)
     ks = ks or ((1, 4) if quick else (1, 4, 16))
-    Ts = Ts or model.train_Ts
-    if set(Ts) - set(model.train_Ts):
-        raise ConfigError(f"{run} was trained for T in {list(model.train_Ts)}; got T = {list(Ts)}")
     x = image_set(data, n, seed=99)
     rows = []
     bar = tqdm(total=len(Ts) * len(ks), desc="bounds", disable=not progress, dynamic_ncols=True)
@@ -287,13 +294,7 @@ def run_coupling_bench(out: str | Path | None = None, quick: bool = False, progr
     ``n`` test images (one trajectory each), and per T the sum over the noisy levels. ``run``
     defaults to the NTM of ``ntm bench <data>``."""
     out = Path(out) if out else results_dir() / ("coupling-quick.json" if quick else "coupling.json")
-    run = Path(run) if run else image_bench_folder(data, "mnist", quick=False) / "runs" / "ntm"
-    if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir():
-        raise CheckpointError(f"no NTM in {run}: train one with `ntm bench {data}` or name it with --run")
-    model = load_model(run, map_location=bench_device()).eval()
-    Ts = Ts or model.train_Ts
-    if set(Ts) - set(model.train_Ts):
-        raise ConfigError(f"{run} was trained for T in {list(model.train_Ts)}; got T = {list(Ts)}")
+    run, model, Ts = bench_run_model(run, data, Ts, "NTM")
     n = n or (1 if quick else 4)
     x = image_set(data, n, seed=99)
     rows, sums = [], {}
