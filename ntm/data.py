@@ -204,7 +204,12 @@ def load_array(path: str | Path) -> Tensor:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(1).sum())
         raise DataError(f"{path}: {bad} row(s) contain NaN or inf")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    with np.errstate(over="ignore"):
+        x = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(x).all():  # finite in float64 but beyond float32's range
+        bad = int((~np.isfinite(x)).any(1).sum())
+        raise DataError(f"{path}: {bad} row(s) overflow float32 (|value| > {np.finfo(np.float32).max:.3g})")
+    return torch.from_numpy(x)
 
 
 def _load_csv(path: Path) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
@@ -23,6 +23,7 @@ dtypes = st.sampled_from([np.float32, np.float64, np.int64, np.int8, np.uint8, n
 
 @SETTINGS
 @given(arr=arrays(dtype=dtypes, shape=array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)))
+@example(arr=np.full((2, 2), 3.40282357e38))  # finite in float64, beyond float32's range
 def test_load_array_accepts_only_finite_numeric_n_by_2(tmp_path, arr):
     path = tmp_path / "a.npy"
     np.save(path, arr)
