@@ -14,6 +14,9 @@ from .errors import ConfigError
 
 
 TEXT_ATTENTION = ("concat", "cross")  # how the networks read a prompt's token states
+# how a network reads its condition vector (times, label or pooled prompt): added to every token, or
+# adaLN-Zero (DiT): per-layer shift, scale and gate of the pre-norm blocks, zero-initialised
+CONDITIONING = ("add", "adaln")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class PredictorConfig:
     """f_P: a bidirectional transformer over the N tokens of one level u_t.
 
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
+    ``conditioning`` (``CONDITIONING``): "add" sums the condition (times, label or pooled prompt)
+    into every token; "adaln" modulates every block with it instead (DiT's adaLN-Zero).
     ``precondition`` "unit" reads the network around the exact reverse kernel of zero-mean,
     unit-variance data; "data" uses the data's per-dimension mean and variance
     (``DataSpec.token_mean``/``token_var``, EDM's sigma_data) instead.
@@ -147,15 +152,18 @@ class PredictorConfig:
     s0_std_floor: float = 0.01
     velocity_scale: str = "floor"
     precondition: str = "unit"
+    conditioning: str = "add"
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """A bidirectional transformer: the flow-matching velocity field's size."""
+    """A bidirectional transformer: the flow-matching velocity field's size and how it reads its
+    condition (``conditioning``, as in ``PredictorConfig``)."""
 
     layers: int = 4
     width: int = 128
     heads: int = 4
+    conditioning: str = "add"
 
 
 @dataclass(frozen=True)
@@ -261,7 +269,7 @@ class Preset:
     def fm(self, data: DataSpec) -> FMConfig:
         """The flow-matching baseline on the same backbone as this preset's predictor."""
         pr = self.predictor
-        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads), shift=self.trajectory.shift)
+        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads, pr.conditioning), shift=self.trajectory.shift)
 
 
 _TOY_TRANSPORTER = TransporterConfig(blocks=2, layers=2, width=32, heads=4)
@@ -278,6 +286,8 @@ _IMAGE_TRANSPORTER_SPLINE = replace(_IMAGE_TRANSPORTER, transform="spline")
 _IMAGE_TRAJECTORY = TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0)
 _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
 _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
+# the conditioning lever: adaLN-Zero blocks instead of a condition added to every token
+_IMAGE_PREDICTOR_ADALN = replace(_IMAGE_PREDICTOR_DATA, conditioning="adaln")
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
 # lambda = 10: at 3,500 steps it beat lambda = 1 at 8,000 on class accuracy (95% against 70% at w = 1)
 _IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=10.0)
@@ -317,6 +327,11 @@ PRESETS: dict[str, Preset] = {
     "mnist-affine": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                            "the mnist preset with affine transporter blocks (the default before the spline lever; "
                            "the base of the lever ablation and of the OOD, finetune and text benches' runs)"),
+    "mnist-adaln": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_ADALN, _IMAGE_TRAIN,
+                          "the mnist preset with adaLN-Zero conditioning in the predictor and the FM baseline "
+                          "(the condition modulates every block instead of being added to every token)"),
+    "mnist-affine-adaln": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_ADALN,
+                                 _IMAGE_TRAIN, "the mnist-affine preset with adaLN-Zero conditioning"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
@@ -476,6 +491,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
     for name, net in nets:
         if net.width < 1 or net.heads < 1 or net.width % net.heads or net.layers < 0:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
+        if getattr(net, "conditioning", "add") not in CONDITIONING:
+            raise ValueError(f"unknown {name} conditioning '{net.conditioning}' (use {' or '.join(CONDITIONING)})")
     if isinstance(cfg, FMConfig):
         return
     pr, tr, tj = cfg.predictor, cfg.transporter, cfg.trajectory

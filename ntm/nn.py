@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TEXT_ATTENTION
+from .config import CONDITIONING, TEXT_ATTENTION
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -138,10 +138,18 @@ class CrossAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    """Pre-norm transformer layer: x + Attn(LN(x)), [x + CrossAttn(LN(x), context),] then x + MLP(LN(x))."""
+    """Pre-norm transformer layer: x + Attn(LN(x)), [x + CrossAttn(LN(x), context),] then x + MLP(LN(x)).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, cross: bool = False):
+    With ``adaln`` a condition vector c (B, W) modulates the attention and MLP blocks (adaLN-Zero, DiT):
+    x + g_a * Attn(LN(x) (1 + a_a) + b_a), then x + g_m * MLP(LN(x) (1 + a_m) + b_m), with (b, a, g) a
+    linear map of SiLU(c), zero at initialisation (every block starts as the identity)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4, cross: bool = False, adaln: bool = False):
         super().__init__()
+        self.modulation = nn.Linear(width, 6 * width) if adaln else None
+        if adaln:
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
         self.norm1 = LayerNorm32(width)
         self.attn = Attention(width, heads)
         self.norm_c = LayerNorm32(width) if cross else None
@@ -150,11 +158,17 @@ class Layer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"), nn.Linear(mlp_ratio * width, width))
 
     def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None, context: Tensor | None = None,
-                context_keep: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), causal, keep)
+                context_keep: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        if self.modulation is None:
+            x = x + self.attn(self.norm1(x), causal, keep)
+            if self.cross is not None:
+                x = x + self.cross(self.norm_c(x), context, context_keep)
+            return x + self.mlp(self.norm2(x))
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(F.silu(cond))[:, None].chunk(6, dim=-1)
+        x = x + gate_a * self.attn(self.norm1(x) * (1 + scale_a) + shift_a, causal, keep)
         if self.cross is not None:
             x = x + self.cross(self.norm_c(x), context, context_keep)
-        return x + self.mlp(self.norm2(x))
+        return x + gate_m * self.mlp(self.norm2(x) * (1 + scale_m) + shift_m)
 
     def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
         x = x + self.attn.forward_cached(self.norm1(x), cache, layer)
@@ -162,23 +176,34 @@ class Layer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of layers with a final norm. Causal or bidirectional over the token axis."""
+    """A stack of layers with a final norm. Causal or bidirectional over the token axis. With ``adaln``
+    the layers and the final norm (shift and scale) are modulated by a condition vector."""
 
-    def __init__(self, width: int, depth: int, heads: int, causal: bool, cross: bool = False):
+    def __init__(self, width: int, depth: int, heads: int, causal: bool, cross: bool = False, adaln: bool = False):
         super().__init__()
         self.causal = causal
         self.heads = heads
         self.width = width
-        self.layers = nn.ModuleList(Layer(width, heads, cross=cross) for _ in range(depth))
+        self.layers = nn.ModuleList(Layer(width, heads, cross=cross, adaln=adaln) for _ in range(depth))
         self.norm = LayerNorm32(width)
+        self.final_modulation = nn.Linear(width, 2 * width) if adaln else None
+        if adaln:
+            nn.init.zeros_(self.final_modulation.weight)
+            nn.init.zeros_(self.final_modulation.bias)
 
     def forward(self, h: Tensor, keep: Tensor | None = None, context: Tensor | None = None,
-                context_keep: Tensor | None = None) -> Tensor:
+                context_keep: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
         """h: (B, N, W) -> (B, N, W); ``keep`` (B, N) bool masks keys (bidirectional use only);
-        ``context`` (B, L, W) with ``context_keep`` (B, L): what cross-attention layers attend to."""
+        ``context`` (B, L, W) with ``context_keep`` (B, L): what cross-attention layers attend to;
+        ``cond`` (B, W): the condition of adaLN layers (required with ``adaln``, ignored otherwise)."""
+        if self.final_modulation is not None and cond is None:
+            raise ValueError("an adaLN transformer needs its condition vector")
         for layer in self.layers:
-            h = layer(h, self.causal, keep, context, context_keep)
-        return self.norm(h)
+            h = layer(h, self.causal, keep, context, context_keep, cond)
+        if self.final_modulation is None:
+            return self.norm(h)
+        shift, scale = self.final_modulation(F.silu(cond))[:, None].chunk(2, dim=-1)
+        return self.norm(h) * (1 + scale) + shift
 
     def new_cache(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
         shape = (len(self.layers), batch, self.heads, max_len, self.width // self.heads)
@@ -202,8 +227,9 @@ class ConditionedTransformer(nn.Module):
     """A bidirectional transformer over tokens (B, N, D) conditioned on times, a label and optionally T.
 
     The backbone shared by the NTM predictor (conditioned on t and s) and the flow-matching velocity
-    field (conditioned on t only). Conditioning is additive: time, label and 1/T embeddings are added
-    to every token. ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
+    field (conditioned on t only). Time, label and 1/T embeddings sum to one condition vector (B, W);
+    with ``conditioning`` "add" it is added to every token, with "adaln" it modulates every block
+    (adaLN-Zero). ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
     Label ``num_classes`` is the null (unconditional) label.
 
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
@@ -217,7 +243,7 @@ class ConditionedTransformer(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
                  num_classes: int = 0, two_times: bool = True, multi_T: bool = False, text_dim: int = 0,
-                 text_tokens: int = 0, text_attention: str = "concat"):
+                 text_tokens: int = 0, text_attention: str = "concat", conditioning: str = "add"):
         super().__init__()
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -239,7 +265,10 @@ class ConditionedTransformer(nn.Module):
         if text_attention not in TEXT_ATTENTION:
             raise ValueError(f"unknown text attention '{text_attention}' (use {' or '.join(TEXT_ATTENTION)})")
         self.cross_text = bool(text_dim) and text_attention == "cross"
-        self.net = Transformer(width, layers, heads, causal=False, cross=self.cross_text)
+        if conditioning not in CONDITIONING:
+            raise ValueError(f"unknown conditioning '{conditioning}' (use {' or '.join(CONDITIONING)})")
+        self.adaln = conditioning == "adaln"
+        self.net = Transformer(width, layers, heads, causal=False, cross=self.cross_text, adaln=self.adaln)
         self.proj_out = nn.Linear(width, out_dim)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -266,15 +295,19 @@ class ConditionedTransformer(nn.Module):
                 raise ValueError("this network was trained over several T; pass T")
             cond = cond + self.steps(1.0 / T.float())
         h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos
-        if text is None:
-            return self.net(h + cond[:, None])
-        tokens, mask, pooled = text
-        cond = cond + self.text_pool(pooled)
-        words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos
+        words = keep = mask = None
+        if text is not None:
+            tokens, mask, pooled = text
+            cond = cond + self.text_pool(pooled)
+            words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos
+        added = 0 if self.adaln else cond[:, None]  # adaLN: the condition modulates, it is not added
+        modulation = cond if self.adaln else None
+        if words is None:
+            return self.net(h + added, cond=modulation)
         if self.cross_text:
-            return self.net(h + cond[:, None], context=words, context_keep=mask)
+            return self.net(h + added, context=words, context_keep=mask, cond=modulation)
         keep = torch.cat([torch.ones(B, h.shape[1], dtype=torch.bool, device=h.device), mask], 1)
-        return self.net(torch.cat([h, words], 1) + cond[:, None], keep)[:, :h.shape[1]]
+        return self.net(torch.cat([h, words], 1) + added, keep, cond=modulation)[:, :h.shape[1]]
 
     def prompt_states(self, prompts, B: int) -> tuple[Tensor, Tensor, Tensor]:
         """(tokens (B, L, E), mask (B, L), pooled (B, E)) of a prompt batch (None: all null), with the

@@ -88,6 +88,11 @@ class TextAttention(str, Enum):
     cross = "cross"
 
 
+class Conditioning(str, Enum):
+    add = "add"
+    adaln = "adaln"
+
+
 class Solver(str, Enum):
     euler = "euler"
     heun = "heun"
@@ -167,6 +172,7 @@ def train(
     precondition: Optional[Precondition] = typer.Option(None, help="NTM predictor read-out: unit, or data (per-dimension mean and variance)"),
     transform: Optional[Transform] = typer.Option(None, help="NTM transporter's element-wise map: affine, or spline (affine + rational-quadratic spline)"),
     text_attention: Optional[TextAttention] = typer.Option(None, help="text: prompt token states appended to the sequence (concat, the default) or read by cross-attention (cross)"),
+    conditioning: Optional[Conditioning] = typer.Option(None, help="NTM predictor / FM network: the condition added to every token (add) or modulating every block (adaln, DiT's adaLN-Zero); default: the preset's"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
@@ -188,9 +194,10 @@ def train(
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
         if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform,
-                                       text_attention)):
+                                       text_attention, conditioning)):
             raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition, "
-                               "--transform and --text-attention are fixed by the run; drop them with --resume")
+                               "--transform, --text-attention and --conditioning are fixed by the run; drop them "
+                               "with --resume")
         summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
                                resume=True, progress=progress)
     else:
@@ -202,6 +209,10 @@ def train(
             model_cfg = replace(model_cfg, transporter=replace(model_cfg.transporter, transform=transform.value))
         if text_attention is not None:
             model_cfg = replace(model_cfg, data=replace(model_cfg.data, text_attention=text_attention.value))
+        if conditioning is not None and model == Kind.ntm:
+            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, conditioning=conditioning.value))
+        elif conditioning is not None:
+            model_cfg = replace(model_cfg, velocity=replace(model_cfg.velocity, conditioning=conditioning.value))
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
                    "stratified": stratified}

@@ -259,3 +259,22 @@ def test_stopping_a_bench_stops_it_and_a_rerun_resumes(tmp_path, capsys, monkeyp
     assert calls == [False, True]  # the second run resumed (here: reused) the checkpointed training
     assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["model"] == "ntm"
 
+
+
+def test_train_with_adaln_conditioning_stores_it_and_refuses_it_on_resume(tmp_path, capsys):
+    from ntm.hub import load_model
+
+    for kind in ("ntm", "fm"):
+        out = tmp_path / kind
+        code, _, err = run(capsys, "train", "--data", "checkerboard", "--conditional", "--preset", "tiny", "--model", kind,
+                           "--steps", "4", "--conditioning", "adaln", "--out", str(out), "--no-progress")
+        assert code == 0, err
+        model = load_model(out)
+        net = model.predictor if kind == "ntm" else model.velocity
+        cfg = model.config.predictor if kind == "ntm" else model.config.velocity
+        assert cfg.conditioning == "adaln" and net.adaln
+        code, _, err = run(capsys, "train", "--data", "checkerboard", "--conditional", "--out", str(out), "--resume",
+                           "--conditioning", "add")
+        assert_one_error_line(code, err, "--conditioning are fixed by the run")
+    code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tmp_path / "x"), "--conditioning", "film")
+    assert code != 0 and "film" in err and not (tmp_path / "x").exists()
