@@ -133,6 +133,9 @@ class PredictorConfig:
     ``log_var_clip`` soft-clips the learned log-variance correction delta to (-c, c).
     ``conditioning`` (``CONDITIONING``): "add" sums the condition (times, label or pooled prompt)
     into every token; "adaln" modulates every block with it instead (DiT's adaLN-Zero).
+    ``condition_std``: the initial std of each coordinate of the label embedding and of the pooled
+    prompt's projection (0.02: the condition starts about 50x weaker than the time embedding; 1.0:
+    on its scale).
     ``precondition`` "unit" reads the network around the exact reverse kernel of zero-mean,
     unit-variance data; "data" uses the data's per-dimension mean and variance
     (``DataSpec.token_mean``/``token_var``, EDM's sigma_data) instead.
@@ -153,17 +156,19 @@ class PredictorConfig:
     velocity_scale: str = "floor"
     precondition: str = "unit"
     conditioning: str = "add"
+    condition_std: float = 0.02
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     """A bidirectional transformer: the flow-matching velocity field's size and how it reads its
-    condition (``conditioning``, as in ``PredictorConfig``)."""
+    condition (``conditioning``, ``condition_std``, as in ``PredictorConfig``)."""
 
     layers: int = 4
     width: int = 128
     heads: int = 4
     conditioning: str = "add"
+    condition_std: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -269,7 +274,7 @@ class Preset:
     def fm(self, data: DataSpec) -> FMConfig:
         """The flow-matching baseline on the same backbone as this preset's predictor."""
         pr = self.predictor
-        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads, pr.conditioning), shift=self.trajectory.shift)
+        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads, pr.conditioning, pr.condition_std), shift=self.trajectory.shift)
 
 
 _TOY_TRANSPORTER = TransporterConfig(blocks=2, layers=2, width=32, heads=4)
@@ -288,6 +293,8 @@ _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
 _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
 # the conditioning lever: adaLN-Zero blocks instead of a condition added to every token
 _IMAGE_PREDICTOR_ADALN = replace(_IMAGE_PREDICTOR_DATA, conditioning="adaln")
+# the condition's initial scale: label embedding / pooled-prompt projection at unit std per coordinate
+_IMAGE_PREDICTOR_COND1 = replace(_IMAGE_PREDICTOR_DATA, condition_std=1.0)
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
 # lambda = 10: at 3,500 steps it beat lambda = 1 at 8,000 on class accuracy (95% against 70% at w = 1)
 _IMAGE_TRAIN = replace(_IMAGE_TRAIN_PAPER, objective="nll-rb", stratified=True, hybrid_weight=10.0)
@@ -332,6 +339,11 @@ PRESETS: dict[str, Preset] = {
                           "(the condition modulates every block instead of being added to every token)"),
     "mnist-affine-adaln": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_ADALN,
                                  _IMAGE_TRAIN, "the mnist-affine preset with adaLN-Zero conditioning"),
+    "mnist-cond1": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_COND1, _IMAGE_TRAIN,
+                          "the mnist preset with the label embedding (or the pooled prompt's projection) "
+                          "initialised at unit std per coordinate, the time embedding's scale, not 0.02"),
+    "mnist-affine-cond1": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_COND1,
+                                 _IMAGE_TRAIN, "the mnist-affine preset with the condition initialised at unit std"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
@@ -493,6 +505,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
         if getattr(net, "conditioning", "add") not in CONDITIONING:
             raise ValueError(f"unknown {name} conditioning '{net.conditioning}' (use {' or '.join(CONDITIONING)})")
+        if not getattr(net, "condition_std", 1.0) > 0:
+            raise ValueError(f"{name} condition_std must be > 0, got {net.condition_std}")
     if isinstance(cfg, FMConfig):
         return
     pr, tr, tj = cfg.predictor, cfg.transporter, cfg.trajectory

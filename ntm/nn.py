@@ -229,7 +229,10 @@ class ConditionedTransformer(nn.Module):
     The backbone shared by the NTM predictor (conditioned on t and s) and the flow-matching velocity
     field (conditioned on t only). Time, label and 1/T embeddings sum to one condition vector (B, W);
     with ``conditioning`` "add" it is added to every token, with "adaln" it modulates every block
-    (adaLN-Zero). ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
+    (adaLN-Zero). ``condition_std`` is the initial standard deviation of each coordinate of the label
+    embedding and of the pooled prompt's projection (the pooled vector has unit norm); the time
+    embedding starts at norm 1-2, so 0.02 lets a condition in only as fast as training grows it.
+    ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
     Label ``num_classes`` is the null (unconditional) label.
 
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
@@ -243,7 +246,8 @@ class ConditionedTransformer(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
                  num_classes: int = 0, two_times: bool = True, multi_T: bool = False, text_dim: int = 0,
-                 text_tokens: int = 0, text_attention: str = "concat", conditioning: str = "add"):
+                 text_tokens: int = 0, text_attention: str = "concat", conditioning: str = "add",
+                 condition_std: float = 0.02):
         super().__init__()
         self.token_dim = token_dim
         self.num_classes = num_classes
@@ -253,11 +257,13 @@ class ConditionedTransformer(nn.Module):
         self.time_s = TimeEmbedding(width) if two_times else None
         self.steps = TimeEmbedding(width) if multi_T else None  # embeds 1/T when trained over several T
         self.label = nn.Embedding(num_classes + 1, width)
-        nn.init.normal_(self.label.weight, std=0.02)
+        nn.init.normal_(self.label.weight, std=condition_std)
         self.text_dim = text_dim
         if text_dim:
             self.text_in = nn.Linear(text_dim, width)
             self.text_pool = nn.Linear(text_dim, width)
+            nn.init.normal_(self.text_pool.weight, std=condition_std)  # a unit-norm pooled vector -> that std
+            nn.init.zeros_(self.text_pool.bias)
             self.text_pos = nn.Parameter(torch.randn(text_tokens, width) * 0.02)
             self.register_buffer("null_tokens", torch.zeros(text_tokens, text_dim))
             self.register_buffer("null_mask", torch.ones(text_tokens, dtype=torch.bool))

@@ -72,7 +72,8 @@ class Predictor(ConditionedTransformer):
                  text_attention: str = "concat"):
         super().__init__(cfg.width, cfg.layers, cfg.heads, num_tokens, token_dim, 2 * token_dim, num_classes,
                          two_times=True, multi_T=multi_T, text_dim=text_dim, text_tokens=text_tokens,
-                         text_attention=text_attention, conditioning=cfg.conditioning)
+                         text_attention=text_attention, conditioning=cfg.conditioning,
+                         condition_std=cfg.condition_std)
         self.clip = cfg.log_var_clip
         mean, var = torch.zeros(num_tokens, token_dim), torch.ones(num_tokens, token_dim)
         if data_stats is not None:
@@ -161,7 +162,8 @@ class VelocityField(ConditionedTransformer):
     def __init__(self, cfg: BackboneConfig, spec: DataSpec):
         super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
                          spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens,
-                         text_attention=spec.text_attention, conditioning=cfg.conditioning)
+                         text_attention=spec.text_attention, conditioning=cfg.conditioning,
+                         condition_std=cfg.condition_std)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t: (B, N, D), t: (B,), y: (B,) or None -> v: (B, N, D) fp32."""
@@ -221,7 +223,7 @@ class VelocityPredictor(nn.Module):
     @classmethod
     def from_config(cls, cfg: PredictorConfig, spec: DataSpec) -> "VelocityPredictor":
         """The velocity predictor of a config: a ``VelocityField`` of the predictor's size."""
-        field = VelocityField(BackboneConfig(cfg.layers, cfg.width, cfg.heads, cfg.conditioning), spec)
+        field = VelocityField(BackboneConfig(cfg.layers, cfg.width, cfg.heads, cfg.conditioning, cfg.condition_std), spec)
         return cls(field, spec.num_tokens, spec.token_dim, cfg.s0_std_floor, cfg.log_var_clip, scale=cfg.velocity_scale)
 
     def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:

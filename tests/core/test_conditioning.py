@@ -84,3 +84,20 @@ def test_an_unknown_conditioning_is_refused():
         validate_model_config(replace(cfg, predictor=replace(cfg.predictor, conditioning="film")))
     with pytest.raises(ValueError, match="unknown velocity conditioning 'film'"):
         validate_model_config(FMConfig(data=spec, velocity=BackboneConfig(conditioning="film")))
+
+
+def test_condition_std_sets_the_initial_scale_of_the_label_and_pooled_prompt():
+    from ntm.nn import ConditionedTransformer
+
+    torch.manual_seed(0)
+    for std in (0.02, 1.0):
+        net = ConditionedTransformer(64, 1, 2, 4, 3, 3, num_classes=50, text_dim=96, text_tokens=2, condition_std=std)
+        assert abs(float(net.label.weight.detach().std()) / std - 1) < 0.05
+        pooled = F.normalize(torch.randn(400, 96), dim=-1)  # the encoders' pooled vectors have unit norm
+        assert abs(float(net.text_pool(pooled).detach().std()) / std - 1) < 0.05
+    spec = _image_spec()
+    p = get_preset("mnist-cond1")
+    assert p.ntm(spec).predictor.condition_std == 1.0 and p.fm(spec).velocity.condition_std == 1.0
+    cfg = get_preset("tiny").ntm(spec)
+    with pytest.raises(ValueError, match="condition_std must be > 0"):
+        validate_model_config(replace(cfg, predictor=replace(cfg.predictor, condition_std=0.0)))
