@@ -178,8 +178,9 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     results["config"]["by_step_other_T"] = {
         str(T): by_step_table(models["ntm"], bpd_x[:200], bpd_y[:200], steps=T)
         for T in models["ntm"].train_Ts if T != models["ntm"].config.trajectory.T}
-    recipe = {**ntm_recipe(configs["ntm"], train_cfg, default=settings["preset"] == default_preset(spec)),
-              **lever_keys(configs["ntm"])}
+    # "default": the model that the default image preset trains at its own budget
+    is_default = settings["preset"] == default_preset(spec) and train_cfg.steps == p.train.steps
+    recipe = {**ntm_recipe(configs["ntm"], train_cfg, default=is_default), **lever_keys(configs["ntm"])}
 
     decoders = ("inverse", "inverse+score", "denoiser") if distill_steps > 0 else ("inverse",)
     jobs = [("ntm", d, None, p.trajectory.T) for d in decoders] + \
