@@ -231,7 +231,7 @@ class ConditionedTransformer(nn.Module):
     with ``conditioning`` "add" it is added to every token, with "adaln" it modulates every block
     (adaLN-Zero). ``condition_std`` is the initial standard deviation of each coordinate of the label
     embedding and of the pooled prompt's projection (the pooled vector has unit norm); the time
-    embedding starts at norm 1-2, so 0.02 lets a condition in only as fast as training grows it.
+    embedding's norm is about 1-2.5, so at 0.02 a condition gets in only as fast as training grows it.
     ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
     Label ``num_classes`` is the null (unconditional) label.
 
