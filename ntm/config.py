@@ -286,6 +286,10 @@ _IMAGE_TRANSPORTER = TransporterConfig(blocks=2, layers=1, width=32, heads=2)
 # the default since the lever ablation and the full-budget runs: spline blocks (the bound at T = 4
 # fell from 3.48 to 1.84 bits/dim at equal samples; docs/objectives.md)
 _IMAGE_TRANSPORTER_SPLINE = replace(_IMAGE_TRANSPORTER, transform="spline")
+# the default since the full-budget coupling runs: element-wise spline blocks at every level t >= 0.1,
+# so the transporter couples pixels only near the data (IW bound at T = 16 2.22 -> 1.80 bits/dim;
+# docs/objectives.md, "Why finer grids loosen the bound")
+_IMAGE_TRANSPORTER_LOW = replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.1)
 # the default's trajectory since the multi-T spline run: one checkpoint trained over T in {4, 8, 16}
 # with the last level at t_0 = 0 (the bound's grid); it samples at T = 4 unless told otherwise
 _IMAGE_TRAJECTORY = TrajectoryConfig(T=4, shift=None, train_Ts=(4, 8, 16), t_min_high=0.0, sample_t_min=0.0)
@@ -327,29 +331,34 @@ PRESETS: dict[str, Preset] = {
                               _TOY_PREDICTOR, _TOY_TRAIN, "the toy preset with a width-64 spline transporter"),
     "toy-multi-t": Preset(TrajectoryConfig(T=4, shift=-1.0, train_Ts=(4, 8, 16)), _TOY_TRANSPORTER, _TOY_PREDICTOR,
                           _TOY_TRAIN, "the toy-affine preset trained over T in {4, 8, 16} (one checkpoint samples at each)"),
-    "mnist": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+    "mnist": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                     "28x28 images (MNIST, Fashion-MNIST), patch 4 (49 tokens), 8000 pair-wise steps: the "
                     "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 10), data "
-                    "preconditioning, spline transporter blocks, T in {4, 8, 16} with t_0 = 0 (samples at T = 4)"),
+                    "preconditioning, spline transporter blocks coupling pixels only at levels t < 0.1, "
+                    "T in {4, 8, 16} with t_0 = 0 (samples at T = 4)"),
+    "mnist-coupled": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                            "the mnist preset with transporter blocks that couple pixels at every level (the "
+                            "default before coupling_t_max; the base of the adaln, cond1, t16, t-by-steps and "
+                            "gate presets)"),
     "mnist-affine": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                            "the mnist preset with affine transporter blocks (the default before the spline lever; "
                            "the base of the lever ablation and of the OOD, finetune and text benches' runs)"),
     "mnist-adaln": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_ADALN, _IMAGE_TRAIN,
-                          "the mnist preset with adaLN-Zero conditioning in the predictor and the FM baseline "
+                          "the mnist-coupled preset with adaLN-Zero conditioning in the predictor and the FM baseline "
                           "(the condition modulates every block instead of being added to every token)"),
     "mnist-affine-adaln": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_ADALN,
                                  _IMAGE_TRAIN, "the mnist-affine preset with adaLN-Zero conditioning"),
     "mnist-cond1": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_COND1, _IMAGE_TRAIN,
-                          "the mnist preset with the label embedding (or the pooled prompt's projection) "
+                          "the mnist-coupled preset with the label embedding (or the pooled prompt's projection) "
                           "initialised at unit std per coordinate, the time embedding's scale, not 0.02"),
     "mnist-affine-cond1": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_COND1,
                                  _IMAGE_TRAIN, "the mnist-affine preset with the condition initialised at unit std"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
-    "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
+    "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
                          replace(_IMAGE_TRAIN, steps=2500, warmup=100),
                          "the mnist preset with 2500 steps (the budget measured for `make demo`; see the README)"),
-    "mnist-quick": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
+    "mnist-quick": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
                           replace(_IMAGE_TRAIN, steps=600, warmup=100, checkpoint_every=200),
                           "the mnist preset with 600 steps (smoke checks; `ntm bench mnist --quick`)"),
     "mnist-wide": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER_WIDE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
@@ -370,21 +379,24 @@ PRESETS: dict[str, Preset] = {
                             _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist-t0 preset trained over T in {4, 8, 16} (bounds and samples at each from one checkpoint)"),
     "mnist-spline-multi-t": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                                   "the mnist-multi-t preset with spline transporter blocks (the mnist preset)"),
+                                   "the mnist-multi-t preset with spline transporter blocks (the mnist-coupled preset)"),
     "mnist-t-by-steps": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA,
                                replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
-                               "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16): every step "
+                               "the mnist-coupled preset with T drawn in proportion to its steps (4 : 8 : 16): every step "
                                "of every grid gets the same share of the batches"),
     "mnist-t16": Preset(TrajectoryConfig(T=16, shift=None, t_min_high=0.0, sample_t_min=0.0), _IMAGE_TRANSPORTER_SPLINE,
                         _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                        "the mnist preset trained at T = 16 only (a transporter for the fine grid alone)"),
-    "mnist-coupling-low": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.1),
-                                 _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                                 "the mnist preset with element-wise transporter blocks at every level t >= 0.1 "
-                                 "(coupling only at the data's level and T = 16's first)"),
+                        "the mnist-coupled preset trained at T = 16 only (a transporter for the fine grid alone)"),
+    "mnist-coupling-low": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                                 "the mnist preset under the name of the run that made it the default (identical; "
+                                 "element-wise blocks at every level t >= 0.1)"),
+    "mnist-low-t-by-steps": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
+                                   replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
+                                   "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16), "
+                                   "mnist-t-by-steps without the coupling at noisy levels"),
     "mnist-gate": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_gate=True),
                          _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                         "the mnist preset with the transporter's coupling gated by the level and T (element-wise "
+                         "the mnist-coupled preset with the transporter's coupling gated by the level and T (element-wise "
                          "where the gate closes)"),
     "tiny": Preset(
         TrajectoryConfig(T=4, shift=-1.0),
