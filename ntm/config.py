@@ -283,8 +283,8 @@ _TOY_TRAIN = TrainConfig(steps=5000, batch_size=256)
 # images: a shallow, narrow transporter (2 blocks of 1 layer) and a 4-layer predictor; the FM
 # baseline's velocity network is the same predictor transformer
 _IMAGE_TRANSPORTER = TransporterConfig(blocks=2, layers=1, width=32, heads=2)
-# the default since the lever ablation and the full-budget runs: spline blocks (the bound at T = 4
-# fell from 3.48 to 1.84 bits/dim at equal samples; docs/objectives.md)
+# spline blocks (the bound at T = 4 fell from 3.48 to 1.84 bits/dim at equal samples; docs/objectives.md):
+# the default from the lever ablation until coupling_t_max; now the transporter of mnist-coupled
 _IMAGE_TRANSPORTER_SPLINE = replace(_IMAGE_TRANSPORTER, transform="spline")
 # the default since the full-budget coupling runs: element-wise spline blocks at every level t >= 0.1,
 # so the transporter couples pixels only near the data (IW bound at T = 16 2.22 -> 1.80 bits/dim;
