@@ -17,6 +17,7 @@ TEXT_ATTENTION = ("concat", "cross")  # how the networks read a prompt's token s
 # how a network reads its condition vector (times, label or pooled prompt): added to every token, or
 # adaLN-Zero (DiT): per-layer shift, scale and gate of the pre-norm blocks, zero-initialised
 CONDITIONING = ("add", "adaln")
+POSITION = ("learned", "sincos")  # position embeddings: learned from 0.02 noise, or fixed 2-D sin-cos
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class DataSpec:
         if self.kind == "image":
             return (self.shape[1] // self.patch) * (self.shape[2] // self.patch)
         return self.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The tokens' layout (rows, columns): the patch grid of an image, one row of tokens otherwise."""
+        if self.kind == "image":
+            return self.shape[1] // self.patch, self.shape[2] // self.patch
+        return 1, self.shape[0]
 
     @property
     def token_dim(self) -> int:
@@ -136,6 +144,9 @@ class PredictorConfig:
     ``condition_std``: the initial std of each coordinate of the label embedding and of the pooled
     prompt's projection (0.02: the condition starts about 50x weaker than the time embedding; 1.0:
     on its scale).
+    ``position`` (``POSITION``): "learned" position embeddings start at std 0.02 (about 30x weaker
+    than a token's projection); "sincos" are fixed 2-D sine-cosine embeddings over the patch grid
+    (DiT's), on the tokens' scale from the first step.
     ``precondition`` "unit" reads the network around the exact reverse kernel of zero-mean,
     unit-variance data; "data" uses the data's per-dimension mean and variance
     (``DataSpec.token_mean``/``token_var``, EDM's sigma_data) instead.
@@ -157,18 +168,20 @@ class PredictorConfig:
     precondition: str = "unit"
     conditioning: str = "add"
     condition_std: float = 0.02
+    position: str = "learned"
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     """A bidirectional transformer: the flow-matching velocity field's size and how it reads its
-    condition (``conditioning``, ``condition_std``, as in ``PredictorConfig``)."""
+    condition and positions (``conditioning``, ``condition_std``, ``position``, as in ``PredictorConfig``)."""
 
     layers: int = 4
     width: int = 128
     heads: int = 4
     conditioning: str = "add"
     condition_std: float = 0.02
+    position: str = "learned"
 
 
 @dataclass(frozen=True)
@@ -274,7 +287,8 @@ class Preset:
     def fm(self, data: DataSpec) -> FMConfig:
         """The flow-matching baseline on the same backbone as this preset's predictor."""
         pr = self.predictor
-        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads, pr.conditioning, pr.condition_std), shift=self.trajectory.shift)
+        return FMConfig(data=data, velocity=BackboneConfig(pr.layers, pr.width, pr.heads, pr.conditioning, pr.condition_std,
+                                                                pr.position), shift=self.trajectory.shift)
 
 
 _TOY_TRANSPORTER = TransporterConfig(blocks=2, layers=2, width=32, heads=4)
@@ -297,6 +311,7 @@ _IMAGE_PREDICTOR = PredictorConfig(layers=4, width=128, heads=4)
 _IMAGE_PREDICTOR_DATA = replace(_IMAGE_PREDICTOR, precondition="data")
 # the conditioning lever: adaLN-Zero blocks instead of a condition added to every token
 _IMAGE_PREDICTOR_ADALN = replace(_IMAGE_PREDICTOR_DATA, conditioning="adaln")
+_IMAGE_PREDICTOR_SINCOS = replace(_IMAGE_PREDICTOR_DATA, position="sincos")
 # the condition's initial scale: label embedding / pooled-prompt projection at unit std per coordinate
 _IMAGE_PREDICTOR_COND1 = replace(_IMAGE_PREDICTOR_DATA, condition_std=1.0)
 _IMAGE_TRAIN_PAPER = TrainConfig(steps=8000, batch_size=64, lr=5e-4, warmup=200, mode="pairwise")
@@ -353,6 +368,11 @@ PRESETS: dict[str, Preset] = {
                           "initialised at unit std per coordinate, the time embedding's scale, not 0.02"),
     "mnist-affine-cond1": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_COND1,
                                  _IMAGE_TRAIN, "the mnist-affine preset with the condition initialised at unit std"),
+    "mnist-sincos": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_SINCOS, _IMAGE_TRAIN,
+                           "the mnist preset with fixed 2-D sin-cos position embeddings in the predictor and the "
+                           "FM baseline (DiT's) instead of learned ones"),
+    "mnist-affine-sincos": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_SINCOS,
+                                  _IMAGE_TRAIN, "the mnist-affine preset with fixed 2-D sin-cos position embeddings"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
@@ -517,6 +537,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
             raise ValueError(f"invalid {name} size: width {net.width}, heads {net.heads}, layers {net.layers}")
         if getattr(net, "conditioning", "add") not in CONDITIONING:
             raise ValueError(f"unknown {name} conditioning '{net.conditioning}' (use {' or '.join(CONDITIONING)})")
+        if getattr(net, "position", "learned") not in POSITION:
+            raise ValueError(f"unknown {name} position embedding '{net.position}' (use {' or '.join(POSITION)})")
         if not getattr(net, "condition_std", 1.0) > 0:
             raise ValueError(f"{name} condition_std must be > 0, got {net.condition_std}")
     if isinstance(cfg, FMConfig):

@@ -13,7 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import CONDITIONING, TEXT_ATTENTION
+from .config import CONDITIONING, POSITION, TEXT_ATTENTION
+
+
+def sincos_positions(grid: tuple[int, int], width: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings (rows * cols, width) for tokens in row-major order:
+    half of the channels encode the row, half the column, each as sines and cosines of
+    geometrically spaced frequencies (``width`` must be divisible by 4)."""
+    if width % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {width}")
+    rows, cols = grid
+    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij")
+    freqs = 1.0 / 10_000.0 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    parts = []
+    for coord in (r.flatten(), c.flatten()):
+        angle = coord[:, None] * freqs[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, 1).float()
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
@@ -233,6 +249,8 @@ class ConditionedTransformer(nn.Module):
     embedding and of the pooled prompt's projection (the pooled vector has unit norm); the time
     embedding's norm is about 1-2.5, so at 0.02 a condition gets in only as fast as training grows it.
     ``proj_out`` is zero-initialised and maps to ``out_dim`` channels per token.
+    ``position`` "learned" gives each token a learned embedding (std 0.02 at initialisation);
+    "sincos" a fixed 2-D sine-cosine embedding over ``grid`` (rows, columns; default one row).
     Label ``num_classes`` is the null (unconditional) label.
 
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
@@ -247,12 +265,20 @@ class ConditionedTransformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, num_tokens: int, token_dim: int, out_dim: int,
                  num_classes: int = 0, two_times: bool = True, multi_T: bool = False, text_dim: int = 0,
                  text_tokens: int = 0, text_attention: str = "concat", conditioning: str = "add",
-                 condition_std: float = 0.02):
+                 condition_std: float = 0.02, position: str = "learned", grid: tuple[int, int] | None = None):
         super().__init__()
         self.token_dim = token_dim
         self.num_classes = num_classes
         self.proj_in = nn.Linear(token_dim, width)
-        self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        if position not in POSITION:
+            raise ValueError(f"unknown position embedding '{position}' (use {' or '.join(POSITION)})")
+        if position == "learned":
+            self.pos = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
+        else:
+            grid = grid or (1, num_tokens)
+            if grid[0] * grid[1] != num_tokens:
+                raise ValueError(f"a {grid[0]}x{grid[1]} grid does not hold {num_tokens} tokens")
+            self.register_buffer("pos", sincos_positions(grid, width))
         self.time_t = TimeEmbedding(width)
         self.time_s = TimeEmbedding(width) if two_times else None
         self.steps = TimeEmbedding(width) if multi_T else None  # embeds 1/T when trained over several T

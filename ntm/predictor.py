@@ -69,11 +69,11 @@ class Predictor(ConditionedTransformer):
 
     def __init__(self, cfg: PredictorConfig, num_tokens: int, token_dim: int, num_classes: int = 0,
                  multi_T: bool = False, data_stats: tuple | None = None, text_dim: int = 0, text_tokens: int = 0,
-                 text_attention: str = "concat"):
+                 text_attention: str = "concat", grid: tuple[int, int] | None = None):
         super().__init__(cfg.width, cfg.layers, cfg.heads, num_tokens, token_dim, 2 * token_dim, num_classes,
                          two_times=True, multi_T=multi_T, text_dim=text_dim, text_tokens=text_tokens,
                          text_attention=text_attention, conditioning=cfg.conditioning,
-                         condition_std=cfg.condition_std)
+                         condition_std=cfg.condition_std, position=cfg.position, grid=grid)
         self.clip = cfg.log_var_clip
         mean, var = torch.zeros(num_tokens, token_dim), torch.ones(num_tokens, token_dim)
         if data_stats is not None:
@@ -163,7 +163,7 @@ class VelocityField(ConditionedTransformer):
         super().__init__(cfg.width, cfg.layers, cfg.heads, spec.num_tokens, spec.token_dim, spec.token_dim,
                          spec.num_classes, two_times=False, text_dim=spec.text_dim, text_tokens=spec.text_tokens,
                          text_attention=spec.text_attention, conditioning=cfg.conditioning,
-                         condition_std=cfg.condition_std)
+                         condition_std=cfg.condition_std, position=cfg.position, grid=spec.grid)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t: (B, N, D), t: (B,), y: (B,) or None -> v: (B, N, D) fp32."""
@@ -223,7 +223,8 @@ class VelocityPredictor(nn.Module):
     @classmethod
     def from_config(cls, cfg: PredictorConfig, spec: DataSpec) -> "VelocityPredictor":
         """The velocity predictor of a config: a ``VelocityField`` of the predictor's size."""
-        field = VelocityField(BackboneConfig(cfg.layers, cfg.width, cfg.heads, cfg.conditioning, cfg.condition_std), spec)
+        field = VelocityField(BackboneConfig(cfg.layers, cfg.width, cfg.heads, cfg.conditioning, cfg.condition_std,
+                                             cfg.position), spec)
         return cls(field, spec.num_tokens, spec.token_dim, cfg.s0_std_floor, cfg.log_var_clip, scale=cfg.velocity_scale)
 
     def velocity_and_log_scale(self, u_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -269,4 +270,5 @@ def build_predictor(cfg: PredictorConfig, spec: DataSpec, multi_T: bool = False)
     # "data" with no stored statistics (vector data, standardised on the way in) is mean 0, variance 1
     stats = (spec.token_mean, spec.token_var) if cfg.precondition == "data" and spec.token_mean else None
     return Predictor(cfg, spec.num_tokens, spec.token_dim, spec.num_classes, multi_T=multi_T, data_stats=stats,
-                     text_dim=spec.text_dim, text_tokens=spec.text_tokens, text_attention=spec.text_attention)
+                     text_dim=spec.text_dim, text_tokens=spec.text_tokens, text_attention=spec.text_attention,
+                     grid=spec.grid)

@@ -27,7 +27,8 @@ def finetune_config(fm_config: FMConfig, preset: str | None = None, velocity_sca
     p = get_preset(preset or default_preset(fm_config.data))
     v = fm_config.velocity
     predictor = PredictorConfig(layers=v.layers, width=v.width, heads=v.heads, kind="velocity",
-                                velocity_scale=velocity_scale,
+                                velocity_scale=velocity_scale, conditioning=v.conditioning,
+                                condition_std=v.condition_std, position=v.position,
                                 s0_std_floor=s0_std_floor or PredictorConfig.s0_std_floor)
     return NTMConfig(data=fm_config.data, trajectory=replace(p.trajectory, shift=fm_config.shift),
                      transporter=p.transporter, predictor=predictor)

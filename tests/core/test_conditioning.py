@@ -14,7 +14,7 @@ from ntm.config import (BackboneConfig, DataSpec, FMConfig, NTMConfig, Predictor
                         TransporterConfig, get_preset, to_dict, validate_model_config)
 from ntm.io import write_artifact
 from ntm.model import NTM
-from ntm.nn import Layer, Transformer
+from ntm.nn import ConditionedTransformer, Layer, Transformer
 
 
 def test_an_adaln_layer_starts_as_the_identity_and_then_follows_its_formula():
@@ -87,8 +87,6 @@ def test_an_unknown_conditioning_is_refused():
 
 
 def test_condition_std_sets_the_initial_scale_of_the_label_and_pooled_prompt():
-    from ntm.nn import ConditionedTransformer
-
     torch.manual_seed(0)
     for std in (0.02, 1.0):
         net = ConditionedTransformer(64, 1, 2, 4, 3, 3, num_classes=50, text_dim=96, text_tokens=2, condition_std=std)
