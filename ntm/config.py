@@ -539,6 +539,8 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
             raise ValueError(f"unknown {name} conditioning '{net.conditioning}' (use {' or '.join(CONDITIONING)})")
         if getattr(net, "position", "learned") not in POSITION:
             raise ValueError(f"unknown {name} position embedding '{net.position}' (use {' or '.join(POSITION)})")
+        if getattr(net, "position", "learned") == "sincos" and net.width % 4:
+            raise ValueError(f"{name} sin-cos positions need a width divisible by 4, got {net.width}")
         if not getattr(net, "condition_std", 1.0) > 0:
             raise ValueError(f"{name} condition_std must be > 0, got {net.condition_std}")
     if isinstance(cfg, FMConfig):

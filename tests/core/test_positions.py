@@ -76,3 +76,5 @@ def test_an_unknown_position_embedding_is_refused():
         validate_model_config(replace(cfg, predictor=replace(cfg.predictor, position="rope")))
     with pytest.raises(ValueError, match="unknown velocity position embedding 'rope'"):
         validate_model_config(FMConfig(data=spec, velocity=BackboneConfig(position="rope")))
+    with pytest.raises(ValueError, match="predictor sin-cos positions need a width divisible by 4, got 6"):
+        validate_model_config(replace(cfg, predictor=replace(cfg.predictor, width=6, heads=2, position="sincos")))
