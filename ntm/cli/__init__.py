@@ -93,6 +93,11 @@ class Conditioning(str, Enum):
     adaln = "adaln"
 
 
+class Position(str, Enum):
+    learned = "learned"
+    sincos = "sincos"
+
+
 class Solver(str, Enum):
     euler = "euler"
     heun = "heun"
@@ -173,6 +178,7 @@ def train(
     transform: Optional[Transform] = typer.Option(None, help="NTM transporter's element-wise map: affine, or spline (affine + rational-quadratic spline)"),
     text_attention: Optional[TextAttention] = typer.Option(None, help="text: prompt token states appended to the sequence (concat, the default) or read by cross-attention (cross)"),
     conditioning: Optional[Conditioning] = typer.Option(None, help="NTM predictor / FM network: the condition added to every token (add) or modulating every block (adaln, DiT's adaLN-Zero); default: the preset's"),
+    position: Optional[Position] = typer.Option(None, help="NTM predictor / FM network: learned position embeddings, or fixed 2-D sin-cos ones over the patch grid (sincos, DiT's); default: the preset's"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Train an NTM (or the FM baseline) on a 2-D toy, images or a user file
@@ -194,10 +200,10 @@ def train(
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
         if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform,
-                                       text_attention, conditioning)):
+                                       text_attention, conditioning, position)):
             raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition, "
-                               "--transform, --text-attention and --conditioning are fixed by the run; drop them "
-                               "with --resume")
+                               "--transform, --text-attention, --conditioning and --position are fixed by the run; "
+                               "drop them with --resume")
         summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
                                resume=True, progress=progress)
     else:
@@ -213,6 +219,10 @@ def train(
             model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, conditioning=conditioning.value))
         elif conditioning is not None:
             model_cfg = replace(model_cfg, velocity=replace(model_cfg.velocity, conditioning=conditioning.value))
+        if position is not None and model == Kind.ntm:
+            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, position=position.value))
+        elif position is not None:
+            model_cfg = replace(model_cfg, velocity=replace(model_cfg.velocity, position=position.value))
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
                    "stratified": stratified}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ntm.cli import main
+from ntm.nn import sincos_positions
 
 
 def run(capsys, *args):
@@ -275,6 +276,26 @@ def test_train_with_adaln_conditioning_stores_it_and_refuses_it_on_resume(tmp_pa
         assert cfg.conditioning == "adaln" and net.adaln
         code, _, err = run(capsys, "train", "--data", "checkerboard", "--conditional", "--out", str(out), "--resume",
                            "--conditioning", "add")
-        assert_one_error_line(code, err, "--conditioning are fixed by the run")
+        assert_one_error_line(code, err, "--position are fixed by the run")
     code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tmp_path / "x"), "--conditioning", "film")
     assert code != 0 and "film" in err and not (tmp_path / "x").exists()
+
+
+def test_train_with_sincos_positions_stores_them_and_refuses_them_on_resume(tmp_path, capsys):
+    from ntm.hub import load_model
+
+    for kind in ("ntm", "fm"):
+        out = tmp_path / kind
+        code, _, err = run(capsys, "train", "--data", "checkerboard", "--preset", "tiny", "--model", kind,
+                           "--steps", "4", "--position", "sincos", "--out", str(out), "--no-progress")
+        assert code == 0, err
+        model = load_model(out)
+        net = model.predictor if kind == "ntm" else model.velocity
+        cfg = model.config.predictor if kind == "ntm" else model.config.velocity
+        assert cfg.position == "sincos"
+        assert torch.equal(net.pos, sincos_positions((1, 2), cfg.width))  # fixed: training left it alone
+        code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(out), "--resume",
+                           "--position", "learned")
+        assert_one_error_line(code, err, "--position are fixed by the run")
+    code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tmp_path / "x"), "--position", "rope")
+    assert code != 0 and "rope" in err and not (tmp_path / "x").exists()
