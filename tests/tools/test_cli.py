@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ntm.cli import main
+from ntm.hub import load_model
 from ntm.nn import sincos_positions
 
 
@@ -263,8 +264,6 @@ def test_stopping_a_bench_stops_it_and_a_rerun_resumes(tmp_path, capsys, monkeyp
 
 
 def test_train_with_adaln_conditioning_stores_it_and_refuses_it_on_resume(tmp_path, capsys):
-    from ntm.hub import load_model
-
     for kind in ("ntm", "fm"):
         out = tmp_path / kind
         code, _, err = run(capsys, "train", "--data", "checkerboard", "--conditional", "--preset", "tiny", "--model", kind,
@@ -282,8 +281,6 @@ def test_train_with_adaln_conditioning_stores_it_and_refuses_it_on_resume(tmp_pa
 
 
 def test_train_with_sincos_positions_stores_them_and_refuses_them_on_resume(tmp_path, capsys):
-    from ntm.hub import load_model
-
     for kind in ("ntm", "fm"):
         out = tmp_path / kind
         code, _, err = run(capsys, "train", "--data", "checkerboard", "--preset", "tiny", "--model", kind,
