@@ -256,8 +256,9 @@ class ConditionedTransformer(nn.Module):
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
     ``text_tokens`` token states are projected to the width and, with ``text_attention`` "concat",
     appended to the sequence (the paper's choice) or, with "cross", attended to by a cross-attention
-    block in every layer; padding is masked out either way, and the pooled vector joins the additive
-    conditioning.
+    block in every layer; padding is masked out either way, and the columns no prompt of the batch
+    uses are dropped (exact: the image tokens' outputs do not change). The pooled vector joins the
+    additive conditioning.
     The null prompt (the encoder's encoding of "", stored in the buffers ``null_*``) stands in for
     a missing prompt and for the rows a prompt batch marks as dropped.
     """
@@ -331,7 +332,11 @@ class ConditionedTransformer(nn.Module):
         if text is not None:
             tokens, mask, pooled = text
             cond = cond + self.text_pool(pooled)
-            words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos
+            # drop the padding columns no prompt of the batch uses: they are masked out of every
+            # attention, so the image tokens' outputs are unchanged and the sequence is shorter
+            L = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            tokens, mask = tokens[:, :L], mask[:, :L]
+            words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos[:L]
         added = 0 if self.adaln else cond[:, None]  # adaLN: the condition modulates, it is not added
         modulation = cond if self.adaln else None
         if words is None:

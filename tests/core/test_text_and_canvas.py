@@ -7,6 +7,7 @@ import torch
 from ntm.canvas import (EMPTY, HELD_OUT_PAIRS, TASKS, TEMPLATES, COLOR_NAMES, PromptSpec, caption_of, draw_prompt,
                         make_canvases, meets)
 from ntm.errors import ConfigError
+from ntm.nn import ConditionedTransformer
 from ntm.text import CachedEncoder, Prompts
 
 from conftest import StubEncoder
@@ -101,3 +102,29 @@ def test_meets_rejects_what_the_prompt_does_not_say():
     assert meets(PromptSpec("single", 4), [(EMPTY, -1), (4, red)]) and not meets(PromptSpec("single", 4), [(4, red), (1, red)])
     assert caption_of(PromptSpec("counting", 5, n=1, phrasing=0)) == "one 5"
     assert len({len(v) for v in TEMPLATES.values()}) == 1
+
+
+@pytest.mark.parametrize("attention", ["concat", "cross"])
+def test_padding_columns_no_prompt_uses_are_dropped_without_changing_the_output(attention):
+    torch.manual_seed(0)
+    L, E = 8, 12
+    net = ConditionedTransformer(32, 2, 2, 6, 4, 4, text_dim=E, text_tokens=L, text_attention=attention)
+    for p in net.parameters():  # leave the zero-initialised read-out and the small embeddings behind
+        torch.nn.init.normal_(p, std=0.3)
+    lengths = torch.tensor([3, 5])
+    mask = torch.arange(L)[None] < lengths[:, None]
+    prompts = Prompts(torch.randn(2, L, E), mask, torch.randn(2, E))
+    x, t, s = torch.randn(2, 6, 4), torch.rand(2), torch.rand(2)
+    seen = []
+    hook = net.net.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    both = net.backbone(x, t, s, prompts)
+    # the batch keeps the 5 columns its longer prompt uses: 6 image tokens + 5 words (concat), or 6
+    # image tokens attending to 5 words (cross)
+    assert seen[-1] == (11 if attention == "concat" else 6)
+    # the first row, computed alone (3 columns) and beside a longer prompt (5 columns, 2 of them its
+    # padding), and with garbage in its padding: one output
+    alone = net.backbone(x[:1], t[:1], s[:1], prompts[:1])
+    assert torch.allclose(both[:1], alone, atol=1e-5)
+    noisy = Prompts(torch.where(mask[..., None], prompts.tokens, torch.randn(2, L, E) * 100), mask, prompts.pooled)
+    assert torch.allclose(net.backbone(x, t, s, noisy), both, atol=1e-5)
+    hook.remove()
