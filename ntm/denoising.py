@@ -52,7 +52,8 @@ def trajectory_score_denoise(model, X: Tensor, t: Tensor, y: Tensor | None = Non
         bound = torch.quantile(flat.abs(), clip_percentile / 100, dim=1).reshape(-1, *[1] * (grad.dim() - 1))
         grad = grad.clamp(-bound, bound)
     S0 = trajectory_covariance(t.float())[:, 0]  # (B, T + 1): Cov(x_{t_0}, x_{t_j} | x_0)
-    shift = torch.einsum("bk,bk...->b...", S0, grad)
+    # flow arithmetic in fp32: an element-wise product and sum (autocast would run an einsum in bf16)
+    shift = (S0.reshape(*S0.shape, *[1] * (grad.dim() - 2)) * grad.float()).sum(1)
     return ((X[:, 0] - shift) / (1 - t[:, 0]).reshape(-1, 1, 1)).detach()
 
 

@@ -29,6 +29,9 @@ def test_score_denoising_is_the_posterior_mean_for_gaussian_data(t_min):
     t = model.grid(256, t_min)
     X = forward_trajectory(x0, t, generator=g)
     den = trajectory_score_denoise(model, X, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a bf16 distillation: the arithmetic stays fp32
+        den_autocast = trajectory_score_denoise(model, X, t)
+    assert den_autocast.dtype == torch.float32 and torch.allclose(den_autocast, den, atol=1e-6)
     a = 1 - t[:, 0].reshape(-1, 1, 1)
     tt = t[:, 0].reshape(-1, 1, 1)
     posterior_mean = m + a * v / (a**2 * v + tt**2) * (X[:, 0] - a * m)
