@@ -349,8 +349,11 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(res))
         return
-    typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f} ± {res['nll_bound_se']:.4f} nats/sample  (ELBO, {trajectories} trajectories)")
-    typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f} ± {res['iw_bound_se']:.4f} nats/sample")
+    def pm(se):  # one sample has no standard error
+        return "" if se is None else f" ± {se:.4f}"
+
+    typer.echo(f"NLL bound of x_0:      {res['nll_bound_nats']:.4f}{pm(res['nll_bound_se'])} nats/sample  (ELBO, {trajectories} trajectories)")
+    typer.echo(f"importance-weighted:   {res['iw_bound_nats']:.4f}{pm(res['iw_bound_se'])} nats/sample")
     typer.echo(f"trajectory NLL:        {res['trajectory_nll_nats']:.4f} nats/sample  ({res['steps']} steps)")
     if "bits_per_dim" in res:
         typer.echo(f"bits/dim (bound):      {res['bits_per_dim']:.4f}  (IW {res['iw_bits_per_dim']:.4f})")

@@ -56,6 +56,8 @@ def test_train_sample_eval_end_to_end(tiny_run, tmp_path, capsys):
     assert code == 0 and len(by["neg_log_p"]) == 4 and by["times"][0] == 0.0
     code, out, _ = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "200", "--by-step")
     assert code == 0 and "step 4 (t=1.000" in out and "prior" in out
+    code, out, err = run(capsys, "eval", str(tiny_run), "--data", "checkerboard", "--n", "1", "--trajectories", "2")
+    assert code == 0 and "NLL bound" in out and "±" not in out, err  # one point: no standard error to print
 
 
 def test_sample_at_other_step_counts(tiny_run, tmp_path, capsys):
