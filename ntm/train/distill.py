@@ -14,7 +14,7 @@ from ..config import DISTILL_TRAIN, DenoiserConfig, TrainConfig, from_dict, to_d
 from ..denoising import FORMAT, Denoiser, denoiser_dir
 from ..errors import ConfigError
 from ..hub import load_model
-from ..io import latest_checkpoint, read_meta, resolve
+from ..io import latest_checkpoint, read_meta, resolve, run_dir_of
 from ..model import NTM
 from .loop import Distributed, fit
 from .objectives import DistillObjective
@@ -29,6 +29,9 @@ def distill(run_dir: str | Path, source, train_config: TrainConfig = DISTILL_TRA
     settings, is an error (move it away to distil again). Returns the fit summary with the first and
     last logged MSE.
     """
+    if run_dir_of(run_dir) != Path(run_dir):  # a checkpoint folder: its denoiser would never be found
+        raise ConfigError(f"{run_dir} is not a run folder; distil from the run (its latest checkpoint), "
+                          "e.g. the folder that holds checkpoints/")
     ntm_step = read_meta(resolve(run_dir)).get("step")
     model = load_model(run_dir)
     if not isinstance(model, NTM):

@@ -7,7 +7,11 @@ import torch
 
 from ntm import NTM
 from ntm.cli import main
-from ntm.data import to_tokens
+from ntm.config import DenoiserConfig
+from ntm.data import open_source, to_tokens
+from ntm.denoising import Denoiser
+from ntm.io import latest_checkpoint
+from ntm.train.objectives import DistillObjective
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +24,17 @@ def tiny_run(tmp_path_factory):
 def test_distil_lowers_the_loss_and_every_decoder_runs(tiny_run, tmp_path, capsys):
     assert main(["sample", str(tiny_run), "--n", "5", "--decode", "denoiser", "--out", str(tmp_path / "no.npy")]) == 1
     assert "ntm distill" in capsys.readouterr().err
+    # a checkpoint folder is refused (its denoiser would land where no load looks), and nothing is written
+    ckpt = latest_checkpoint(tiny_run)
+    assert main(["distill", str(ckpt), "--data", "moons", "--steps", "5", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "not a run folder" in err and len(err.strip().splitlines()) == 1 and not (ckpt / "denoiser").exists()
     assert main(["distill", str(tiny_run), "--data", "moons", "--steps", "60", "--no-progress"]) == 0
     log = [json.loads(line) for line in (tiny_run / "denoiser" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 60
     model = NTM.from_pretrained(tiny_run)
     assert model.denoiser is not None
     # on one fixed large batch, the distilled denoiser is closer to its targets than the untrained one
-    from ntm.config import DenoiserConfig
-    from ntm.data import open_source
-    from ntm.denoising import Denoiser
-    from ntm.train.objectives import DistillObjective
-
     x0 = to_tokens(open_source("moons").held_out(1024, seed=3)[0], model.spec)
     losses = []
     for den in (Denoiser(DenoiserConfig(), model.spec), model.denoiser):
