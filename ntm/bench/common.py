@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -72,9 +73,11 @@ def replaceable_run(run_dir: Path) -> None:
         raise ConfigError(f"{run_dir} exists and is not an ntm run; move it away first")
 
 
-TRAIN_KEYS = ("steps", "batch_size", "lr", "seed", "class_dropout")
-NTM_TRAIN_KEYS = TRAIN_KEYS + ("mode", "finetune", "objective", "stratified", "step_weights", "hybrid_weight",
-                               "hybrid_schedule")  # what an FM run ignores
+# the training settings that do not change what a run learns (how it is run and logged)
+RUN_ONLY_KEYS = ("fsdp", "compile", "checkpoint_every", "log_every")
+# the NTM objective's settings, which an FM run ignores
+NTM_ONLY_KEYS = ("mode", "finetune", "objective", "stratified", "step_weights", "hybrid_weight", "hybrid_schedule",
+                 "T_weights")
 
 
 def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:
@@ -85,7 +88,8 @@ def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainCon
         saved_train = from_dict(TrainConfig, meta["train"])
     except (CheckpointError, KeyError, TypeError, ValueError):
         return False
-    keys = TRAIN_KEYS if isinstance(model_cfg, FMConfig) else NTM_TRAIN_KEYS
+    skip = RUN_ONLY_KEYS + (NTM_ONLY_KEYS if isinstance(model_cfg, FMConfig) else ())
+    keys = [f.name for f in fields(TrainConfig) if f.name not in skip]
     return saved_model == model_cfg and all(getattr(saved_train, k) == getattr(train_cfg, k) for k in keys)
 
 

@@ -1,10 +1,14 @@
 """Benchmarks end to end on tiny budgets: toy FM rows, the quick image bench, the finetune bench."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
+from ntm.bench.common import same_run, train_or_reuse
 from ntm.cli import main
+from ntm.config import get_preset
+from ntm.data import open_source
 
 
 def test_toy_bench_fm_rows(tmp_path, capsys):
@@ -216,3 +220,22 @@ def test_step_cost_bench_end_to_end(tmp_path, capsys):
     assert one_error_line(main(["bench", "step-cost", "--threads", "0", "--out", str(bad)]), capsys.readouterr().err,
                           "--threads")
     assert not bad.exists()
+
+
+def test_a_bench_reuses_a_run_only_when_every_learning_setting_matches(tmp_path):
+    p = get_preset("tiny")
+    src = open_source("moons")
+    cfg, fm_cfg = p.ntm(src.spec()), p.fm(src.spec())
+    train_cfg = replace(p.train, steps=2, warmup=1, checkpoint_every=2)
+    for run, model_cfg in ((tmp_path / "ntm", cfg), (tmp_path / "fm", fm_cfg)):
+        train_or_reuse(run, model_cfg, train_cfg, src, False)
+        assert same_run(run, model_cfg, train_cfg)
+        # how a run is checkpointed and logged does not change what it learned
+        assert same_run(run, model_cfg, replace(train_cfg, checkpoint_every=1, log_every=7))
+        # any setting of the optimiser or the averaging does
+        for changed in (dict(ema_decay=0.99), dict(warmup=0), dict(weight_decay=0.0), dict(betas=(0.9, 0.999)),
+                        dict(grad_clip=5.0), dict(min_lr=0.0)):
+            assert not same_run(run, model_cfg, replace(train_cfg, **changed)), changed
+    # the NTM objective's settings matter to an NTM, not to the FM baseline
+    assert not same_run(tmp_path / "ntm", cfg, replace(train_cfg, hybrid_weight=1.0))
+    assert same_run(tmp_path / "fm", fm_cfg, replace(train_cfg, hybrid_weight=1.0, T_weights=(1.0,)))
