@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ..config import TrainConfig
 from ..data import to_tokens
 from ..errors import CheckpointError, ConfigError
-from ..io import latest_checkpoint, load_state
+from ..io import latest_checkpoint, load_state, write_text
 from ..nn import Layer
 from .checkpoint import save_checkpoint
 
@@ -195,6 +195,22 @@ class Distributed:
             dist.barrier()
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Keep the records of ``path`` (JSON lines with a "step") up to ``step``; a half-written last
+    line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
 def wrap(objective: torch.nn.Module, cfg: TrainConfig, ctx: Distributed) -> torch.nn.Module:
     """The module the loss is called through: the objective under DDP or FSDP2 (every transformer
     layer of the trained model its own shard group, the rest in the objective's), optionally compiled."""
@@ -260,6 +276,8 @@ def fit(objective: torch.nn.Module, cfg: TrainConfig, source, out_dir: str | Pat
     log_file = None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:  # the records a killed run wrote after its last checkpoint are logged again from there
+            trim_log(out_dir / "metrics.jsonl", step)
         log_file = open(out_dir / "metrics.jsonl", "a")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
         else torch.autocast("cpu", enabled=False)

@@ -1,5 +1,6 @@
 """Training: exact resume, the non-finite guard, atomic checkpoints, EMA and the LR schedule."""
 
+import json
 import math
 
 import pytest
@@ -64,19 +65,25 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
-    src, mc, tc = _configs()
+    src, mc, tc = _configs(checkpoint_every=10)
     train(mc, tc, src, tmp_path / "straight", progress=False, device="cpu")
 
     def crash(step, x):
-        if step == 12:
+        if step == 17:
             raise Interrupt()  # like a kill: the work after the step-10 checkpoint is lost
         return x
 
     with pytest.raises(Interrupt):
         train(mc, tc, src, tmp_path / "resumed", progress=False, device="cpu", batch_hook=crash)
     assert io_mod.resolve(tmp_path / "resumed").name == "step-00000010"
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "lo')  # a record cut short by the kill
     summary = train(None, None, src, tmp_path / "resumed", resume=True, progress=False, device="cpu")
     assert summary["steps"] == 20 and summary["steps_this_run"] == 10
+    # the log reads like the uninterrupted run's: step 15, logged before the kill, is not there twice
+    logs = [[json.loads(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("straight", "resumed")]
+    assert logs[0] == logs[1] == [5, 10, 15, 20]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
