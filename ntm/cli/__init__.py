@@ -23,7 +23,7 @@ from ..bench.text import run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
-from ..config import DISTILL_TRAIN, PRESETS, FMConfig, default_preset, from_dict, get_preset
+from ..config import DISTILL_TRAIN, PRESETS, FMConfig, NTMConfig, TrainConfig, default_preset, from_dict, get_preset
 from ..data import ENTROPY_FLOOR, TOY_NAMES
 from ..errors import ConfigError, DataError, NTMError
 from ..flow_matching import DEFAULT_SAMPLING_STEPS, FlowMatching, ode_likelihood_report
@@ -152,6 +152,54 @@ def _fresh_output_file(path: Path, overwrite: bool) -> None:
         raise UsageProblem(f"folder {path.parent} does not exist")
 
 
+def _option_value(v):
+    return v.value if isinstance(v, Enum) else v
+
+
+def _with_model_options(cfg, **options):
+    """A model config with the model options a user gave (None: keep the preset's)."""
+    o = {k: _option_value(v) for k, v in options.items()}
+    ntm = isinstance(cfg, NTMConfig)
+    if o.get("text_attention") is not None:
+        cfg = replace(cfg, data=replace(cfg.data, text_attention=o["text_attention"]))
+    if ntm and o.get("precondition") is not None:
+        cfg = replace(cfg, predictor=replace(cfg.predictor, precondition=o["precondition"]))
+    if ntm and o.get("transform") is not None:
+        cfg = replace(cfg, transporter=replace(cfg.transporter, transform=o["transform"]))
+    for key in ("conditioning", "position"):
+        if o.get(key) is not None:
+            cfg = replace(cfg, predictor=replace(cfg.predictor, **{key: o[key]})) if ntm else \
+                replace(cfg, velocity=replace(cfg.velocity, **{key: o[key]}))
+    return cfg
+
+
+def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | None, given: dict) -> None:
+    """``ntm train --resume`` takes the same options as the run's first command, or none: one that
+    differs from what the run stored is one clear error."""
+    ntm = isinstance(saved_model, NTMConfig)
+    net = saved_model.predictor if ntm else saved_model.velocity
+    stored = {"--model": "ntm" if ntm else "fm", "--seed": saved_train.seed, "--mode": saved_train.mode,
+              "--batch-size": saved_train.batch_size, "--patch": saved_model.data.patch,
+              "--checkpoint-every": saved_train.checkpoint_every, "--objective": saved_train.objective,
+              "--hybrid-weight": saved_train.hybrid_weight, "--hybrid-schedule": saved_train.hybrid_schedule,
+              "--stratified": saved_train.stratified,
+              "--precondition": saved_model.predictor.precondition if ntm else None,
+              "--transform": saved_model.transporter.transform if ntm else None,
+              "--text-attention": saved_model.data.text_attention if saved_model.data.is_text else None,
+              "--conditioning": net.conditioning, "--position": net.position}
+    differ = [name for name, value in given.items() if value is not None and _option_value(value) != stored[name]]
+    if preset is not None:  # the preset's networks, with the run's own model options, must be the run's
+        p = get_preset(preset)
+        cfg = p.ntm(saved_model.data) if ntm else p.fm(saved_model.data)
+        keep = {k[2:].replace("-", "_"): stored[k] for k in ("--precondition", "--transform", "--text-attention",
+                                                           "--conditioning", "--position")}
+        if _with_model_options(cfg, **keep) != saved_model:
+            differ.insert(0, "--preset")
+    if differ:
+        raise UsageProblem(f"{', '.join(differ)}: not what the run was started with; drop "
+                           f"{'it' if len(differ) == 1 else 'them'} with --resume")
+
+
 @app.command()
 def train(
     data: str = typer.Option(..., help="toy (checkerboard, 8gaussians, moons, pinwheel, 2spirals), a .npy/.csv of shape (n, 2), mnist, fashion, an image folder or image .npy; text: captioned-mnist, captioned-fashion, canvas, or an image folder with --captions"),
@@ -159,13 +207,13 @@ def train(
     captions: Optional[Path] = typer.Option(None, help="text: a JSONL or CSV captions file (file, caption) for the image folder --data"),
     text_encoder: str = typer.Option("minilm", help="text: the frozen prompt encoder (minilm: all-MiniLM-L6-v2 from its offline wheel)"),
     preset: Optional[str] = typer.Option(None, help="named preset (see `ntm presets`; default: mnist for images, toy otherwise)"),
-    model: Kind = typer.Option(Kind.ntm, "--model", help="ntm, or fm: the flow-matching baseline on the predictor's backbone"),
+    model: Optional[Kind] = typer.Option(None, "--model", help="ntm (default), or fm: the flow-matching baseline on the predictor's backbone"),
     steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the preset's)"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
     mode: Optional[Mode] = typer.Option(None, help="NTM loss: e2e (all T steps per trajectory) or pairwise (one random step); default: the preset's"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
     conditional: bool = typer.Option(False, help="toys: train class-conditional on the square/component/moon/arm label (image sets with labels always are)"),
-    patch: int = typer.Option(4, min=1, help="images: patch size p (tokens of C p^2 channels)"),
+    patch: Optional[int] = typer.Option(None, min=1, help="images: patch size p (tokens of C p^2 channels; default 4)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help="steps between checkpoints (default: the preset's)"),
     fsdp: bool = typer.Option(False, help="under torchrun: shard with FSDP2 (fully_shard) instead of DDP"),
@@ -191,42 +239,36 @@ def train(
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        saved = _saved_config(out).data
+        meta = read_meta(resolve(out), tuple(MODEL_CLASSES))
+        saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
+        _check_resume_options(saved_model, from_dict(TrainConfig, meta["train"]), preset, {
+            "--model": model, "--seed": seed, "--mode": mode, "--batch-size": batch_size, "--patch": patch,
+            "--checkpoint-every": checkpoint_every, "--objective": objective, "--hybrid-weight": hybrid_weight,
+            "--hybrid-schedule": hybrid_schedule, "--stratified": stratified, "--precondition": precondition,
+            "--transform": transform, "--text-attention": text_attention, "--conditioning": conditioning,
+            "--position": position})
+        saved = saved_model.data
+        patch = saved.patch
         conditional = saved.num_classes > 0
         if saved.is_text:
             is_text, text_encoder = True, saved.text_encoder
+    patch = 4 if patch is None else patch
     source = open_text_data(data, captions, text_encoder, patch) if is_text else \
         open_data(data, conditional=conditional, patch=patch)
     p = get_preset(preset or default_preset(source.spec()))
     if resume:
-        if any(v is not None for v in (objective, hybrid_weight, hybrid_schedule, stratified, precondition, transform,
-                                       text_attention, conditioning, position)):
-            raise UsageProblem("--objective, --hybrid-weight, --hybrid-schedule, --stratified, --precondition, "
-                               "--transform, --text-attention, --conditioning and --position are fixed by the run; "
-                               "drop them with --resume")
         summary = run_training(None, None if steps is None else replace(p.train, steps=steps), source, out,
                                resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
+        model = model or Kind.ntm
         model_cfg = p.ntm(source.spec()) if model == Kind.ntm else p.fm(source.spec())
-        if precondition is not None and model == Kind.ntm:
-            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, precondition=precondition.value))
-        if transform is not None and model == Kind.ntm:
-            model_cfg = replace(model_cfg, transporter=replace(model_cfg.transporter, transform=transform.value))
-        if text_attention is not None:
-            model_cfg = replace(model_cfg, data=replace(model_cfg.data, text_attention=text_attention.value))
-        if conditioning is not None and model == Kind.ntm:
-            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, conditioning=conditioning.value))
-        elif conditioning is not None:
-            model_cfg = replace(model_cfg, velocity=replace(model_cfg.velocity, conditioning=conditioning.value))
-        if position is not None and model == Kind.ntm:
-            model_cfg = replace(model_cfg, predictor=replace(model_cfg.predictor, position=position.value))
-        elif position is not None:
-            model_cfg = replace(model_cfg, velocity=replace(model_cfg.velocity, position=position.value))
+        model_cfg = _with_model_options(model_cfg, precondition=precondition, transform=transform,
+                                        text_attention=text_attention, conditioning=conditioning, position=position)
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
                    "stratified": stratified}
-        train_cfg = replace(p.train, seed=seed, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
+        train_cfg = replace(p.train, seed=seed or 0, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
                             batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
                             checkpoint_every=checkpoint_every or p.train.checkpoint_every,
                             **{k: v for k, v in options.items() if v is not None})
@@ -475,16 +517,16 @@ def finetune(
     out: Path = typer.Option(..., help="run directory of the finetuned NTM"),
     data: str = typer.Option(..., help="the data the FM run was trained on"),
     captions: Optional[Path] = typer.Option(None, help="text: the captions file of an image-folder --data"),
-    aux_weight: float = typer.Option(2.5, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0)"),
+    aux_weight: Optional[float] = typer.Option(None, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0; default 2.5)"),
     steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
     preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
-    velocity_scale: str = typer.Option("x0", help="predictor scale: x0 (C^2 + B^2 tau^2, learned x0_hat "
-                                       "uncertainty tau) or floor (max(C, 0.01) exp(delta))"),
-    fresh_lr_factor: float = typer.Option(4.0, min=1e-6, help="learning rate of the transporter and scale head "
-                                          "over the pretrained weights' (the preset's lr)"),
+    velocity_scale: Optional[str] = typer.Option(None, help="predictor scale: x0 (the default: C^2 + B^2 tau^2, learned "
+                                                 "x0_hat uncertainty tau) or floor (max(C, 0.01) exp(delta))"),
+    fresh_lr_factor: Optional[float] = typer.Option(None, min=1e-6, help="learning rate of the transporter and scale "
+                                                    "head over the pretrained weights' (the preset's lr; default 4)"),
     freeze_backbone: bool = typer.Option(False, help="keep the pretrained velocity weights fixed; train only the "
                                          "transporter and the scale head"),
-    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint"),
+    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint (with --from, --out and --data only)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Start an NTM from a flow-matching model and finetune it by the trajectory likelihood plus the
@@ -492,20 +534,23 @@ def finetune(
     source = _run_source(from_run, data, captions)
     if not isinstance(_saved_config(from_run), FMConfig):
         raise ConfigError(f"--from {from_run} is not a flow-matching run (train one with `ntm train --model fm`)")
-    if velocity_scale not in ("x0", "floor"):
+    if velocity_scale not in (None, "x0", "floor"):
         raise UsageProblem(f"--velocity-scale must be x0 or floor, got '{velocity_scale}'")
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        if velocity_scale != "x0" or fresh_lr_factor != 4.0 or freeze_backbone:
-            raise UsageProblem("--velocity-scale, --fresh-lr-factor and --freeze-backbone are fixed by the run; "
-                               "drop them with --resume")
+        given = {"--steps": steps, "--aux-weight": aux_weight, "--preset": preset, "--velocity-scale": velocity_scale,
+                 "--fresh-lr-factor": fresh_lr_factor, "--freeze-backbone": freeze_backbone or None}
+        fixed = [name for name, value in given.items() if value is not None]
+        if fixed:
+            raise UsageProblem(f"{', '.join(fixed)}: fixed by the run; drop {'it' if len(fixed) == 1 else 'them'} "
+                               "with --resume")
         summary = run_training(None, None, source, out, resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
-        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=aux_weight, preset=preset,
-                               progress=progress, velocity_scale=velocity_scale, fresh_lr_factor=fresh_lr_factor,
-                               freeze_backbone=freeze_backbone)
+        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=2.5 if aux_weight is None else aux_weight,
+                               preset=preset, progress=progress, velocity_scale=velocity_scale or "x0",
+                               fresh_lr_factor=fresh_lr_factor or 4.0, freeze_backbone=freeze_backbone)
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
                f"{summary['final_loss']:.4f}; run: {out}")

@@ -277,7 +277,7 @@ def test_train_with_adaln_conditioning_stores_it_and_refuses_it_on_resume(tmp_pa
         assert cfg.conditioning == "adaln" and net.adaln
         code, _, err = run(capsys, "train", "--data", "checkerboard", "--conditional", "--out", str(out), "--resume",
                            "--conditioning", "add")
-        assert_one_error_line(code, err, "--position are fixed by the run")
+        assert_one_error_line(code, err, "not what the run was started with")
     code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tmp_path / "x"), "--conditioning", "film")
     assert code != 0 and "film" in err and not (tmp_path / "x").exists()
 
@@ -295,6 +295,27 @@ def test_train_with_sincos_positions_stores_them_and_refuses_them_on_resume(tmp_
         assert torch.equal(net.pos, sincos_positions((1, 2), cfg.width))  # fixed: training left it alone
         code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(out), "--resume",
                            "--position", "learned")
-        assert_one_error_line(code, err, "--position are fixed by the run")
+        assert_one_error_line(code, err, "not what the run was started with")
     code, _, err = run(capsys, "train", "--data", "checkerboard", "--out", str(tmp_path / "x"), "--position", "rope")
     assert code != 0 and "rope" in err and not (tmp_path / "x").exists()
+
+
+def test_resume_takes_the_first_commands_options_and_refuses_other_values(tmp_path, capsys):
+    out = tmp_path / "r"
+    first = ("train", "--data", "moons", "--preset", "tiny", "--seed", "3", "--mode", "pairwise", "--batch-size", "32",
+             "--checkpoint-every", "5", "--hybrid-weight", "0.5", "--out", str(out), "--no-progress")
+    code, _, err = run(capsys, *first, "--steps", "10")
+    assert code == 0, err
+    # the same command with --resume is accepted (the run is finished: nothing more to do)
+    code, out_text, err = run(capsys, *first, "--steps", "10", "--resume")
+    assert code == 0 and "10 steps" in out_text, err
+    log = (out / "metrics.jsonl").read_text()
+    for bad, name in ((("--seed", "4"), "--seed"), (("--batch-size", "64"), "--batch-size"),
+                      (("--mode", "e2e"), "--mode"), (("--checkpoint-every", "2"), "--checkpoint-every"),
+                      (("--hybrid-weight", "1"), "--hybrid-weight"), (("--patch", "2"), "--patch"),
+                      (("--model", "fm"), "--model"), (("--transform", "spline"), "--transform"),
+                      (("--preset", "toy"), "--preset")):
+        code, _, err = run(capsys, "train", "--data", "moons", "--out", str(out), "--resume", *bad,
+                           "--no-progress")
+        assert_one_error_line(code, err, f"{name}: not what the run was started with")
+    assert (out / "metrics.jsonl").read_text() == log  # nothing trained, nothing written

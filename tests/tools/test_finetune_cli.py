@@ -40,8 +40,9 @@ def test_finetune_cli_with_and_without_aux(tmp_path, capsys, monkeypatch):
     for k, v in fm.velocity.state_dict().items():  # the backbone did not move; the fresh parts did
         assert torch.equal(ft.predictor.velocity.state_dict()[k], v)
     assert any(b.proj_out.weight.abs().sum() > 0 for b in ft.transporter.blocks)  # zero at init
-    assert main(["finetune", "--from", str(fm_run), "--out", str(frozen), "--data", "moons", "--resume",
-                 "--freeze-backbone"]) == 2
+    for extra in (["--freeze-backbone"], ["--steps", "9"], ["--aux-weight", "1"], ["--fresh-lr-factor", "2"]):
+        assert main(["finetune", "--from", str(fm_run), "--out", str(frozen), "--data", "moons", "--resume",
+                     *extra]) == 2  # a finetune resumes as it was configured
     assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "z"), "--data", "moons",
