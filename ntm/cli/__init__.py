@@ -293,15 +293,17 @@ def sample(
     prompts: Optional[Path] = typer.Option(None, help="text models: a file of prompts, one per line; --n samples each"),
     guidance: float = typer.Option(0.0, min=0.0, help="guidance scale w >= 0: NTM's product rule, FM's linear CFG (needs --class or a prompt)"),
     t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
-    solver: Solver = typer.Option(Solver.euler, help="FM models: ODE solver"),
-    decode: Decode = typer.Option(Decode.auto, help="NTM decoder: auto (the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
-    inverse: InverseMethod = typer.Option(InverseMethod.sequential, "--inverse", help="NTM transporter inverse: sequential (KV cache) or block-Jacobi"),
-    noise_scale: float = typer.Option(1.0, min=0.0, help="NTM: scale gamma of sigma_P on the noisy steps (1: the model's density; other values leave it)"),
+    solver: Optional[Solver] = typer.Option(None, help="FM models: ODE solver (default euler)"),
+    decode: Optional[Decode] = typer.Option(None, help="NTM decoder: auto (the default: the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
+    inverse: Optional[InverseMethod] = typer.Option(None, "--inverse", help="NTM transporter inverse: sequential (KV cache, the default) or block-Jacobi"),
+    noise_scale: Optional[float] = typer.Option(None, min=0.0, help="NTM: scale gamma of sigma_P on the noisy steps (1, the default: the model's density; other values leave it)"),
     overwrite: bool = typer.Option(False, help="replace existing output files"),
 ):
     """Draw samples: NTM in T predictor steps and one transporter inverse; FM by Euler/Heun (default 50 steps)."""
     if not out.name.endswith(".npy"):
         raise UsageProblem("--out must be a .npy file")
+    if png is not None and png.suffix.lower() != ".png":
+        raise UsageProblem("--png must be a .png file")
     _fresh_output_file(out, overwrite)
     if png is not None:
         _fresh_output_file(png, overwrite)
@@ -334,13 +336,19 @@ def sample(
     g = torch.Generator().manual_seed(seed)
     is_fm = isinstance(model, FlowMatching)
     if is_fm:
-        if t_min is not None:
-            raise UsageProblem("--t-min applies to NTM models only")
+        ntm_only = [k for k, v in (("--t-min", t_min), ("--decode", decode), ("--inverse", inverse),
+                                   ("--noise-scale", noise_scale)) if v is not None]
+        if ntm_only:
+            raise UsageProblem(f"{', '.join(ntm_only)}: NTM options; this is a flow-matching run")
         steps = steps or DEFAULT_SAMPLING_STEPS
+        solver = solver or Solver.euler
         x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
     else:
-        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g, decode=decode.value,
-                         inverse_method=inverse.value, noise_scale=noise_scale)
+        if solver is not None:
+            raise UsageProblem("--solver: a flow-matching option; this is an NTM run")
+        x = model.sample(n, y=y, guidance=guidance, steps=steps, t_min=t_min, generator=g,
+                         decode=(decode or Decode.auto).value, inverse_method=(inverse or InverseMethod.sequential).value,
+                         noise_scale=1.0 if noise_scale is None else noise_scale)
     arr = x.cpu().numpy()
     save_npy(out, arr)
     typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")

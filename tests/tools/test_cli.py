@@ -63,6 +63,8 @@ def test_train_sample_eval_end_to_end(tiny_run, tmp_path, capsys):
 def test_sample_at_other_step_counts(tiny_run, tmp_path, capsys):
     code, _, _ = run(capsys, "sample", str(tiny_run), "--n", "50", "--steps", "8", "--out", str(tmp_path / "s8.npy"))
     assert code == 0 and np.load(tmp_path / "s8.npy").shape == (50, 2)
+    code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--solver", "heun", "--out", str(tmp_path / "h.npy"))
+    assert_one_error_line(code, err, "--solver: a flow-matching option")
 
 
 def test_user_files_npy_and_csv(tmp_path, capsys):

@@ -28,4 +28,13 @@ def test_fm_cli_train_sample_eval_and_reload(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["divergence"] == "exact" and math.isfinite(res["ode_nll_nats"])
     assert main(["sample", str(run), "--n", "5", "--t-min", "0.1", "--out", str(tmp_path / "x.npy")]) == 2
+    # NTM-only options are refused by name on an FM run (they were ignored), and nothing is written
+    for extra, name in ((["--decode", "inverse"], "--decode"), (["--noise-scale", "0.5"], "--noise-scale"),
+                        (["--inverse", "jacobi"], "--inverse")):
+        capsys.readouterr()
+        assert main(["sample", str(run), "--n", "5", *extra, "--out", str(tmp_path / "x.npy")]) == 2
+        assert f"{name}: NTM options" in capsys.readouterr().err
+    # a --png that is not a .png fails before the samples are written
+    assert main(["sample", str(run), "--n", "5", "--png", str(tmp_path / "g.txt"), "--out", str(tmp_path / "x.npy")]) == 2
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "g.txt").exists()
 
