@@ -132,7 +132,8 @@ class TokenModel(nn.Module):
         except (ValueError, TypeError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as exc:
             raise CheckpointError(f"{ckpt}: cannot build the model from its config ({exc})") from None
         load_into(model, ckpt / f"{weights}.safetensors")
-        model.after_load(Path(path), meta)
+        if weights == "model":  # what the run folder holds was made from the averaged weights (NTM: its denoiser)
+            model.after_load(Path(path), meta)
         model.eval()
         if map_location is not None:
             model.to(map_location)

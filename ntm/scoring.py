@@ -45,7 +45,7 @@ def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, level:
     out = []
     for c in range(model.spec.num_classes):
         y = torch.full((x.shape[0],), c, dtype=torch.long)
-        out.append(-model.score(x, y=y, generator=torch.Generator(device=model.device).manual_seed(seed),
+        out.append(-model.score(x, y=y, generator=torch.Generator().manual_seed(seed),
                                 **score_kwargs)["nll"].float().cpu())
         if progress is not None:
             progress(x.shape[0])
@@ -59,7 +59,7 @@ def ntm_class_log_likelihoods(model, x: Tensor, levels: tuple[int, ...] = (0, 1)
     classes): level 0 is minus the IW bound on -log p(x | y) (raw units); level j >= 1 is minus the
     K-averaged bound on -log p(x_{t_j} | y), the data noised to the trajectory's level j
     (standardised units), which leaves out the finest steps where pixel detail, not the class, is paid for."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
     terms, prior = class_step_terms(model, x, generator=g, progress=progress, **score_kwargs)
     return {lv: -(iw_of_terms(terms, prior) + log_scale_correction(model.spec)) if lv == 0
             else -level_bound_of_terms(terms, prior, lv) for lv in levels}

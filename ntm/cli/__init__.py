@@ -425,7 +425,7 @@ def _score_table(model, x: torch.Tensor, y, trajectories: int, steps: Optional[i
     total = x.shape[0] * (1 + (model.spec.num_classes if bayes else 0))
     kwargs = {"steps": ode_steps} if is_fm else {"num_trajectories": trajectories, "steps": steps}
     with tqdm(total=total, desc="score", unit="sample", dynamic_ncols=True, disable=None) as bar:
-        res = model.score(x, y=y, generator=torch.Generator(device=model.device).manual_seed(seed),
+        res = model.score(x, y=y, generator=torch.Generator().manual_seed(seed),
                           batch_size=batch_size, progress=bar.update, **kwargs)
         cols = {}
         if is_fm:

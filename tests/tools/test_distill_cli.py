@@ -34,6 +34,8 @@ def test_distil_lowers_the_loss_and_every_decoder_runs(tiny_run, tmp_path, capsy
     assert log[-1]["step"] == 60
     model = NTM.from_pretrained(tiny_run)
     assert model.denoiser is not None
+    # the denoiser was distilled from the averaged weights: the raw training weights come without it
+    assert NTM.from_pretrained(tiny_run, weights="train").denoiser is None
     # on one fixed large batch, the distilled denoiser is closer to its targets than the untrained one
     x0 = to_tokens(open_source("moons").held_out(1024, seed=3)[0], model.spec)
     losses = []
