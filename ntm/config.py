@@ -562,6 +562,11 @@ def validate_model_config(cfg: NTMConfig | FMConfig) -> None:
         raise ValueError(f"coupling_t_max must be in (0, 1], got {tr.coupling_t_max}")
     if tr.blocks < 0 or tj.T < 1 or any(t < 1 for t in tj.train_Ts):
         raise ValueError("invalid block count or trajectory length")
+    if tj.train_Ts and tj.T not in tj.train_Ts:
+        raise ValueError(f"the default T = {tj.T} is not one of the trained lengths {list(tj.train_Ts)}")
+    if not 0 <= tj.t_min_low <= tj.t_min_high < 1 or not 0 <= tj.sample_t_min < 1:
+        raise ValueError(f"the last level needs 0 <= t_min_low <= t_min_high < 1 and 0 <= sample_t_min < 1, got "
+                         f"{tj.t_min_low}, {tj.t_min_high}, {tj.sample_t_min}")
 
 
 def validate_train_config(cfg: TrainConfig) -> None:

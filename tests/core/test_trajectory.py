@@ -1,10 +1,12 @@
 """The forward trajectory against Monte Carlo and independent Gaussian conditioning."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from ntm.config import DataSpec, TrajectoryConfig, get_preset, validate_model_config
 from ntm.trajectory import (
     forward_trajectory,
     markov_coefficients,
@@ -92,3 +94,15 @@ def test_time_grid_rejects_t_min_at_or_above_t1():
         time_grid(4, torch.tensor([0.01, -0.01]), -1.0)
     assert time_grid(16, 0.5 * t1, -1.0).diff().min() > 0
 
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(T=4, train_Ts=(8, 16)), "not one of the trained lengths"),
+    (dict(t_min_low=0.1, t_min_high=0.05), "t_min_low <= t_min_high"),
+    (dict(t_min_high=1.0), "t_min_low <= t_min_high < 1"),
+    (dict(sample_t_min=-0.1), "sample_t_min < 1"),
+])
+def test_a_trajectory_config_no_model_can_use_is_refused_when_built(bad, message):
+    cfg = get_preset("tiny").ntm(DataSpec(shape=(2,), mean=(0.0, 0.0), std=(1.0, 1.0)))
+    with pytest.raises(ValueError, match=message):
+        validate_model_config(replace(cfg, trajectory=TrajectoryConfig(**bad)))
