@@ -256,9 +256,9 @@ class ConditionedTransformer(nn.Module):
     With ``text_dim`` > 0 the condition is a prompt (``ntm.text.Prompts``) instead of a label: its
     ``text_tokens`` token states are projected to the width and, with ``text_attention`` "concat",
     appended to the sequence (the paper's choice) or, with "cross", attended to by a cross-attention
-    block in every layer; padding is masked out either way, and the columns no prompt of the batch
-    uses are dropped (exact: the image tokens' outputs do not change). The pooled vector joins the
-    additive conditioning.
+    block in every layer; padding is masked out either way, and the trailing columns no prompt of the
+    batch uses are dropped (the image tokens' outputs do not change, up to rounding). The pooled vector
+    joins the additive conditioning.
     The null prompt (the encoder's encoding of "", stored in the buffers ``null_*``) stands in for
     a missing prompt and for the rows a prompt batch marks as dropped.
     """
@@ -332,9 +332,12 @@ class ConditionedTransformer(nn.Module):
         if text is not None:
             tokens, mask, pooled = text
             cond = cond + self.text_pool(pooled)
-            # drop the padding columns no prompt of the batch uses: they are masked out of every
-            # attention, so the image tokens' outputs are unchanged and the sequence is shorter
-            L = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+            # drop the trailing columns no prompt of the batch uses: they are masked out of every
+            # attention, so the image tokens' outputs are unchanged (up to rounding) and the sequence is
+            # shorter; a compiled graph keeps the full, static length
+            L = mask.shape[1]
+            if not torch.compiler.is_compiling() and mask.any():
+                L = int(mask.any(0).nonzero().max()) + 1
             tokens, mask = tokens[:, :L], mask[:, :L]
             words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos[:L]
         added = 0 if self.adaln else cond[:, None]  # adaLN: the condition modulates, it is not added

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -80,25 +81,36 @@ NTM_ONLY_KEYS = ("mode", "finetune", "objective", "stratified", "step_weights", 
                  "T_weights")
 
 
-def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:
-    """Does ``run_dir`` hold (the start of) a run with this model config and these training settings?"""
+def run_differences(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> list[str] | None:
+    """What differs between the run in ``run_dir`` and these configs: [] for the same run, the names of
+    the differing settings otherwise, None when the folder holds no readable run."""
     try:
         meta = read_meta(resolve(run_dir), tuple(MODEL_CLASSES))
         saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
         saved_train = from_dict(TrainConfig, meta["train"])
     except (CheckpointError, KeyError, TypeError, ValueError):
-        return False
+        return None
     skip = RUN_ONLY_KEYS + (NTM_ONLY_KEYS if isinstance(model_cfg, FMConfig) else ())
     keys = [f.name for f in fields(TrainConfig) if f.name not in skip]
-    return saved_model == model_cfg and all(getattr(saved_train, k) == getattr(train_cfg, k) for k in keys)
+    return (["model config"] if saved_model != model_cfg else []) + \
+        [k for k in keys if getattr(saved_train, k) != getattr(train_cfg, k)]
+
+
+def same_run(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig) -> bool:
+    """Does ``run_dir`` hold (the start of) a run with this model config and these training settings?"""
+    return run_differences(run_dir, model_cfg, train_cfg) == []
 
 
 def train_or_reuse(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: TrainConfig, src, progress: bool) -> dict:
-    """Reuse a finished run with the same configs, resume an unfinished one, or train afresh."""
-    if same_run(run_dir, model_cfg, train_cfg):
+    """Reuse a finished run with the same configs, resume an unfinished one, or train afresh (saying
+    why when a run is replaced)."""
+    differ = run_differences(run_dir, model_cfg, train_cfg)
+    if differ == []:
         summary = train(None, train_cfg, src, run_dir, resume=True, progress=progress, device=bench_device())
     else:
         replaceable_run(run_dir)
+        if differ:
+            print(f"{run_dir}: trained again ({', '.join(differ)} differ from the stored run)", file=sys.stderr)
         shutil.rmtree(run_dir, ignore_errors=True)
         summary = train(model_cfg, train_cfg, src, run_dir, progress=progress, device=bench_device())
     if summary["stopped"]:  # Ctrl-C / SIGTERM: stop the whole bench; a re-run resumes this training
@@ -115,5 +127,5 @@ def write_results(out: str | Path, results: dict) -> None:
 
 
 __all__ = ["AFFINE_RUNS_PRESET", "BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "is_bench_output",
-           "same_run",
+           "run_differences", "same_run",
            "train_or_reuse", "write_results"]

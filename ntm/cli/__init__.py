@@ -3,9 +3,10 @@ distill, bench, report). It prints what the library returns."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -173,31 +174,51 @@ def _with_model_options(cfg, **options):
     return cfg
 
 
+def _refuse_differing(differ: list[tuple[str, object]]) -> None:
+    """One line naming every option (with the run's stored value) that --resume cannot honour."""
+    if differ:
+        said = "; ".join(f"{name} (the run has {value})" for name, value in differ)
+        raise UsageProblem(f"not what the run was started with: {said}; drop "
+                           f"{'it' if len(differ) == 1 else 'them'} with --resume")
+
+
 def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | None, given: dict) -> None:
     """``ntm train --resume`` takes the same options as the run's first command, or none: one that
-    differs from what the run stored is one clear error."""
+    differs from what the run stored is one clear error. Options the run's kind ignores (--patch on
+    2-D data, NTM-only options on an FM run) are not compared."""
     ntm = isinstance(saved_model, NTMConfig)
     net = saved_model.predictor if ntm else saved_model.velocity
     stored = {"--model": "ntm" if ntm else "fm", "--seed": saved_train.seed, "--mode": saved_train.mode,
-              "--batch-size": saved_train.batch_size, "--patch": saved_model.data.patch,
+              "--batch-size": saved_train.batch_size,
+              "--patch": saved_model.data.patch if saved_model.data.kind == "image" else None,
               "--checkpoint-every": saved_train.checkpoint_every, "--objective": saved_train.objective,
               "--hybrid-weight": saved_train.hybrid_weight, "--hybrid-schedule": saved_train.hybrid_schedule,
               "--stratified": saved_train.stratified,
               "--precondition": saved_model.predictor.precondition if ntm else None,
               "--transform": saved_model.transporter.transform if ntm else None,
               "--text-attention": saved_model.data.text_attention if saved_model.data.is_text else None,
+              "--conditional": True if saved_model.data.num_classes > 0 else None,
               "--conditioning": net.conditioning, "--position": net.position}
-    differ = [name for name, value in given.items() if value is not None and _option_value(value) != stored[name]]
-    if preset is not None:  # the preset's networks, with the run's own model options, must be the run's
+    differ = [(name, stored[name]) for name, value in given.items()
+              if value is not None and stored[name] is not None and _option_value(value) != stored[name]]
+    if given.get("--conditional") and stored["--conditional"] is None:
+        differ.append(("--conditional", "no labels"))
+    if preset is not None:  # the preset's networks and optimiser, with the run's own options, must be the run's
         p = get_preset(preset)
         cfg = p.ntm(saved_model.data) if ntm else p.fm(saved_model.data)
         keep = {k[2:].replace("-", "_"): stored[k] for k in ("--precondition", "--transform", "--text-attention",
                                                            "--conditioning", "--position")}
-        if _with_model_options(cfg, **keep) != saved_model:
-            differ.insert(0, "--preset")
-    if differ:
-        raise UsageProblem(f"{', '.join(differ)}: not what the run was started with; drop "
-                           f"{'it' if len(differ) == 1 else 'them'} with --resume")
+        optimiser = [f.name for f in fields(TrainConfig) if f.name not in PRESET_TRAIN_FREE]
+        if _with_model_options(cfg, **keep) != saved_model or \
+                any(getattr(p.train, k) != getattr(saved_train, k) for k in optimiser):
+            differ.insert(0, ("--preset", "other networks or optimiser settings"))
+    _refuse_differing(differ)
+
+
+# the training settings a command line sets on its own (or that do not change what a run learns), so a
+# preset named again on --resume is not compared on them
+PRESET_TRAIN_FREE = ("steps", "seed", "mode", "batch_size", "checkpoint_every", "log_every", "fsdp", "compile",
+                     "objective", "hybrid_weight", "hybrid_schedule", "stratified", "finetune")
 
 
 @app.command()
@@ -246,7 +267,7 @@ def train(
             "--checkpoint-every": checkpoint_every, "--objective": objective, "--hybrid-weight": hybrid_weight,
             "--hybrid-schedule": hybrid_schedule, "--stratified": stratified, "--precondition": precondition,
             "--transform": transform, "--text-attention": text_attention, "--conditioning": conditioning,
-            "--position": position})
+            "--position": position, "--conditional": conditional or None})
         saved = saved_model.data
         patch = saved.patch
         conditional = saved.num_classes > 0
@@ -339,7 +360,8 @@ def sample(
         ntm_only = [k for k, v in (("--t-min", t_min), ("--decode", decode), ("--inverse", inverse),
                                    ("--noise-scale", noise_scale)) if v is not None]
         if ntm_only:
-            raise UsageProblem(f"{', '.join(ntm_only)}: NTM options; this is a flow-matching run")
+            raise UsageProblem(f"{', '.join(ntm_only)}: NTM option{'s' if len(ntm_only) > 1 else ''}; this is a "
+                               "flow-matching run")
         steps = steps or DEFAULT_SAMPLING_STEPS
         solver = solver or Solver.euler
         x = model.sample(n, y=y, guidance=guidance, steps=steps, solver=solver.value, generator=g)
@@ -534,7 +556,7 @@ def finetune(
                                                     "head over the pretrained weights' (the preset's lr; default 4)"),
     freeze_backbone: bool = typer.Option(False, help="keep the pretrained velocity weights fixed; train only the "
                                          "transporter and the scale head"),
-    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint (with --from, --out and --data only)"),
+    resume: bool = typer.Option(False, help="continue the finetune in --out from its last checkpoint (the first command again, or without its other options)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Start an NTM from a flow-matching model and finetune it by the trajectory likelihood plus the
@@ -547,12 +569,23 @@ def finetune(
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        given = {"--steps": steps, "--aux-weight": aux_weight, "--preset": preset, "--velocity-scale": velocity_scale,
-                 "--fresh-lr-factor": fresh_lr_factor, "--freeze-backbone": freeze_backbone or None}
-        fixed = [name for name, value in given.items() if value is not None]
-        if fixed:
-            raise UsageProblem(f"{', '.join(fixed)}: fixed by the run; drop {'it' if len(fixed) == 1 else 'them'} "
-                               "with --resume")
+        meta = read_meta(resolve(out), tuple(MODEL_CLASSES))
+        saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
+        saved_train = from_dict(TrainConfig, meta["train"])
+        ft = saved_train.finetune
+        if ft is None:
+            raise UsageProblem(f"--resume: {out} is not a finetune (resume it with ntm train --resume)")
+        differ = [(name, have) for name, value, have in (
+            ("--steps", steps, saved_train.steps), ("--aux-weight", aux_weight, ft.aux_weight),
+            ("--velocity-scale", velocity_scale, saved_model.predictor.velocity_scale),
+            ("--freeze-backbone", freeze_backbone or None, ft.pretrained_lr_scale == 0))
+            if value is not None and value != have]
+        if fresh_lr_factor is not None and not math.isclose(fresh_lr_factor * ft.pretrained_lr_scale, 1.0):
+            differ.append(("--fresh-lr-factor", "frozen backbone" if ft.pretrained_lr_scale == 0
+                           else f"{1 / ft.pretrained_lr_scale:g}"))
+        if preset is not None and get_preset(preset).transporter != saved_model.transporter:
+            differ.append(("--preset", "another transporter"))
+        _refuse_differing(differ)
         summary = run_training(None, None, source, out, resume=True, progress=progress)
     else:
         _fresh_output_dir(out)

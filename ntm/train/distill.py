@@ -29,9 +29,11 @@ def distill(run_dir: str | Path, source, train_config: TrainConfig = DISTILL_TRA
     settings, is an error (move it away to distil again). Returns the fit summary with the first and
     last logged MSE.
     """
-    if run_dir_of(run_dir) != Path(run_dir):  # a checkpoint folder: its denoiser would never be found
-        raise ConfigError(f"{run_dir} is not a run folder; distil from the run (its latest checkpoint), "
-                          "e.g. the folder that holds checkpoints/")
+    run = run_dir_of(run_dir)
+    if run is None:
+        raise ConfigError(f"no run at {run_dir} (a run folder holds checkpoints/)")
+    if run != Path(run_dir):  # a checkpoint folder: its denoiser would land where no load looks
+        raise ConfigError(f"{run_dir} is a checkpoint folder; distil from its run {run} (its latest checkpoint)")
     ntm_step = read_meta(resolve(run_dir)).get("step")
     model = load_model(run_dir)
     if not isinstance(model, NTM):

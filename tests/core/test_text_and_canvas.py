@@ -111,20 +111,24 @@ def test_padding_columns_no_prompt_uses_are_dropped_without_changing_the_output(
     net = ConditionedTransformer(32, 2, 2, 6, 4, 4, text_dim=E, text_tokens=L, text_attention=attention)
     for p in net.parameters():  # leave the zero-initialised read-out and the small embeddings behind
         torch.nn.init.normal_(p, std=0.3)
-    lengths = torch.tensor([3, 5])
-    mask = torch.arange(L)[None] < lengths[:, None]
-    prompts = Prompts(torch.randn(2, L, E), mask, torch.randn(2, E))
-    x, t, s = torch.randn(2, 6, 4), torch.rand(2), torch.rand(2)
+    net.set_null_prompt(torch.randn(L, E), torch.arange(L) < 2, torch.randn(E))  # "" is [CLS] [SEP]
+    # rows: right-padded (3 tokens), right-padded (5), left-padded (tokens at columns 2-4), dropped (null)
+    mask = torch.stack([torch.arange(L) < 3, torch.arange(L) < 5, (torch.arange(L) >= 2) & (torch.arange(L) < 5),
+                        torch.zeros(L, dtype=torch.bool)])
+    prompts = Prompts(torch.randn(4, L, E), mask, torch.randn(4, E), drop=torch.tensor([False, False, False, True]))
+    x, t, s = torch.randn(4, 6, 4), torch.rand(4), torch.rand(4)
     seen = []
     hook = net.net.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     both = net.backbone(x, t, s, prompts)
-    # the batch keeps the 5 columns its longer prompt uses: 6 image tokens + 5 words (concat), or 6
+    # the batch keeps the 5 columns its longest prompts use: 6 image tokens + 5 words (concat), or 6
     # image tokens attending to 5 words (cross)
     assert seen[-1] == (11 if attention == "concat" else 6)
-    # the first row, computed alone (3 columns) and beside a longer prompt (5 columns, 2 of them its
-    # padding), and with garbage in its padding: one output
-    alone = net.backbone(x[:1], t[:1], s[:1], prompts[:1])
-    assert torch.allclose(both[:1], alone, atol=1e-5)
-    noisy = Prompts(torch.where(mask[..., None], prompts.tokens, torch.randn(2, L, E) * 100), mask, prompts.pooled)
+    # every row computed alone (3, 5, 5 and 2 columns) equals the same row beside the others
+    for i in range(4):
+        alone = net.backbone(x[i:i + 1], t[i:i + 1], s[i:i + 1], prompts[i:i + 1])
+        assert torch.allclose(both[i:i + 1], alone, atol=1e-5), i
+    # garbage in the padding changes nothing
+    noisy = Prompts(torch.where(mask[..., None], prompts.tokens, torch.randn(4, L, E) * 100), mask, prompts.pooled,
+                    prompts.drop)
     assert torch.allclose(net.backbone(x, t, s, noisy), both, atol=1e-5)
     hook.remove()

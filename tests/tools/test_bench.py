@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from ntm.bench.common import same_run, train_or_reuse
+from ntm.bench.common import run_differences, same_run, train_or_reuse
 from ntm.cli import main
 from ntm.config import get_preset
 from ntm.data import open_source
@@ -239,3 +239,5 @@ def test_a_bench_reuses_a_run_only_when_every_learning_setting_matches(tmp_path)
     # the NTM objective's settings matter to an NTM, not to the FM baseline
     assert not same_run(tmp_path / "ntm", cfg, replace(train_cfg, hybrid_weight=1.0))
     assert same_run(tmp_path / "fm", fm_cfg, replace(train_cfg, hybrid_weight=1.0, T_weights=(1.0,)))
+    assert run_differences(tmp_path / "ntm", cfg, replace(train_cfg, warmup=0, lr=1.0)) == ["lr", "warmup"]
+    assert run_differences(tmp_path / "nothing", cfg, train_cfg) is None

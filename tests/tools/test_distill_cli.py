@@ -28,7 +28,10 @@ def test_distil_lowers_the_loss_and_every_decoder_runs(tiny_run, tmp_path, capsy
     ckpt = latest_checkpoint(tiny_run)
     assert main(["distill", str(ckpt), "--data", "moons", "--steps", "5", "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "not a run folder" in err and len(err.strip().splitlines()) == 1 and not (ckpt / "denoiser").exists()
+    assert "is a checkpoint folder; distil from its run" in err and len(err.strip().splitlines()) == 1
+    assert not (ckpt / "denoiser").exists()
+    assert main(["distill", str(tmp_path / "nothing"), "--data", "moons", "--no-progress"]) == 1
+    assert "no such run" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
     assert main(["distill", str(tiny_run), "--data", "moons", "--steps", "60", "--no-progress"]) == 0
     log = [json.loads(line) for line in (tiny_run / "denoiser" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 60

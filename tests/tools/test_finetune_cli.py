@@ -40,9 +40,18 @@ def test_finetune_cli_with_and_without_aux(tmp_path, capsys, monkeypatch):
     for k, v in fm.velocity.state_dict().items():  # the backbone did not move; the fresh parts did
         assert torch.equal(ft.predictor.velocity.state_dict()[k], v)
     assert any(b.proj_out.weight.abs().sum() > 0 for b in ft.transporter.blocks)  # zero at init
-    for extra in (["--freeze-backbone"], ["--steps", "9"], ["--aux-weight", "1"], ["--fresh-lr-factor", "2"]):
-        assert main(["finetune", "--from", str(fm_run), "--out", str(frozen), "--data", "moons", "--resume",
-                     *extra]) == 2  # a finetune resumes as it was configured
+    # --resume takes the first command again; a differing option is refused by name (the run is finished,
+    # so an accepted command has nothing left to train)
+    first = ["finetune", "--from", str(fm_run), "--out", str(frozen), "--data", "moons", "--resume"]
+    assert main([*first, "--preset", "tiny", "--steps", "6", "--freeze-backbone", "--no-progress"]) == 0
+    for extra, name in ((["--steps", "9"], "--steps (the run has 6)"), (["--aux-weight", "1"], "--aux-weight"),
+                        (["--fresh-lr-factor", "2"], "--fresh-lr-factor (the run has frozen backbone)"),
+                        (["--velocity-scale", "floor"], "--velocity-scale"), (["--preset", "toy"], "--preset")):
+        capsys.readouterr()
+        assert main([*first, *extra]) == 2
+        assert name in capsys.readouterr().err
+    assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "ft-0"), "--data", "moons", "--resume",
+                 "--freeze-backbone"]) == 2  # that run trained its backbone
     assert main(["finetune", "--from", str(tmp_path / "ft-0"), "--out", str(tmp_path / "x"), "--data", "moons"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "y"), "--data", "8gaussians"]) == 1
     assert main(["finetune", "--from", str(fm_run), "--out", str(tmp_path / "z"), "--data", "moons",
