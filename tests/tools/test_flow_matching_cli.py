@@ -33,7 +33,7 @@ def test_fm_cli_train_sample_eval_and_reload(tmp_path, capsys):
                         (["--inverse", "jacobi"], "--inverse")):
         capsys.readouterr()
         assert main(["sample", str(run), "--n", "5", *extra, "--out", str(tmp_path / "x.npy")]) == 2
-        assert f"{name}: NTM options" in capsys.readouterr().err
+        assert f"{name}: NTM option; this is a flow-matching run" in capsys.readouterr().err
     # a --png that is not a .png fails before the samples are written
     assert main(["sample", str(run), "--n", "5", "--png", str(tmp_path / "g.txt"), "--out", str(tmp_path / "x.npy")]) == 2
     assert not (tmp_path / "x.npy").exists() and not (tmp_path / "g.txt").exists()
