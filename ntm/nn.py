@@ -336,8 +336,9 @@ class ConditionedTransformer(nn.Module):
             # attention, so the image tokens' outputs are unchanged (up to rounding) and the sequence is
             # shorter; a compiled graph keeps the full, static length
             L = mask.shape[1]
-            if not torch.compiler.is_compiling() and mask.any():
-                L = int(mask.any(0).nonzero().max()) + 1
+            if not torch.compiler.is_compiling():
+                used = mask.any(0).nonzero()
+                L = int(used.max()) + 1 if len(used) else L
             tokens, mask = tokens[:, :L], mask[:, :L]
             words = self.text_in(tokens.to(self.text_in.weight.dtype)) + self.text_pos[:L]
         added = 0 if self.adaln else cond[:, None]  # adaLN: the condition modulates, it is not added

@@ -116,10 +116,15 @@ class InverseMethod(str, Enum):
     jacobi = "jacobi"
 
 
+def _saved_configs(run: Path):
+    """The model and training configs stored in a run (or checkpoint) folder."""
+    meta = read_meta(resolve(run), tuple(MODEL_CLASSES))
+    return from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"]), from_dict(TrainConfig, meta["train"])
+
+
 def _saved_config(run: Path):
     """The model config stored in a run (or checkpoint) folder."""
-    meta = read_meta(resolve(run), tuple(MODEL_CLASSES))
-    return from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
+    return _saved_configs(run)[0]
 
 
 def _run_source(run: Path, data: str, captions: Optional[Path] = None):
@@ -260,9 +265,8 @@ def train(
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        meta = read_meta(resolve(out), tuple(MODEL_CLASSES))
-        saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
-        _check_resume_options(saved_model, from_dict(TrainConfig, meta["train"]), preset, {
+        saved_model, saved_train = _saved_configs(out)
+        _check_resume_options(saved_model, saved_train, preset, {
             "--model": model, "--seed": seed, "--mode": mode, "--batch-size": batch_size, "--patch": patch,
             "--checkpoint-every": checkpoint_every, "--objective": objective, "--hybrid-weight": hybrid_weight,
             "--hybrid-schedule": hybrid_schedule, "--stratified": stratified, "--precondition": precondition,
@@ -569,9 +573,7 @@ def finetune(
     if resume:
         if not out.exists():
             raise UsageProblem(f"--resume: no run at {out}")
-        meta = read_meta(resolve(out), tuple(MODEL_CLASSES))
-        saved_model = from_dict(MODEL_CLASSES[meta["format"]].CONFIG, meta["config"])
-        saved_train = from_dict(TrainConfig, meta["train"])
+        saved_model, saved_train = _saved_configs(out)
         ft = saved_train.finetune
         if ft is None:
             raise UsageProblem(f"--resume: {out} is not a finetune (resume it with ntm train --resume)")
