@@ -16,11 +16,11 @@ import torch
 import typer
 from tqdm import tqdm
 
-from ..bench.common import AFFINE_RUNS_PRESET, check_bench_output, image_bench_folder, results_dir
+from ..bench.common import check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
 from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench, run_step_cost_bench
 from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
-from ..bench.text import run_text_bench, text_settings
+from ..bench.text import TEXT_PRESET, run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
@@ -807,7 +807,7 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
                                                             "prompt's token states: concat or cross"),
                models: str = typer.Option("ntm,ntm-ft,fm", help="comma-separated rows to train and score: ntm, "
                                           "ntm-ft (needs fm), fm"),
-               preset: Optional[str] = typer.Option(None, help=f"the recipe of every model (default {AFFINE_RUNS_PRESET}, "
+               preset: Optional[str] = typer.Option(None, help=f"the recipe of every model (default {TEXT_PRESET}, "
                                                     "quick: mnist-quick); another one writes results/text-<preset>.json")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
     kinds = tuple(v.strip() for v in models.split(",") if v.strip())

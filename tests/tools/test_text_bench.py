@@ -117,12 +117,13 @@ def test_text_bench_preset_names_its_results_file_and_an_unknown_one_is_one_erro
     assert main(["bench", "text", "--models", "ntm", "--no-progress"]) == 0
     assert main(["bench", "text", "--models", "ntm", "--preset", "mnist", "--no-progress"]) == 0
     assert main(["bench", "text", "--models", "ntm", "--preset", "mnist-affine", "--no-progress"]) == 0
+    assert main(["bench", "text", "--models", "ntm", "--preset", "mnist-affine-sincos", "--no-progress"]) == 0
     assert seen == [("text.json", None, ("ntm",)), ("text-mnist.json", "mnist", ("ntm",)),
-                    ("text.json", "mnist-affine", ("ntm",))]
+                    ("text-mnist-affine.json", "mnist-affine", ("ntm",)), ("text.json", "mnist-affine-sincos", ("ntm",))]
     capsys.readouterr()
     code = main(["bench", "text", "--preset", "huge", "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "huge")
-    assert len(seen) == 3 and not (tmp_path / "results").exists()
+    assert len(seen) == 4 and not (tmp_path / "results").exists()
 
 
 def test_cell_classifiers_of_two_budgets_are_cached_side_by_side(tiny_canvas, monkeypatch):
