@@ -77,7 +77,7 @@ def _base_settings(quick: bool) -> dict:
     # costs about a second per image, so it scores fewer images than the one-pass statistics.
     # The default recipe's runs (results/<data>/runs); --preset mnist-affine: results/<data>-mnist-affine/runs
     return {"preset": "mnist", "n": 500, "n_fit": 2000, "n_fm": 100, "fm_ode_steps": 64, "iw_k": 4,
-            "glow": GlowConfig(), "n_bayes": 300, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
+            "glow": GlowConfig(), "n_bayes": 1000, "n_bayes_fm": 40, "bayes_k": 8, "n_tight": 100, "ks": IW_KS, "steps_k": 16,
             "classifier_steps": 3000}
 
 
