@@ -73,10 +73,10 @@ class AffineARBlock(nn.Module):
     def _order(self, x: Tensor) -> Tensor:
         return x.flip(1) if self.flip else x
 
-    def _params(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Network features (B, n, W) -> fp32 (log_scale, shift) (B, n, D) and the spline's raw
-        parameters (B, n, D, 3K - 1) or None."""
-        out = self.proj_out(h).float()
+    def _params(self, h: Tensor | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Network features h (B, n, W), or their projection ``out`` (B, n, P), -> fp32 (log_scale,
+        shift) (B, n, D) and the spline's raw parameters (B, n, D, 3K - 1) or None."""
+        out = self.proj_out(h).float() if out is None else out
         D = self.token_dim
         # split, not slices: its backward concatenates the parts' gradients instead of zero-filling
         # a full-size buffer per part
@@ -117,9 +117,35 @@ class AffineARBlock(nn.Module):
         """x: (B, N, D), t: (B,), T: (B,) or None -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
         xs = self._order(x.float())
         temb, reach = self._cond(t, T)
-        h = self.net(self._embed_inputs(xs, temb, 0, reach))
-        u, logd = self._transform(xs, self._params(h))
+        u, logd = self._transform(xs, self._params(out=self._projected(xs, t, T, temb, reach)))
         return self._order(u), logd.flatten(1).sum(1)
+
+    def _projected(self, xs: Tensor, t: Tensor, T: Tensor | None, temb: Tensor, reach: Tensor | None) -> Tensor:
+        """The network's fp32 output (B, N, P) for ordered tokens xs (B, N, D).
+
+        At levels t >= ``coupling_t_max`` the block reads nothing of x, so its output there depends
+        only on the level (t, T): it is computed once per distinct level in the batch and shared by
+        every row at that level (the same values as a per-row pass; the mixed-T training batches
+        hold a few dozen distinct levels against hundreds of rows).
+        """
+        free = t >= self.coupling_t_max if self.coupling_t_max < 1 else None
+        if free is None or not bool(free.any()):
+            return self.proj_out(self.net(self._embed_inputs(xs, temb, 0, reach))).float()
+        B, N, D = xs.shape
+        tied = free.nonzero().squeeze(1)
+        level = t[tied, None] if T is None else torch.stack([t[tied], T[tied].float()], 1)
+        _, which = torch.unique(level, dim=0, return_inverse=True)  # (n_free,) distinct level of each row
+        U = int(which.max()) + 1
+        first = which.new_full((U,), B).scatter_reduce(0, which, tied, "amin")  # a row of each level
+        shared = self._embed_inputs(xs.new_zeros(U, N, D), temb[first], 0, temb.new_zeros(U))
+        parts, rows = [self.proj_out(self.net(shared)).float()], torch.empty(B, dtype=torch.long, device=xs.device)
+        rows[tied] = which
+        coupled = (~free).nonzero().squeeze(1)
+        if coupled.numel():
+            parts.append(self.proj_out(self.net(self._embed_inputs(
+                xs[coupled], temb[coupled], 0, None if reach is None else reach[coupled]))).float())
+            rows[coupled] = U + torch.arange(coupled.numel(), device=xs.device)
+        return torch.cat(parts).index_select(0, rows)
 
     def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
         """Decode x from u token by token. u: (B, N, D), t: (B,) -> x: (B, N, D) fp32.
@@ -219,15 +245,19 @@ class Transporter(nn.Module):
         -> (u (B, N, D), log|det df_T/dx| (B,)), both fp32."""
         x = x.float()
         logdet = torch.zeros(x.shape[0], device=x.device)
-        u = x
-        for block in self.blocks:
-            u, ld = block(u, t, T)
-            logdet = logdet + ld
         skip = t >= 1
-        if skip.any():
-            u = torch.where(skip[:, None, None], x, u)
-            logdet = torch.where(skip, torch.zeros_like(logdet), logdet)
-        return u, logdet
+        if not self.blocks or bool(skip.all()):
+            return x, logdet
+        # rows at t = 1 are the identity: the blocks run only on the others
+        keep = (~skip).nonzero().squeeze(1) if bool(skip.any()) else None
+        u, tk, Tk = (x, t, T) if keep is None else (x[keep], t[keep], None if T is None else T[keep])
+        ld = torch.zeros_like(tk)
+        for block in self.blocks:
+            u, ld_block = block(u, tk, Tk)
+            ld = ld + ld_block
+        if keep is None:
+            return u, ld
+        return x.index_put((keep,), u), logdet.index_put((keep,), ld)
 
     def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True,
                 method: str = "sequential", **jacobi) -> Tensor:
