@@ -75,11 +75,53 @@ def _bin(value: Tensor, raw: Tensor, bins: int, bound: float, on_y: bool):
     return tuple(a.reshape(shape) for a in (x0, wk, y0, hk, d0, d1))
 
 
-def spline_forward(x: Tensor, raw: Tensor, bins: int, bound: float) -> tuple[Tensor, Tensor]:
-    """y = g(x) and log|g'(x)|, elementwise: x (...), raw (..., 3K - 1) -> (y, logdet), each like x."""
+def _bin_shared(value: Tensor, raw: Tensor, index: Tensor, bins: int, bound: float):
+    """As :func:`_bin` (forward direction) when many elements share a spline: raw (C, 3K - 1) holds C
+    distinct splines and ``index`` (M,) names the one of each of the M elements of ``value``.
+
+    Softmax, knots and slopes are computed once per spline, (K, C) bin-major; each element then
+    reads its bin's six numbers from those tables (gathers, whose backward sums into the C splines).
+    """
+    shape = value.shape
+    v = value.reshape(-1)
+    C = raw.shape[0]
+    w_logits, h_logits, slope_raw = raw.t().split([bins, bins, bins - 1])  # (K, C), (K, C), (K - 1, C)
+    step, S = 2 * bound * MIN_BIN, 2 * bound * (1 - MIN_BIN * bins)
+    below = torch.arange(bins, device=v.device, dtype=raw.dtype)[:, None] * step - bound  # (K, 1)
+    with torch.autocast(v.device.type, enabled=False):
+        pw, ph = torch.softmax(w_logits, 0), torch.softmax(h_logits, 0)
+    # knot below bin k: -bound + k step + S c_{k-1}, c the cumulative softmax (exclusive)
+    xk = torch.add(below, torch.cat([torch.zeros_like(pw[:1]), pw[:-1].cumsum(0)]), alpha=S)
+    yk = torch.add(below, torch.cat([torch.zeros_like(ph[:1]), ph[:-1].cumsum(0)]), alpha=S)
+    with torch.no_grad():  # the bin: how many interior knots lie at or below the value
+        k = (v >= xk[1:].index_select(1, index)).sum(0)  # (M,)
+    last = k == bins - 1
+    at = k * C + index  # the element's entry in a flattened (K, C) table
+    ones = torch.ones_like(slope_raw[:1])
+    d = torch.cat([ones, MIN_SLOPE + F.softplus(slope_raw + _SLOPE_SHIFT), ones])  # (K + 1, C)
+
+    def knot_and_size(knots: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        lo = knots.reshape(-1).gather(0, at)
+        return lo, torch.where(last, bound - lo, torch.add(torch.full_like(lo, step), p.reshape(-1).gather(0, at), alpha=S))
+
+    x0, wk = knot_and_size(xk, pw)
+    y0, hk = knot_and_size(yk, ph)
+    flat = d.reshape(-1)
+    d0, d1 = flat.gather(0, at), flat.gather(0, at + C)
+    return tuple(a.reshape(shape) for a in (x0, wk, y0, hk, d0, d1))
+
+
+def spline_forward(x: Tensor, raw: Tensor, bins: int, bound: float, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """y = g(x) and log|g'(x)|, elementwise: x (...), raw (..., 3K - 1) -> (y, logdet), each like x.
+
+    With ``index`` (x.numel(),) long, raw is instead (C, 3K - 1), C distinct splines, and element e
+    of x (in row-major order) goes through spline index[e] (``_bin_shared``)."""
     inside = (x > -bound) & (x < bound)
     xc = x.clamp(-bound, bound)
-    x0, wk, y0, hk, d0, d1 = _bin(xc, raw, bins, bound, on_y=False)
+    if index is None:
+        x0, wk, y0, hk, d0, d1 = _bin(xc, raw, bins, bound, on_y=False)
+    else:
+        x0, wk, y0, hk, d0, d1 = _bin_shared(xc, raw, index, bins, bound)
     s = hk / wk
     theta = ((xc - x0) / wk).clamp(0, 1)
     tt = theta * (1 - theta)

@@ -84,13 +84,23 @@ class AffineARBlock(nn.Module):
         raw = rest.reshape(out.shape[:-1] + (D, -1)) if self.spline else None
         return soft_clip(log_scale, self.clip), shift, raw
 
-    def _transform(self, x: Tensor, params) -> tuple[Tensor, Tensor]:
-        """Element-wise x -> u and log|du/dx| per element, (B, n, D)."""
+    def _transform(self, x: Tensor, params, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Element-wise x -> u and log|du/dx| per element, (B, n, D).
+
+        With ``rows`` (B,), params hold R rows of parameters, (R, n, D[, 3K - 1]), and row b of x uses
+        params row rows[b] (see :meth:`_projected`)."""
         log_scale, shift, raw = params
+        if rows is not None:
+            log_scale, shift = log_scale.index_select(0, rows), shift.index_select(0, rows)
         y = (x - shift) * torch.exp(-log_scale)
         if raw is None:
             return y, -log_scale
-        u, logd = spline_forward(y, raw, self.bins, self.bound)
+        if rows is None:
+            u, logd = spline_forward(y, raw, self.bins, self.bound)
+        else:  # the spline tables stay one per parameter row: (R n D, 3K - 1), element -> its table
+            per_row = raw.shape[1] * raw.shape[2]
+            index = (rows[:, None] * per_row + torch.arange(per_row, device=rows.device)).reshape(-1)
+            u, logd = spline_forward(y, raw.reshape(-1, raw.shape[-1]), self.bins, self.bound, index=index)
         return u, logd - log_scale
 
     def _untransform(self, u: Tensor, params) -> Tensor:
@@ -117,20 +127,24 @@ class AffineARBlock(nn.Module):
         """x: (B, N, D), t: (B,), T: (B,) or None -> u: (B, N, D) fp32, log|det J|: (B,) fp32."""
         xs = self._order(x.float())
         temb, reach = self._cond(t, T)
-        u, logd = self._transform(xs, self._params(out=self._projected(xs, t, T, temb, reach)))
+        out, rows = self._projected(xs, t, T, temb, reach)
+        u, logd = self._transform(xs, self._params(out=out), rows)
         return self._order(u), logd.flatten(1).sum(1)
 
-    def _projected(self, xs: Tensor, t: Tensor, T: Tensor | None, temb: Tensor, reach: Tensor | None) -> Tensor:
-        """The network's fp32 output (B, N, P) for ordered tokens xs (B, N, D).
+    def _projected(self, xs: Tensor, t: Tensor, T: Tensor | None, temb: Tensor,
+                   reach: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The network's fp32 output for ordered tokens xs (B, N, D): (out (B, N, P), None), or
+        (out (R, N, P), rows (B,)) where row b's output is out[rows[b]].
 
         At levels t >= ``coupling_t_max`` the block reads nothing of x, so its output there depends
         only on the level (t, T): it is computed once per distinct level in the batch and shared by
-        every row at that level (the same values as a per-row pass; the mixed-T training batches
-        hold a few dozen distinct levels against hundreds of rows).
+        every row at that level, and so are the spline's softmax and knots (the same values as a
+        per-row pass; the mixed-T training batches hold a few dozen distinct levels against
+        hundreds of rows).
         """
         free = t >= self.coupling_t_max if self.coupling_t_max < 1 else None
         if free is None or not bool(free.any()):
-            return self.proj_out(self.net(self._embed_inputs(xs, temb, 0, reach))).float()
+            return self.proj_out(self.net(self._embed_inputs(xs, temb, 0, reach))).float(), None
         B, N, D = xs.shape
         tied = free.nonzero().squeeze(1)
         level = t[tied, None] if T is None else torch.stack([t[tied], T[tied].float()], 1)
@@ -145,7 +159,7 @@ class AffineARBlock(nn.Module):
             parts.append(self.proj_out(self.net(self._embed_inputs(
                 xs[coupled], temb[coupled], 0, None if reach is None else reach[coupled]))).float())
             rows[coupled] = U + torch.arange(coupled.numel(), device=xs.device)
-        return torch.cat(parts).index_select(0, rows)
+        return torch.cat(parts), rows
 
     def inverse(self, u: Tensor, t: Tensor, T: Tensor | None = None, use_cache: bool = True) -> Tensor:
         """Decode x from u token by token. u: (B, N, D), t: (B,) -> x: (B, N, D) fp32.
