@@ -73,10 +73,13 @@ class AffineARBlock(nn.Module):
     def _order(self, x: Tensor) -> Tensor:
         return x.flip(1) if self.flip else x
 
-    def _params(self, h: Tensor | None = None, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Network features h (B, n, W), or their projection ``out`` (B, n, P), -> fp32 (log_scale,
-        shift) (B, n, D) and the spline's raw parameters (B, n, D, 3K - 1) or None."""
-        out = self.proj_out(h).float() if out is None else out
+    def _head(self, h: Tensor) -> Tensor:
+        """Network features (B, n, W) -> the fp32 output layer (B, n, P)."""
+        return self.proj_out(h).float()
+
+    def _params(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The output layer (B, n, P) from :meth:`_head` -> fp32 (log_scale, shift) (B, n, D) and the
+        spline's raw parameters (B, n, D, 3K - 1) or None."""
         D = self.token_dim
         # split, not slices: its backward concatenates the parts' gradients instead of zero-filling
         # a full-size buffer per part
@@ -128,7 +131,7 @@ class AffineARBlock(nn.Module):
         xs = self._order(x.float())
         temb, reach = self._cond(t, T)
         out, rows = self._projected(xs, t, T, temb, reach)
-        u, logd = self._transform(xs, self._params(out=out), rows)
+        u, logd = self._transform(xs, self._params(out), rows)
         return self._order(u), logd.flatten(1).sum(1)
 
     def _projected(self, xs: Tensor, t: Tensor, T: Tensor | None, temb: Tensor,
@@ -144,7 +147,7 @@ class AffineARBlock(nn.Module):
         """
         free = t >= self.coupling_t_max if self.coupling_t_max < 1 else None
         if free is None or not bool(free.any()):
-            return self.proj_out(self.net(self._embed_inputs(xs, temb, 0, reach))).float(), None
+            return self._head(self.net(self._embed_inputs(xs, temb, 0, reach))), None
         B, N, D = xs.shape
         tied = free.nonzero().squeeze(1)
         level = t[tied, None] if T is None else torch.stack([t[tied], T[tied].float()], 1)
@@ -152,12 +155,12 @@ class AffineARBlock(nn.Module):
         U = int(which.max()) + 1
         first = which.new_full((U,), B).scatter_reduce(0, which, tied, "amin")  # a row of each level
         shared = self._embed_inputs(xs.new_zeros(U, N, D), temb[first], 0, temb.new_zeros(U))
-        parts, rows = [self.proj_out(self.net(shared)).float()], torch.empty(B, dtype=torch.long, device=xs.device)
+        parts, rows = [self._head(self.net(shared))], torch.empty(B, dtype=torch.long, device=xs.device)
         rows[tied] = which
         coupled = (~free).nonzero().squeeze(1)
         if coupled.numel():
-            parts.append(self.proj_out(self.net(self._embed_inputs(
-                xs[coupled], temb[coupled], 0, None if reach is None else reach[coupled]))).float())
+            parts.append(self._head(self.net(self._embed_inputs(
+                xs[coupled], temb[coupled], 0, None if reach is None else reach[coupled]))))
             rows[coupled] = U + torch.arange(coupled.numel(), device=xs.device)
         return torch.cat(parts), rows
 
@@ -177,14 +180,14 @@ class AffineARBlock(nn.Module):
                 self._decode_cached(us, xs, n, temb, cache, reach)
                 continue
             h = self.net(self._embed_inputs(xs[:, :n + 1], temb, 0, reach))[:, n:n + 1]
-            xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
+            xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(self._head(h)))
         return self._order(xs)
 
     def _decode_cached(self, us: Tensor, xs: Tensor, n: int, temb: Tensor, cache, reach: Tensor | None = None) -> None:
         """Decode token n of ``xs`` in place from the cached prefix (advances the cache by one)."""
         prev = self.start.expand(us.shape[0], 1, -1) if n == 0 else self._read_previous(xs[:, n - 1:n], reach)
         h = self.net.forward_cached(prev + self.pos[n:n + 1] + temb[:, None], cache)
-        xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(h))
+        xs[:, n:n + 1] = self._untransform(us[:, n:n + 1], self._params(self._head(h)))
 
     def inverse_jacobi(self, u: Tensor, t: Tensor, T: Tensor | None = None, chunk: int = 0,
                        tol: float = 1e-5, max_iters: int = 0) -> tuple[Tensor, int]:
@@ -214,7 +217,7 @@ class AffineARBlock(nn.Module):
                 if a == 0:
                     prev = torch.cat([self.start.expand(B, 1, -1).to(prev.dtype), prev], dim=1)
                 h = self.net.forward_cached(prev + self.pos[a:b] + temb[:, None], cache)
-                new = self._untransform(us[:, a:b], self._params(h))
+                new = self._untransform(us[:, a:b], self._params(self._head(h)))
                 delta = float((new - xs[:, a:b]).abs().max())
                 xs[:, a:b] = new
                 iters += 1

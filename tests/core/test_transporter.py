@@ -314,8 +314,8 @@ def test_shared_level_pass_and_identity_rows_equal_a_row_by_row_pass(gated):
         for blk in tr.blocks:
             xs = blk._order(u)
             temb, reach = blk._cond(t[i:i + 1], T[i:i + 1])
-            out = blk.proj_out(blk.net(blk._embed_inputs(xs, temb, 0, reach))).float()
-            v, logd = blk._transform(xs, blk._params(out=out))
+            out = blk._head(blk.net(blk._embed_inputs(xs, temb, 0, reach)))
+            v, logd = blk._transform(xs, blk._params(out))
             u, ld = blk._order(v), ld + logd.flatten(1).sum(1)
         return u, ld
 
