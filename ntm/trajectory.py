@@ -138,6 +138,19 @@ def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None 
     return torch.stack(levels, dim=1)
 
 
+def forward_pair(x0: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """Two consecutive levels (x_s, x_t) of a Markov trajectory, without the others.
+
+    x0: (B, N, D); s < t: (B,); ``noise`` (B, 2, N, D) standard normal. x_s = (1 - s) x0 + s eps_0 and
+    x_t = alpha(s, t) x_s + sigma(s, t) eps_1: the same joint law as levels k - 1, k of
+    :func:`forward_trajectory` (the chain is Markov), at the cost of two levels. fp32.
+    """
+    x0 = x0.float()
+    x_s = _bcast(1 - s, x0) * x0 + _bcast(s, x0) * noise[:, 0]
+    alpha, sigma = markov_coefficients(s, t)
+    return x_s, _bcast(alpha, x0) * x_s + _bcast(sigma, x0) * noise[:, 1]
+
+
 def transition_log_prob(x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor) -> Tensor:
     """log q(x_t | x_s) of the forward Markov transition, summed over all but the batch dim. (B,)"""
     alpha, sigma = markov_coefficients(s, t)

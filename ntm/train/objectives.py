@@ -27,7 +27,7 @@ from ..flow_matching import FlowMatching
 from ..model import NTM, StepOutput
 from ..predictor import as_column, posterior_mean_from_velocity
 from ..text import Prompts
-from ..trajectory import forward_trajectory, posterior_coefficients, rand, randn, shift_time
+from ..trajectory import forward_pair, forward_trajectory, posterior_coefficients, rand, randn, shift_time
 
 
 def drop_labels(y: Tensor | None, drop: Tensor, num_classes: int) -> Tensor | None:
@@ -45,9 +45,10 @@ def drop_labels(y: Tensor | None, drop: Tensor, num_classes: int) -> Tensor | No
 class TrainingNoise:
     """All randomness of one NTM training batch, drawn up front so it can be split across processes.
 
-    t_min (B,), T (B,) long trajectory lengths, drop (B,) bool label dropout, eps (B, T_max + 1, N, D)
-    trajectory noise (sample i uses its first T_i + 1 levels), k_unif (B,) in [0, 1) picking the step
-    scored in pairwise mode.
+    t_min (B,), T (B,) long trajectory lengths, drop (B,) bool label dropout, eps the trajectory noise:
+    e2e (B, T_max + 1, N, D), sample i using its first T_i + 1 levels; pair-wise (B, 2, N, D), the noise
+    of the two levels of the scored step (see :func:`forward_pair`); k_unif (B,) in [0, 1) picking the
+    step scored in pairwise mode.
     """
 
     t_min: Tensor
@@ -179,7 +180,8 @@ class NTMObjective(nn.Module):
             (T[:, None] == Ts[None]).float().argmax(1)]
         t_min = tc.t_min_low + (hi - tc.t_min_low).clamp_min(0) * rand((batch,), generator, dev)
         drop = rand((batch,), generator, dev) < self.class_dropout
-        eps = randn((batch, int(Ts.max()) + 1, m.spec.num_tokens, m.spec.token_dim), generator, dev)
+        levels = 2 if self.mode == "pairwise" else int(Ts.max()) + 1  # pair-wise: only the scored step's levels
+        eps = randn((batch, levels, m.spec.num_tokens, m.spec.token_dim), generator, dev)
         k_unif = rand((batch,), generator, dev)
         if self.stratified:  # the r-th sample of length T scores step (r + offset) mod T: each step B_T / T times
             offset = torch.floor(k_unif[:1] * T.float())
@@ -205,18 +207,18 @@ class NTMObjective(nn.Module):
 
     def scored_pairs(self, x0: Tensor, y: Tensor | None, noise: TrainingNoise) -> ScoredSteps:
         """Pair-wise mode: one step k of each sample's trajectory (of its own length T), scored for the
-        whole batch in one pass of f_T and the predictor, whatever mix of lengths it holds."""
+        whole batch in one pass of f_T and the predictor, whatever mix of lengths it holds. Only the
+        step's two levels are drawn (:func:`forward_pair`)."""
         m = self.model
         B = x0.shape[0]
-        x_s = torch.empty(x0.shape, device=x0.device)
-        x_t, s, t, k = torch.empty_like(x_s), x0.new_empty(B).float(), x0.new_empty(B).float(), noise.T.clone()
-        for T in m.train_Ts:  # the levels of each length's trajectories (cheap), put back in batch order
+        s, t, k = x0.new_empty(B).float(), x0.new_empty(B).float(), noise.T.clone()
+        for T in m.train_Ts:  # each length's grid and scored step k, put back in batch order
             idx = (noise.T == T).nonzero().squeeze(1)
             times = m.grid(len(idx), noise.t_min[idx], T=T)
-            X = forward_trajectory(x0[idx], times, noise=noise.eps[idx, : T + 1])
             kk = (noise.k_unif[idx] * T).long().clamp(max=T - 1) + 1
-            rows = torch.arange(len(idx), device=X.device)
-            x_s[idx], x_t[idx], s[idx], t[idx], k[idx] = X[rows, kk - 1], X[rows, kk], times[rows, kk - 1], times[rows, kk], kk
+            rows = torch.arange(len(idx), device=times.device)
+            s[idx], t[idx], k[idx] = times[rows, kk - 1], times[rows, kk], kk
+        x_s, x_t = forward_pair(x0, s, t, noise.eps)
         out = m.step(x_s, x_t, s, t, y, noise.T.float() if m.multi_T else None)
         return ScoredSteps(out, x_s, x_t, x0.float(), s, t, k, y, 1, noise.T.float())
 

@@ -8,6 +8,7 @@ import torch
 
 from ntm.config import DataSpec, TrajectoryConfig, get_preset, validate_model_config
 from ntm.trajectory import (
+    forward_pair,
     forward_trajectory,
     markov_coefficients,
     posterior_coefficients,
@@ -55,6 +56,21 @@ def test_proposition1_marginals_and_covariance_by_monte_carlo():
     mc_cov = torch.cov(X.T.double())
     S = trajectory_covariance(grid.double())
     assert torch.allclose(mc_cov, S, atol=5e-3)
+
+
+def test_forward_pair_has_the_law_of_two_consecutive_trajectory_levels():
+    """(x_s, x_t) from forward_pair: means (1 - s) x0, (1 - t) x0 and the 2x2 block of Prop. 3's
+    covariance min^2 (1 - max) / (1 - min), by Monte Carlo, for steps at both ends of the grid."""
+    n = 200_000
+    x0 = torch.full((n, 1, 1), -0.8)
+    for s, t in [(0.02, 0.355), (0.622, 0.832), (0.832, 1.0), (0.0, 0.2)]:
+        noise = torch.randn((n, 2, 1, 1), generator=torch.Generator().manual_seed(int(100 * t)))
+        x_s, x_t = forward_pair(x0, torch.full((n,), s), torch.full((n,), t), noise)
+        X = torch.stack([x_s[:, 0, 0], x_t[:, 0, 0]], 1).double()
+        mean = torch.tensor([(1 - s) * -0.8, (1 - t) * -0.8], dtype=torch.float64)
+        assert (X.mean(0) - mean).abs().le(5 * torch.tensor([s, t], dtype=torch.float64) / math.sqrt(n) + 1e-6).all()
+        S = trajectory_covariance(torch.tensor([s, t], dtype=torch.float64))
+        assert torch.allclose(torch.cov(X.T), S, atol=5 * math.sqrt(2 / n))  # 5 standard errors at variance 1
 
 
 def test_posterior_coefficients_equal_gaussian_conditioning():

@@ -88,7 +88,6 @@ def test_multi_t_pairwise_loss_is_each_samples_own_step_times_its_t(small_config
 
     from ntm.model import NTM
     from ntm.train.objectives import NTMObjective
-    from ntm.trajectory import forward_trajectory
 
     torch.manual_seed(0)
     model = NTM(replace(small_config, trajectory=TrajectoryConfig(T=4, shift=-1.0, train_Ts=(2, 4, 8)),
@@ -104,9 +103,11 @@ def test_multi_t_pairwise_loss_is_each_samples_own_step_times_its_t(small_config
         for i in range(24):
             T = int(noise.T[i])
             t = model.grid(1, noise.t_min[i:i + 1], T=T)
-            X = forward_trajectory(x0[i:i + 1], t, noise=noise.eps[i:i + 1, :T + 1])
             k = int(noise.k_unif[i] * T) + 1
-            lp = model.step_log_prob(X[:, k - 1], X[:, k], t[:, k - 1], t[:, k], T=torch.tensor([float(T)]))
+            s_, t_ = float(t[0, k - 1]), float(t[0, k])
+            x_s = (1 - s_) * x0[i:i + 1] + s_ * noise.eps[i:i + 1, 0]  # the two levels by hand
+            x_t = (1 - t_) / (1 - s_) * x_s + math.sqrt(t_**2 - ((1 - t_) / (1 - s_) * s_) ** 2) * noise.eps[i:i + 1, 1]
+            lp = model.step_log_prob(x_s, x_t, t[:, k - 1], t[:, k], T=torch.tensor([float(T)]))
             total -= T * float(lp)
     assert float(loss) == pytest.approx(total / 24 / 2, rel=1e-5)
 
@@ -219,7 +220,7 @@ def test_control_variate_has_mean_zero_and_keeps_the_objective():
 
 def test_hybrid_weight_zero_is_exactly_the_nll_objective_and_the_term_by_hand(random_model):
     from ntm.train.objectives import NTMObjective, hybrid_weight_at
-    from ntm.trajectory import forward_trajectory, posterior_coefficients
+    from ntm.trajectory import forward_pair, posterior_coefficients
 
     x0 = torch.randn(32, 2, 1)
     plain = NTMObjective(random_model, "pairwise", 0.0)
@@ -230,10 +231,10 @@ def test_hybrid_weight_zero_is_exactly_the_nll_objective_and_the_term_by_hand(ra
         assert torch.equal(plain(x0, None, noise)[0], zero(x0, None, noise)[0])
         loss, parts = hybrid(x0, None, noise)
         t = random_model.grid(32, noise.t_min)
-        X = forward_trajectory(x0, t, noise=noise.eps[:, :5])
         k = (noise.k_unif * 4).long().clamp(max=3) + 1
         rows = torch.arange(32)
-        u_t, _ = random_model.transporter(X[rows, k], t[rows, k])
+        _, x_t = forward_pair(x0, t[rows, k - 1], t[rows, k], noise.eps)
+        u_t, _ = random_model.transporter(x_t, t[rows, k])
         mu, _ = random_model.predictor(u_t, t[rows, k], t[rows, k - 1])
         A, B, _ = (c.reshape(-1, 1, 1) for c in posterior_coefficients(t[rows, k], t[rows, k - 1]))
         err = ((mu - A * u_t) / B - x0).square().sum((1, 2)) / t[rows, k] ** 2
