@@ -260,6 +260,22 @@ def test_stratified_pairwise_steps_are_balanced_and_unbiased(random_model):
     assert abs(float(b.mean() - a.mean())) < 4 * float(b.std()) / math.sqrt(100) + 4 * float(a.std()) / math.sqrt(20)
 
 
+def test_pairwise_noise_holds_two_levels_and_shards_with_the_batch(random_model):
+    """Pair-wise batches draw the noise of the scored step's two levels only, e2e the whole trajectory;
+    a shard of the noise scores the same steps as the matching rows of the full batch."""
+    from ntm.train.objectives import NTMObjective
+
+    pair, e2e = NTMObjective(random_model, "pairwise", 0.0), NTMObjective(random_model, "e2e", 0.0)
+    noise = pair.draw_noise(12, torch.Generator().manual_seed(5))
+    assert noise.eps.shape == (12, 2, 2, 1)
+    assert e2e.draw_noise(12, torch.Generator().manual_seed(5)).eps.shape == (12, 5, 2, 1)
+    x0 = torch.randn(12, 2, 1)
+    with torch.no_grad():
+        whole = pair.scored_pairs(x0, None, noise)
+        part = pair.scored_pairs(x0[4:8], None, noise.shard(4, 8))
+    assert torch.equal(part.x_s, whole.x_s[4:8]) and torch.equal(part.x_t, whole.x_t[4:8])
+
+
 def test_step_weights_scale_each_step(random_model):
     from ntm.train.objectives import NTMObjective
 
