@@ -131,11 +131,21 @@ def forward_trajectory(x0: Tensor, t: Tensor, generator: torch.Generator | None 
     B, K = t.shape
     if noise is None:
         noise = randn((B, K) + x0.shape[1:], generator, x0.device)
-    levels = [_bcast(1 - t[:, 0], x0) * x0 + _bcast(t[:, 0], x0) * noise[:, 0]]
+    levels = [_marginal_level(x0, t[:, 0], noise[:, 0])]
     for k in range(K - 1):
-        alpha, sigma = markov_coefficients(t[:, k], t[:, k + 1])
-        levels.append(_bcast(alpha, x0) * levels[-1] + _bcast(sigma, x0) * noise[:, k + 1])
+        levels.append(_markov_step(levels[-1], t[:, k], t[:, k + 1], noise[:, k + 1]))
     return torch.stack(levels, dim=1)
+
+
+def _marginal_level(x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """x_t = (1 - t) x0 + t eps, a draw of q(x_t | x_0); t (B,), x0 and eps (B, N, D)."""
+    return _bcast(1 - t, x0) * x0 + _bcast(t, x0) * eps
+
+
+def _markov_step(x_s: Tensor, s: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """x_t = alpha(s, t) x_s + sigma(s, t) eps, a draw of the transition q(x_t | x_s); s, t (B,)."""
+    alpha, sigma = markov_coefficients(s, t)
+    return _bcast(alpha, x_s) * x_s + _bcast(sigma, x_s) * eps
 
 
 def forward_pair(x0: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,10 +155,8 @@ def forward_pair(x0: Tensor, s: Tensor, t: Tensor, noise: Tensor) -> tuple[Tenso
     x_t = alpha(s, t) x_s + sigma(s, t) eps_1: the same joint law as levels k - 1, k of
     :func:`forward_trajectory` (the chain is Markov), at the cost of two levels. fp32.
     """
-    x0 = x0.float()
-    x_s = _bcast(1 - s, x0) * x0 + _bcast(s, x0) * noise[:, 0]
-    alpha, sigma = markov_coefficients(s, t)
-    return x_s, _bcast(alpha, x0) * x_s + _bcast(sigma, x0) * noise[:, 1]
+    x_s = _marginal_level(x0.float(), s, noise[:, 0])
+    return x_s, _markov_step(x_s, s, t, noise[:, 1])
 
 
 def transition_log_prob(x_s: Tensor, x_t: Tensor, s: Tensor, t: Tensor) -> Tensor:
