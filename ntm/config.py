@@ -414,6 +414,10 @@ PRESETS: dict[str, Preset] = {
                                  _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                                  "the mnist preset coupling pixels at levels t < 0.3 instead of 0.1: the levels of the "
                                  "T = 16 grid below T = 4's first noisy level (0.096, 0.185, 0.269) are coupled too"),
+    "mnist-coupling-data": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.05),
+                                  _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
+                                  "the mnist preset coupling pixels only at the data's level t = 0 (coupling_t_max "
+                                  "0.05): T = 16's first noisy level (0.096) becomes element-wise too"),
     "mnist-low-t-by-steps": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
                                    replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
                                    "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16), "
