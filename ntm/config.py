@@ -412,8 +412,8 @@ PRESETS: dict[str, Preset] = {
                                  "element-wise blocks at every level t >= 0.1)"),
     "mnist-coupling-mid": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.3),
                                  _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                                 "the mnist preset coupling pixels at levels t < 0.3 instead of 0.1: the levels of the "
-                                 "T = 16 grid below T = 4's first noisy level (0.096, 0.185, 0.269) are coupled too"),
+                                 "the mnist preset coupling pixels at levels t < 0.3 instead of 0.1: T = 16's levels "
+                                 "0.185 and 0.269 are coupled too (T = 4's levels are unchanged)"),
     "mnist-coupling-data": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_SPLINE, coupling_t_max=0.05),
                                   _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                                   "the mnist preset coupling pixels only at the data's level t = 0 (coupling_t_max "
