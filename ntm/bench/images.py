@@ -33,10 +33,11 @@ from ..io import latest_checkpoint, read_meta
 from ..likelihood import bits_per_dim, bound_by_step, discrete_bits_per_dim, discrete_nll_bounds, nll_bounds
 from ..sampling import sample_u_trajectory
 from ..tools.metrics import classifier_accuracy, image_quality, load_or_train_classifier
-from ..tools.plots import image_grid, loss_curves, read_log, smoothed_curves
+from ..tools.plots import image_grid, line_plot, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
-from .common import AFFINE_RUNS_PRESET, BenchStopped, bench_device, results_dir, train_or_reuse, write_results
+from .common import (AFFINE_RUNS_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir, train_or_reuse,
+                     write_results)
 
 NTM_STEPS = (4, 8, 16)
 DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
@@ -533,3 +534,40 @@ def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: in
     return out
 
 
+
+
+def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0),
+                       out: str | Path | None = None, n_samples: int | None = None, steps: int = 4,
+                       progress: bool = True, classifier_steps: int = 3000) -> dict:
+    """Guided class accuracy and FID against the guidance weight w, for the NTM and FM runs of
+    ``ntm bench <data>`` (the default recipe; trained there, reused here), both at ``steps`` steps:
+    the product rule for NTM, linear CFG for FM; the same real images, classifier and seeds as the
+    bench. -> ``results/guidance-<data>.json`` (rows: model, steps, guidance, fid, class_acc, ...)
+    and a PNG of each metric against w."""
+    settings = bench_settings(False, None, n_samples)
+    out = Path(out) if out else results_dir() / f"guidance-{data}.json"
+    runs = image_bench_folder(data, "mnist", False) / "runs"
+    missing = [k for k in ("ntm", "fm") if latest_checkpoint(runs / k) is None]
+    if missing:
+        raise ConfigError(f"no trained {' or '.join(missing)} run in {runs}; run `ntm bench {data}` first")
+    src, _ = labelled_source(data)
+    classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
+    n = settings["n_samples"]
+    real, _ = src.held_out(n, seed=4242)
+    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    models = {k: load_model(runs / k, map_location=bench_device()).eval() for k in ("ntm", "fm")}
+    results = {"config": {"data": data, "runs": str(runs), "steps": steps, "n_samples": n, "guidance": list(ws),
+                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
+    for w in ws:
+        for kind in ("ntm", "fm"):
+            row, _ = evaluate_image_row(models[kind], steps, w, real, classifier, extractor,
+                                        solver="euler" if kind == "fm" else None)
+            results["rows"].append({**row, "guidance": w})
+            write_results(out, results)
+    folder = out.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, label in (("class_acc", "guided class accuracy"), ("fid", "FID")):
+        series = {k.upper(): (list(ws), [r[key] for r in results["rows"] if r["model"] == k]) for k in ("ntm", "fm")}
+        line_plot(series, folder / f"{key.replace('_', '-')}.png", xlabel="guidance w", ylabel=label,
+                  title=f"{data}, {steps} steps")
+    return results

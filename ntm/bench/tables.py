@@ -61,6 +61,16 @@ def markdown_image_table(results: dict, details: bool = True) -> str:
     return table
 
 
+def markdown_guidance_table(results: dict) -> str:
+    """A guidance sweep (``ntm bench guidance``): one row per model and weight w."""
+    lines = ["| model | steps | guidance w | NFE | FID | precision | recall | class acc. | img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['fid']:.3f} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {100 * r['class_acc']:.1f}% | {r['img_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def by_step_markdown(by_step: dict) -> str:
     """One per-step split of the ELBO (``by_step_table``) as a caption and a table; "net" is the
     step's share of the bound, -log p + log q."""
@@ -194,6 +204,8 @@ def table_for(results: dict, details: bool = True) -> str:
         return markdown_objective_ablation_table(results)
     if rows and "variant" in rows[0]:
         return markdown_ablation_table(results)
+    if rows and "fid" in rows[0] and "guidance" in rows[0]:
+        return markdown_guidance_table(results)
     if rows and "fid" in rows[0]:
         return markdown_image_table(results, details)
     return markdown_table(results)

@@ -62,7 +62,7 @@ def text_settings(quick: bool, overrides: dict | None = None) -> dict:
              "cell_steps": 1500, "probe_steps": 6} if quick else
             {"preset": TEXT_PRESET, "n_prompts": 100, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 3.0, 4.0),
              "cell_steps": 3000, "probe_steps": 12})
-    base.update(text_attention="concat", models=TEXT_BENCH_MODELS)
+    base.update(text_attention="concat", models=TEXT_BENCH_MODELS, patch=4)
     return {**base, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
 
@@ -204,7 +204,9 @@ def evaluate(model, kind: str, steps: int, guidance: float, specs: list[PromptSp
 JOBS = (("ntm", 4, "euler"), ("ntm-ft", 4, "euler"), ("fm", 4, "euler"), ("fm", 50, "euler"))
 # what makes two runs of the bench one comparison: rows of one may stand beside rows of the other
 SAME_COMPARISON = ("data", "quick", "preset", "train_steps", "batch_size", "text_encoder", "text_attention", "n_prompts",
-                   "guidance")
+                   "guidance", "patch")
+# what a results file written before a key existed means by it
+COMPARISON_DEFAULTS = {"patch": 4}
 
 
 def in_job_order(rows: list[dict]) -> list[dict]:
@@ -219,7 +221,7 @@ def kept_rows(out: Path, config: dict, kinds: tuple[str, ...]) -> dict:
     (empty when there is no such run)."""
     try:
         old = json.loads(Path(out).read_text())
-        same = all(old["config"].get(k) == config.get(k) for k in SAME_COMPARISON) and \
+        same = all(old["config"].get(k, COMPARISON_DEFAULTS.get(k)) == config.get(k) for k in SAME_COMPARISON) and \
             old["config"]["cell_classifier"]["steps"] == config["cell_classifier"]["steps"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
@@ -234,13 +236,14 @@ def kept_rows(out: Path, config: dict, kinds: tuple[str, ...]) -> dict:
     return {"rows": rows, "config": extra} if rows else {}
 
 
-def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat") -> dict:
+def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat", patch: int = 4) -> dict:
     """Seconds per NTM training step with prompts (captioned MNIST, read by ``text_attention``)
-    against class labels (MNIST), same preset and batches, timed back to back."""
+    against class labels (MNIST), same preset, patch size and batches, timed back to back."""
     p = get_preset(preset)
     device = bench_device()
     out = {}
-    for name, src in (("labels", open_image_source("mnist")), ("text", open_text_data("captioned-mnist", encoder=encoder))):
+    for name, src in (("labels", open_image_source("mnist", patch=patch)),
+                      ("text", open_text_data("captioned-mnist", encoder=encoder, patch=patch))):
         torch.manual_seed(0)
         spec = replace(src.spec(), text_attention=text_attention) if name == "text" else src.spec()
         model = build_model(p.ntm(spec)).to(device)
@@ -272,7 +275,7 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     out = Path(out) if out else results_dir() / ("text-quick.json" if quick else "text.json")
     folder = out.with_suffix("")
     encoder = encoder or load_encoder("minilm")
-    src = open_text_data("canvas", encoder=encoder)
+    src = open_text_data("canvas", encoder=encoder, patch=settings["patch"])
     spec = replace(src.spec(), text_attention=settings["text_attention"])
     p = get_preset(settings["preset"])
     train = p.train if settings.get("train_steps") is None else replace(p.train, steps=settings["train_steps"])
@@ -293,7 +296,8 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     clf, clf_info = load_or_train_cell_classifier(src, settings["cell_steps"], progress)
     specs = evaluation_prompts(settings["n_prompts"])
     real = dequantize(src.test[:len(specs)], torch.Generator().manual_seed(5))
-    results = {"config": {"quick": quick, "data": "canvas", "preset": settings["preset"], "train_steps": train.steps,
+    results = {"config": {"quick": quick, "data": "canvas", "patch": spec.patch, "preset": settings["preset"],
+                          "train_steps": train.steps,
                           "batch_size": train.batch_size, "finetune_steps": ft_steps if "ntm-ft" in kinds else None,
                           "text_encoder": spec.text_encoder, "text_attention": spec.text_attention,
                           "conditioning": CONDITIONING[spec.text_attention],
@@ -331,7 +335,7 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
               xlabel="guidance w", ylabel="FID", title="NTM@4 on the canvas")
     prompt_grid(models["ntm"], folder / "prompt-grid.png", settings["guidance"])
     results["config"]["step_cost"] = text_step_cost(settings["preset"], encoder, settings["probe_steps"],
-                                                    spec.text_attention)
+                                                    spec.text_attention, spec.patch)
     write_results(out, results)
     return results
 

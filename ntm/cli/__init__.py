@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..bench.common import check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import ABLATION, LEVERS, run_image_ablation, run_image_bench, run_step_cost_bench
+from ..bench.images import ABLATION, LEVERS, run_guidance_sweep, run_image_ablation, run_image_bench, run_step_cost_bench
 from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import TEXT_PRESET, run_text_bench, text_settings
 from ..bench.report import report as run_report
@@ -743,6 +743,28 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
     _bench_images("fashion", quick, steps, n_samples, guidance, out, progress, distill_steps, ablation, preset, levers)
 
 
+@bench_app.command("guidance")
+def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: scores the runs of `ntm bench <data>`"),
+                   ws: str = typer.Option("0,1,1.5,2,3", help="comma-separated guidance weights w >= 0"),
+                   n_samples: Optional[int] = _IMG_N,
+                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<data>.json)"),
+                   progress: bool = typer.Option(True, help="show progress bars")):
+    """Guided class accuracy and FID against w for NTM@4 and FM@4 of the image bench's runs."""
+    if data not in ("mnist", "fashion"):
+        raise UsageProblem(f"unknown image data '{data}' (use mnist or fashion)")
+    try:
+        weights = tuple(float(v) for v in ws.split(",") if v.strip())
+    except ValueError:
+        weights = ()
+    if not weights or min(weights) < 0 or not all(math.isfinite(w) for w in weights):
+        raise UsageProblem(f"--ws takes comma-separated numbers >= 0, got '{ws}'")
+    out = out or results_dir() / f"guidance-{data}.json"
+    check_bench_output(out)
+    res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress)
+    typer.echo(table_for(res))
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
 @bench_app.command("finetune")
 def bench_finetune(data: str = typer.Option("mnist", help="mnist or fashion"), quick: bool = _QUICK,
                    n_samples: Optional[int] = _IMG_N, guidance: float = _IMG_W,
@@ -808,12 +830,15 @@ def bench_text(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, progress:
                models: str = typer.Option("ntm,ntm-ft,fm", help="comma-separated rows to train and score: ntm, "
                                           "ntm-ft (needs fm), fm"),
                preset: Optional[str] = typer.Option(None, help=f"the recipe of every model (default {TEXT_PRESET}, "
-                                                    "quick: mnist-quick); another one writes results/text-<preset>.json")):
+                                                    "quick: mnist-quick); another one writes results/text-<preset>.json"),
+               patch: Optional[int] = typer.Option(None, min=1, help="patch size of the canvas's tokens (default 4: "
+                                                   "7 x 14 tokens; 7: 4 x 8)")):
     """Text-to-image on the compositional canvas: GenEval-style accuracies of NTM, NTM finetuned from FM, and FM."""
     kinds = tuple(v.strip() for v in models.split(",") if v.strip())
     _likelihood_bench("text", run_text_bench, quick, out, progress, preset=preset,
                       default_preset=text_settings(quick)["preset"],
-                      settings={"train_steps": steps, "text_attention": text_attention.value, "models": kinds})
+                      settings={"train_steps": steps, "text_attention": text_attention.value, "models": kinds,
+                                "patch": patch})
 
 
 @bench_app.command("tightness")

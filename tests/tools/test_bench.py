@@ -241,3 +241,29 @@ def test_a_bench_reuses_a_run_only_when_every_learning_setting_matches(tmp_path)
     assert same_run(tmp_path / "fm", fm_cfg, replace(train_cfg, hybrid_weight=1.0, T_weights=(1.0,)))
     assert run_differences(tmp_path / "ntm", cfg, replace(train_cfg, warmup=0, lr=1.0)) == ["lr", "warmup"]
     assert run_differences(tmp_path / "nothing", cfg, train_cfg) is None
+
+
+def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, monkeypatch, capsys):
+    import ntm.cli as cli
+
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "results" / "guidance-fashion.json"
+    # before `ntm bench fashion` has trained its runs: one error, nothing written
+    assert main(["bench", "guidance", "--data", "fashion", "--no-progress"]) == 1
+    assert "run `ntm bench fashion` first" in capsys.readouterr().err and not out.exists()
+    assert main(["bench", "guidance", "--ws", "1,x", "--no-progress"]) == 2
+    assert "--ws takes comma-separated numbers >= 0" in capsys.readouterr().err
+    runs = tmp_path / "results" / "fashion" / "runs"
+    for kind in ("ntm", "fm"):
+        assert main(["train", "--data", "fashion", "--model", kind, "--preset", "tiny", "--steps", "2",
+                     "--out", str(runs / kind), "--no-progress"]) == 0
+    real = cli.run_guidance_sweep
+    monkeypatch.setattr(cli, "run_guidance_sweep", lambda *a, **k: real(*a, **{**k, "classifier_steps": 10}))
+    assert main(["bench", "guidance", "--data", "fashion", "--ws", "0,2", "--n-samples", "20", "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["model"], r["steps"], r["guidance"], r["nfe"]) for r in res["rows"]] == [
+        ("ntm", 4, 0.0, 4), ("fm", 4, 0.0, 4), ("ntm", 4, 2.0, 8), ("fm", 4, 2.0, 8)]
+    assert all(0 <= r["class_acc"] <= 1 and r["fid"] >= 0 and r["n_samples"] == 20 for r in res["rows"])
+    assert out.with_suffix(".md").read_text().startswith("| model | steps | guidance w |")
+    assert (out.with_suffix("") / "class-acc.png").is_file() and (out.with_suffix("") / "fid.png").is_file()

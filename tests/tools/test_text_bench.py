@@ -12,6 +12,7 @@ from ntm.bench.text import accuracy_row, load_or_train_cell_classifier, read_can
 from ntm.canvas import COLOR_NAMES, EMPTY, TASKS, make_canvases
 from ntm.cli import main
 from ntm.errors import ConfigError
+from ntm.hub import load_model
 from ntm.images import dequantize, load_named
 from ntm.tools.datasets import open_text_data
 
@@ -138,3 +139,31 @@ def test_cell_classifiers_of_two_budgets_are_cached_side_by_side(tiny_canvas, mo
     monkeypatch.setattr(text_bench, "train_cell_classifier", no_training)
     assert load_or_train_cell_classifier(src, 5, progress=False)[1] == five
     assert load_or_train_cell_classifier(src, 6, progress=False)[1] == six
+
+
+def test_the_canvas_patch_size_is_part_of_the_comparison(tmp_path, tiny_canvas):
+    enc = StubEncoder(dim=8, max_tokens=8)
+    first = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm",), "sweep": (1.0,), "patch": 7},
+                           encoder=enc)
+    assert first["config"]["patch"] == 7
+    model = load_model(tmp_path / "results" / "text-quick" / "runs" / "ntm")
+    assert (model.spec.patch, model.spec.num_tokens, model.spec.token_dim) == (7, 4 * 8, 3 * 49)
+    # FM on the default patch (4) is another comparison: the patch-7 NTM row is not kept
+    res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("fm",)}, encoder=enc)
+    assert [r["model"] for r in res["rows"]] == ["fm", "fm"] and "rows_kept_from_earlier_run" not in res["config"]
+    # a results file written before the key existed was measured on patch 4: its rows stand beside patch-4 rows
+    out = tmp_path / "results" / "text-quick.json"
+    old = json.loads(out.read_text())
+    del old["config"]["patch"]
+    out.write_text(json.dumps(old))
+    res = run_text_bench(quick=True, progress=False, settings={**TINY, "models": ("ntm",), "sweep": (1.0,)}, encoder=enc)
+    assert res["config"]["rows_kept_from_earlier_run"] == ["fm"] and res["config"]["patch"] == 4
+
+
+def test_bench_text_with_a_patch_that_does_not_divide_the_canvas_is_one_error(tmp_path, tiny_canvas, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr(text_bench, "load_encoder", lambda name: StubEncoder(dim=8, max_tokens=8))
+    out = tmp_path / "mine.json"
+    code = main(["bench", "text", "--quick", "--patch", "5", "--out", str(out), "--no-progress"])
+    assert one_error_line(code, capsys.readouterr().err, "not divisible by the patch size 5")
+    assert not out.exists() and not out.with_suffix("").exists()
