@@ -424,8 +424,8 @@ PRESETS: dict[str, Preset] = {
                                   "0.05): T = 16's first noisy level (0.096) becomes element-wise too"),
     "mnist-wide-low": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_LOW, layers=2, width=64, heads=4),
                              _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
-                             "the mnist preset with a 2 blocks x 2 layers, width-64 transporter (the lever for "
-                             "the T = 16 bound near the data)"),
+                             "the mnist preset with a 2 blocks x 2 layers, width-64 transporter (a lever for "
+                             "the T = 16 bound near the data; measured in docs/objectives.md, not the default)"),
     "mnist-low-t-by-steps": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
                                    replace(_IMAGE_TRAIN, T_weights=(4.0, 8.0, 16.0)),
                                    "the mnist preset with T drawn in proportion to its steps (4 : 8 : 16), "

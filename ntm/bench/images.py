@@ -534,8 +534,6 @@ def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: in
     return out
 
 
-
-
 def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0),
                        out: str | Path | None = None, n_samples: int | None = None, steps: int = 4,
                        progress: bool = True, classifier_steps: int = 3000) -> dict:
