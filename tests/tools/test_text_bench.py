@@ -118,9 +118,9 @@ def test_text_bench_preset_names_its_results_file_and_an_unknown_one_is_one_erro
     assert main(["bench", "text", "--models", "ntm", "--no-progress"]) == 0
     assert main(["bench", "text", "--models", "ntm", "--preset", "mnist", "--no-progress"]) == 0
     assert main(["bench", "text", "--models", "ntm", "--preset", "mnist-affine", "--no-progress"]) == 0
-    assert main(["bench", "text", "--models", "ntm", "--preset", "mnist-affine-sincos", "--no-progress"]) == 0
+    assert main(["bench", "text", "--models", "ntm", "--preset", text_bench.TEXT_PRESET, "--no-progress"]) == 0
     assert seen == [("text.json", None, ("ntm",)), ("text-mnist.json", "mnist", ("ntm",)),
-                    ("text-mnist-affine.json", "mnist-affine", ("ntm",)), ("text.json", "mnist-affine-sincos", ("ntm",))]
+                    ("text-mnist-affine.json", "mnist-affine", ("ntm",)), ("text.json", text_bench.TEXT_PRESET, ("ntm",))]
     capsys.readouterr()
     code = main(["bench", "text", "--preset", "huge", "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "huge")
