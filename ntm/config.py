@@ -376,7 +376,7 @@ PRESETS: dict[str, Preset] = {
     "mnist-affine-sincos-lr2x": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_SINCOS,
                                        replace(_IMAGE_TRAIN, lr=1e-3),
                                        "the mnist-affine-sincos preset at twice the learning rate (1e-3): the text "
-                                       "bench's recipe (56.0% against 35.7% on the canvas at 8,000 steps)"),
+                                       "bench's recipe (docs/text.md)"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
