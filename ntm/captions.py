@@ -53,11 +53,15 @@ class TextImageSource:
         self.patch = patch
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Prompts]:
+        """A training batch: n dequantised images (n, C, H, W) and their encoded captions, one of the
+        training phrasings drawn per image."""
         idx = torch.randint(0, self.images.shape[0], (n,), generator=generator)
         x = dequantize(self.images[idx], generator)
         return x, self.encoder.encode(self.caption_fn(idx, generator, True))
 
     def captions(self, idx: Tensor, seed: int = 0, train: bool = False) -> list[str]:
+        """A caption for each image index in ``idx`` (n,), drawn with ``seed`` by the caption function:
+        with ``train`` from the training images and phrasings, else from the test split's."""
         return self.caption_fn(idx, torch.Generator().manual_seed(seed), train)
 
     def held_out(self, n: int | None = None, seed: int = 12345) -> tuple[Tensor, Prompts]:

@@ -213,6 +213,10 @@ class DenoiserConfig:
     heads: int = 4
 
 
+# the initial weight (cosine-decayed to 0) of a finetune's mean-alignment loss
+AUX_WEIGHT = 2.5
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Starting from a flow-matching run (``ntm.train.finetune``): the run folder of the frozen
@@ -220,7 +224,7 @@ class FinetuneConfig:
     the teacher's copied weights train at ``lr * pretrained_lr_scale`` (0 freezes them)."""
 
     teacher: str = ""
-    aux_weight: float = 2.5
+    aux_weight: float = AUX_WEIGHT
     pretrained_lr_scale: float = 0.25
 
 
@@ -640,5 +644,5 @@ def upgrade_v1(meta: dict) -> dict:
 
 __all__ = ["DataSpec", "TrajectoryConfig", "TransporterConfig", "PredictorConfig", "BackboneConfig", "NTMConfig",
            "FMConfig", "DenoiserConfig", "FinetuneConfig", "TrainConfig", "Preset", "PRESETS", "DISTILL_TRAIN",
-           "FRESH_LR_FACTOR", "default_preset", "get_preset", "to_dict", "dumps", "from_dict",
+           "FRESH_LR_FACTOR", "AUX_WEIGHT", "default_preset", "get_preset", "to_dict", "dumps", "from_dict",
            "validate_model_config", "validate_train_config", "MODEL_CONFIGS", "upgrade_v1"]

@@ -148,11 +148,14 @@ class DataSource:
         return self.array[idx], None if self.labels is None else self.labels[idx]
 
     def held_out(self, n: int, seed: int = 12345) -> tuple[Tensor, Tensor | None]:
-        """An evaluation set: fresh toy samples from a fixed seed far from training, or the whole file."""
+        """An evaluation set: ``n`` fresh toy samples from a fixed seed far from training, or the file's
+        first ``n`` points (all of them for ``n`` None)."""
         if self.array is None:
             x, y = sample_toy_labeled(self.name, n, torch.Generator().manual_seed(seed))
             return x, (y if self.conditional else None)
-        return self.array, self.labels
+        if n is None:
+            return self.array, self.labels
+        return self.array[:n], None if self.labels is None else self.labels[:n]
 
     def spec(self, n_stats: int = 100_000) -> DataSpec:
         """Token layout and standardisation statistics of this source."""

@@ -126,6 +126,8 @@ def image_statistics(images: Tensor, patch: int) -> tuple[tuple[float, ...], tup
 
 
 def image_spec(name: str, images: Tensor, num_classes: int, patch: int) -> DataSpec:
+    """The token layout of images (B, C, H, W) cut into ``patch`` x ``patch`` patches, with the
+    per-dimension token mean and variance (B-averaged) that the data-aware predictor uses."""
     C, H, W = images.shape[1:]
     if H % patch or W % patch:
         raise DataError(f"image size {H}x{W} is not divisible by the patch size {patch}")

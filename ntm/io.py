@@ -140,6 +140,7 @@ def read_meta(folder: str | Path, formats: tuple[str, ...] | None = None) -> dic
 
 
 def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors ``file`` by name (``CheckpointError`` when missing or unreadable)."""
     file = Path(file)
     if not file.is_file():
         raise CheckpointError(f"missing weights file {file}")

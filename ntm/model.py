@@ -105,6 +105,8 @@ class NTM(TokenModel):
         return self._denoiser[0] if self._denoiser else None
 
     def attach_denoiser(self, denoiser: Denoiser | None) -> None:
+        """Use ``denoiser`` for ``decode="denoiser"`` (None detaches it); it is not a submodule, so the
+        NTM's own state dict does not change."""
         self._denoiser = () if denoiser is None else (denoiser,)
 
     def after_load(self, path: Path, meta: dict) -> None:

@@ -175,6 +175,8 @@ class Layer(nn.Module):
 
     def forward(self, x: Tensor, causal: bool, keep: Tensor | None = None, context: Tensor | None = None,
                 context_keep: Tensor | None = None, cond: Tensor | None = None) -> Tensor:
+        """Tokens x (B, N, W) -> (B, N, W). ``keep`` (B, N) masks padded keys; ``context`` (B, L, W) with
+        ``context_keep`` (B, L) feeds the cross-attention; ``cond`` (B, W) the adaLN modulation."""
         if self.modulation is None:
             x = x + self.attn(self.norm1(x), causal, keep)
             if self.cross is not None:
@@ -187,6 +189,7 @@ class Layer(nn.Module):
         return x + gate_m * self.mlp(self.norm2(x) * (1 + scale_m) + shift_m)
 
     def forward_cached(self, x: Tensor, cache: KVCache, layer: int) -> Tensor:
+        """Causal decoding: the new tokens x (B, n, W) attend to the keys of ``cache`` at ``layer`` too."""
         x = x + self.attn.forward_cached(self.norm1(x), cache, layer)
         return x + self.mlp(self.norm2(x))
 

@@ -106,6 +106,7 @@ class GaussianDataPosterior(nn.Module):
         self.register_buffer("v", var.float())
 
     def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, T: Tensor | None = None):
+        """(mu, sigma) of p(x_s | x_t), each (B, N, D), for x_t (B, N, D) and times t, s (B,)."""
         tt = as_column(t)
         a = 1 - tt
         # x_t = a x_0 + t eps  =>  x_0 | x_t is Gaussian with precision 1/v + a^2 / t^2
@@ -144,6 +145,7 @@ class EmpiricalPosterior(nn.Module):
         return torch.cat(means).reshape(shape).float(), torch.cat(variances).reshape(shape).float()
 
     def forward(self, x_t: Tensor, t: Tensor, s: Tensor, y: Tensor | None = None, T: Tensor | None = None):
+        """(mu, sigma) of p(x_s | x_t), each (B, N, D), for x_t (B, N, D) and times t, s (B,)."""
         m, v = self.moments(x_t, t)
         return gaussian_step(x_t, t, s, m, v)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import FMConfig, TrainConfig, from_dict, get_preset
+from ..config import AUX_WEIGHT, FMConfig, TrainConfig, from_dict, get_preset
 from ..errors import CheckpointError, ConfigError
 from ..hub import build_model, load_model
 from ..io import read_meta, resolve
-from ..tools.metrics import load_or_train_classifier
+from ..tools.metrics import classifier_record, load_or_train_classifier
 from ..tools.plots import smoothed_curves
 from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import initial_weights, load_teacher
@@ -69,23 +69,23 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     real, _ = src.held_out(n, seed=4242)
     bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)
     ft_cfg = finetune_config(fm_cfg, settings["preset"])
-    ft_train = finetune_train_config(paper_objective(p.train), ft_steps, 2.5, teacher_dir)
+    ft_train = finetune_train_config(paper_objective(p.train), ft_steps, AUX_WEIGHT, teacher_dir)
     runs, summaries = {}, {"fm": teacher_sum}
     # (label, lambda, learning-rate scale of the pretrained weights: 0 freezes the backbone)
     scale = ft_train.finetune.pretrained_lr_scale
-    finetunes = (("ntm-ft", 2.5, scale), ("ntm-ft-aux0", 0.0, scale), ("ntm-ft-frozen", 2.5, 0.0))
+    finetunes = (("ntm-ft", AUX_WEIGHT, scale), ("ntm-ft-aux0", 0.0, scale), ("ntm-ft-frozen", AUX_WEIGHT, 0.0))
     for label, weight, lr_scale in finetunes:
         runs[label] = folder / "runs" / label
         tcfg = replace(ft_train, finetune=replace(ft_train.finetune, aux_weight=weight, pretrained_lr_scale=lr_scale))
         summaries[label] = train_or_reuse(runs[label], ft_cfg, tcfg, src, progress)
     folder.mkdir(parents=True, exist_ok=True)
-    smoothed_curves({"λ = 2.5 (cosine-decayed)": runs["ntm-ft"], "λ = 0": runs["ntm-ft-aux0"]},
+    smoothed_curves({f"λ = {AUX_WEIGHT:g} (cosine-decayed)": runs["ntm-ft"], "λ = 0": runs["ntm-ft-aux0"]},
                     folder / "finetune-loss-curves.png", xlabel="finetuning step")
     results = {"config": {"data": data, "quick": quick, "teacher_steps": p.train.steps, "finetune_steps": ft_steps,
                           "scratch_steps": p.train.steps + ft_steps, "batch_size": p.train.batch_size,
                           "guidance": guidance, "n_samples": n, "n_bpd": settings["n_bpd"],
                           "bpd_trajectories": settings["bpd_trajectories"], "teacher": str(teacher_dir),
-                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}},
+                          "classifier": classifier_record(clf_info)},
                "rows": []}
     teacher = load_model(teacher_dir, map_location=bench_device())
     m = settings["n_bpd_fm"]
@@ -157,9 +157,9 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     real, _ = src.held_out(n_samples, seed=4242)
     bpd_x, bpd_y = src.held_out(n_bpd, seed=4343)
-    results = {"config": {"data": data, "steps": steps, "aux_weight": 2.5, "n_samples": n_samples, "n_bpd": n_bpd,
+    results = {"config": {"data": data, "steps": steps, "aux_weight": AUX_WEIGHT, "n_samples": n_samples, "n_bpd": n_bpd,
                           "bpd_trajectories": 2, "guidance": guidance, "teacher": str(teacher_dir),
-                          "classifier": {k: clf_info[k] for k in ("name", "steps", "test_accuracy")}}, "rows": []}
+                          "classifier": classifier_record(clf_info)}, "rows": []}
     for name, scale, lr, fresh_lr, tau0 in (("step-0", "x0", 0.0, 0.0, 0.01),) + tuple(variants):
         cfg = finetune_config(fm_cfg, preset, scale, tau0)
         if name == "step-0":  # the untrained finetune: the FM Gaussian posterior sampler (widened by B tau_0)
@@ -168,7 +168,7 @@ def run_finetune_ablation(data: str = "mnist", out: str | Path | None = None, st
             model = model.eval().to(bench_device())
             summary = {"seconds": 0.0}
         else:
-            tcfg = finetune_train_config(replace(paper_objective(p.train), lr=fresh_lr), steps, 2.5, teacher_dir, 1.0)
+            tcfg = finetune_train_config(replace(paper_objective(p.train), lr=fresh_lr), steps, AUX_WEIGHT, teacher_dir, 1.0)
             tcfg = replace(tcfg, finetune=replace(tcfg.finetune, pretrained_lr_scale=lr / fresh_lr))
             summary = train_or_reuse(folder / "runs" / name, cfg, tcfg, src, progress)
             model = load_model(folder / "runs" / name, map_location=bench_device())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import write_text
-from .tables import table_for
+from .tables import TABLE_PREFIXES, table_for
 
 MARKER = re.compile(r"(<!-- results: (?P<file>[^ ]+?)(?P<rows> rows)? -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -38,13 +38,28 @@ def fill_markers(text: str, root: Path, where: str = "") -> tuple[str, int]:
     return MARKER.sub(table, text), count
 
 
+def bench_results(file: Path) -> dict | None:
+    """The bench results in ``file`` (a dict with "rows" and "config"), or None for any other JSON."""
+    try:
+        res = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {file} ({exc.__class__.__name__})") from None
+    return res if isinstance(res, dict) and "rows" in res and "config" in res else None
+
+
 def report(root: str | Path = ".", documents: tuple[str, ...] = ("README.md", "docs/*.md")) -> dict:
-    """Regenerate the tables under ``root``; returns {"tables": [...], "documents": {path: pairs}}."""
+    """Regenerate the tables under ``root``; returns {"tables": [...], "documents": {path: pairs},
+    "skipped": [...]}. A JSON that is not a bench result, and a ``.md`` beside it that is not a table
+    this command wrote, are left alone (listed in "skipped")."""
     root = Path(root)
-    tables = []
+    tables, skipped = [], []
     for file in sorted((root / "results").glob("*.json")):
         md = file.with_suffix(".md")
-        text = table_for(json.loads(file.read_text()))
+        results = bench_results(file)
+        if results is None or (md.exists() and not (md.is_file() and md.read_text().startswith(TABLE_PREFIXES))):
+            skipped.append(str(file.relative_to(root)))
+            continue
+        text = table_for(results)
         if not md.is_file() or md.read_text() != text:
             write_text(md, text)
         tables.append(str(md.relative_to(root)))
@@ -56,4 +71,4 @@ def report(root: str | Path = ".", documents: tuple[str, ...] = ("README.md", "d
             if new != old:
                 write_text(doc, new)
             filled[str(doc.relative_to(root))] = n
-    return {"tables": tables, "documents": filled}
+    return {"tables": tables, "documents": filled, "skipped": skipped}

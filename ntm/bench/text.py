@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..canvas import COLOR_NAMES, EMPTY, TASKS, PromptSpec, draw_prompt, meets
-from ..config import get_preset
+from ..config import AUX_WEIGHT, get_preset
 from ..data import to_tokens
 from ..errors import CheckpointError, ConfigError
 from ..flow_matching import FlowMatching, network_evaluations
@@ -36,7 +36,7 @@ from ..hub import build_model, load_model
 from ..images import dequantize, open_image_source
 from ..io import load_into, read_meta, write_artifact
 from ..tools.datasets import open_text_data, text_cache_dir
-from ..tools.metrics import CLASSIFIER_FORMAT, ImageClassifier, fit_classifier, image_quality
+from ..tools.metrics import CLASSIFIER_FORMAT, ClassifierRecipe, ImageClassifier, fit_classifier, image_quality, same_recipe
 from ..tools.plots import image_grid, line_plot
 from ..tools.text_encoders import load_encoder
 from ..train import make_optimizer
@@ -84,11 +84,16 @@ def split_cells(images: Tensor) -> Tensor:
     return torch.cat([images[..., :28], images[..., 28:]])
 
 
-def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, seed: int = 0, progress: bool = False):
+# the cell classifier's training besides its steps (the values it has always been trained with)
+CELL_RECIPE = ClassifierRecipe(lr=1e-3, batch=128, seed=0, feature_images=4000)
+
+
+def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, recipe: ClassifierRecipe = CELL_RECIPE,
+                          progress: bool = False):
     """Digit-or-empty (11 logits) and colour (5 logits) of a cell, from uint8 canvases (M, 3, 28, 56) and
-    their cells (M, 2, 2). Returns the classifier and its accuracies on the last 10% (held out)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    their cells (M, 2, 2). Returns the classifier and its accuracies on a held-out random 10%."""
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
     x, lab = split_cells(images), torch.cat([cells[:, 0], cells[:, 1]])
     perm = torch.randperm(len(x), generator=g)
     n_val = len(x) // 10
@@ -96,7 +101,7 @@ def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, seed: int =
     clf = ImageClassifier(3, 11 + len(COLOR_NAMES))
 
     def batch():
-        idx = tr[torch.randint(len(tr), (128,), generator=g)]
+        idx = tr[torch.randint(len(tr), (recipe.batch,), generator=g)]
         return dequantize(x[idx], g), lab[idx]
 
     def loss_fn(logits: Tensor, cell: Tensor) -> Tensor:  # digit or empty, and the colour of a digit
@@ -105,7 +110,8 @@ def train_cell_classifier(images: Tensor, cells: Tensor, steps: int, seed: int =
         has = d != EMPTY
         return loss + nn.functional.cross_entropy(logits[has, 11:], c[has]) if has.any() else loss
 
-    fit_classifier(clf, batch, loss_fn, steps, lambda: dequantize(x[tr[:4000]], g), progress, desc="cell classifier")
+    fit_classifier(clf, batch, loss_fn, steps, lambda: dequantize(x[tr[:recipe.feature_images]], g), progress,
+                   desc="cell classifier", lr=recipe.lr)
     with torch.no_grad():
         pred = read_cells_of(clf, dequantize(x[val], g))
     d, c = lab[val, 0], lab[val, 1]
@@ -134,19 +140,23 @@ def read_canvases(clf: ImageClassifier, images: Tensor) -> list[list[tuple[int, 
 
 
 def load_or_train_cell_classifier(src, steps: int, progress: bool) -> tuple[ImageClassifier, dict]:
+    """The cell classifier of ``steps`` steps (``CELL_RECIPE``), from the cache or trained and cached
+    now, and its record (accuracies, steps, recipe)."""
     # one folder per training budget: the quick and the full bench do not evict each other's classifier
     folder = text_cache_dir().parent / "classifiers" / f"canvas-cells-{len(src.images)}-{steps}"
     if (folder / "config.json").is_file():
         try:
             info = read_meta(folder, (CLASSIFIER_FORMAT,))["config"]
-            if info.get("steps") == steps and info.get("kind") == "canvas-cells":
+            if info.get("steps") == steps and info.get("kind") == "canvas-cells" and same_recipe(info, CELL_RECIPE,
+                                                                                                 CELL_RECIPE):
                 clf = ImageClassifier(3, 11 + len(COLOR_NAMES))
                 load_into(clf, folder / "model.safetensors")
-                return clf.eval(), info
+                return clf.eval(), {**info, "recipe": asdict(CELL_RECIPE)}
         except (CheckpointError, KeyError, TypeError):
             pass
     clf, acc = train_cell_classifier(src.images, src.train_cells, steps, progress=progress)
-    info = {"name": "canvas cells", "kind": "canvas-cells", "steps": steps, "channels": 3, "num_classes": 11 + len(COLOR_NAMES), **acc}
+    info = {"name": "canvas cells", "kind": "canvas-cells", "steps": steps, "recipe": asdict(CELL_RECIPE), "channels": 3,
+            "num_classes": 11 + len(COLOR_NAMES), **acc}
     write_artifact(folder, CLASSIFIER_FORMAT, info, {"model": clf.state_dict()})
     return clf, info
 
@@ -290,7 +300,7 @@ def run_text_bench(out: str | Path | None = None, quick: bool = False, progress:
     # the finetune: a quarter of the teacher's steps, as in `ntm bench finetune`
     ft_steps = max(1, train.steps // 4)
     if "ntm-ft" in kinds:
-        ft_train = finetune_train_config(train, ft_steps, 2.5, runs["fm"])
+        ft_train = finetune_train_config(train, ft_steps, AUX_WEIGHT, runs["fm"])
         seconds["ntm-ft"] = train_or_reuse(runs["ntm-ft"], finetune_config(p.fm(spec), settings["preset"]), ft_train,
                                            src, progress)["seconds"]
     clf, clf_info = load_or_train_cell_classifier(src, settings["cell_steps"], progress)

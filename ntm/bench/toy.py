@@ -1,12 +1,14 @@
 """``ntm bench toy`` and ``ntm bench multi-t``: NTM against its transporter-free ablation and the Gaussian ceiling on 2-D toys.
 
-For each data set, three 4-step samplers are compared:
+For each data set, these 4-step samplers are compared (``models`` picks among them):
 
 * ``ntm``: the model of the chosen preset;
 * ``ntm-no-transporter``: the same with f_T = identity, same budget (a 4-step heteroscedastic
   Gaussian diffusion);
 * ``gaussian-ceiling``: no training; an oracle Gaussian predictor with the exact posterior moments
-  E[x_0 | x_t], Var[x_0 | x_t] of a large reference sample (the best any Gaussian 4-step sampler can do).
+  E[x_0 | x_t], Var[x_0 | x_t] of a large reference sample (the best any Gaussian 4-step sampler can do);
+* ``fm``: the flow-matching baseline on the same backbone and budget, at 1, 2, 4, 8 and 64 Euler
+  steps and 4 Heun steps, with its ODE likelihood estimate in place of a bound.
 
 Reported per model: the NLL bound (ELBO) and importance-weighted bound on held-out data against the
 entropy floor, the energy distance of 4-step samples to held-out data against the noise floor, the
@@ -37,6 +39,7 @@ BENCH_MODELS = ("ntm", "ntm-no-transporter", "gaussian-ceiling", "fm")
 DEFAULT_BENCH_MODELS = BENCH_MODELS
 TOY_DECODES = ("inverse", "inverse+score")  # the decoders of ntm.sampling.DECODERS that need no distilled denoiser
 FM_TOY_ROWS = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("euler", 64), ("heun", 4))
+FM_ODE_STEPS = 64  # Heun steps of the FM baseline's likelihood estimate (named in every FM row's nll_kind)
 
 
 def sample_quality(name: str, n_samples: int, seeds: tuple[int, ...], draw) -> tuple[list, list, float]:
@@ -78,7 +81,7 @@ def evaluate_toy(model: NTM, name: str, held_out: Tensor, n_samples: int, seeds:
 
 
 def evaluate_toy_flow(model, name: str, held_out: Tensor, n_samples: int, seeds: tuple[int, ...], steps: int,
-                      solver: str, ode_steps: int = 64, nll: tuple[Tensor, float] | None = None) -> dict:
+                      solver: str, ode_steps: int = FM_ODE_STEPS, nll: tuple[Tensor, float] | None = None) -> dict:
     """The FM baseline on one toy: its ODE NLL estimate (exact divergence, ``ode_steps`` Heun steps)
     in place of a bound, and energy distance / low-density fraction of ``steps``-step samples.
     ``nll`` (values, seconds) reuses an estimate already computed for this model."""
@@ -111,7 +114,7 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
                   seeds: tuple[int, ...] = (0, 1, 2), num_trajectories: int = 8, n_reference: int = 20_000,
                   work_dir: str | Path | None = None, progress: bool = True,
                   models: tuple[str, ...] = DEFAULT_BENCH_MODELS, decode: str = "inverse") -> dict:
-    """Train and evaluate the three samplers on each toy; write ``out`` (JSON) and return it.
+    """Train and evaluate the samplers of ``models`` on each toy; write ``out`` (JSON) and return it.
     ``decode``: how NTM samples leave u-space, "inverse" or "inverse+score" (trajectory score denoising)."""
     p = get_preset(preset)
     if decode not in TOY_DECODES:
@@ -155,10 +158,10 @@ def run_toy_bench(out: str | Path, preset: str = "toy", data: tuple[str, ...] = 
             summary = train_or_reuse(run_dir, p.fm(spec), train_cfg, src, progress)
             fm = FlowMatching.from_pretrained(run_dir, map_location=bench_device())
             t0 = time.perf_counter()
-            values = fm.nll(held_out, steps=64, exact=True)  # one likelihood estimate serves every sampler row
+            values = fm.nll(held_out, steps=FM_ODE_STEPS, exact=True)  # one likelihood estimate serves every row
             nll = (values, time.perf_counter() - t0)
             for solver, k in FM_TOY_ROWS:
-                row = evaluate_toy_flow(fm, name, held_out, n_samples, seeds, k, solver, nll=nll)
+                row = evaluate_toy_flow(fm, name, held_out, n_samples, seeds, k, solver, FM_ODE_STEPS, nll=nll)
                 row.update(model="fm", data=name, train_seconds=summary["seconds"], skipped_steps=summary["skipped"],
                            objective="fm", transform=None, bound_kind="ODE estimate")
                 finish_row(row, name, floor_ed)

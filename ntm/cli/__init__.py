@@ -24,7 +24,7 @@ from ..bench.text import TEXT_PRESET, run_text_bench, text_settings
 from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
-from ..config import DISTILL_TRAIN, PRESETS, FMConfig, NTMConfig, TrainConfig, default_preset, from_dict, get_preset
+from ..config import AUX_WEIGHT, DISTILL_TRAIN, FRESH_LR_FACTOR, PRESETS, FMConfig, NTMConfig, TrainConfig, default_preset, from_dict, get_preset
 from ..data import ENTROPY_FLOOR, TOY_NAMES
 from ..errors import ConfigError, DataError, NTMError
 from ..flow_matching import DEFAULT_SAMPLING_STEPS, FlowMatching, ode_likelihood_report
@@ -396,7 +396,7 @@ def sample(
 def evaluate(
     run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
     data: str = typer.Option(..., help="toy name (held-out samples), a .npy/.csv file, mnist/fashion (test split) or an image folder"),
-    n: int = typer.Option(5000, min=1, help="held-out toy points (or test images) to evaluate"),
+    n: int = typer.Option(5000, min=1, help="held-out toy points, test images, or the first N points of a file to evaluate"),
     trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
     steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
     t_min: Optional[float] = typer.Option(None, help="t_0 of the trajectory NLL (default: the model's sampling t_min; the bound always uses 0)"),
@@ -551,7 +551,7 @@ def finetune(
     out: Path = typer.Option(..., help="run directory of the finetuned NTM"),
     data: str = typer.Option(..., help="the data the FM run was trained on"),
     captions: Optional[Path] = typer.Option(None, help="text: the captions file of an image-folder --data"),
-    aux_weight: Optional[float] = typer.Option(None, min=0.0, help="initial weight of the mean-alignment loss (cosine-decayed to 0; default 2.5)"),
+    aux_weight: Optional[float] = typer.Option(None, min=0.0, help=f"initial weight of the mean-alignment loss (cosine-decayed to 0; default {AUX_WEIGHT:g})"),
     steps: Optional[int] = typer.Option(None, min=1, help="finetuning steps (default: the preset's)"),
     preset: Optional[str] = typer.Option(None, help="preset for the transporter and optimiser (default: mnist for images, toy otherwise)"),
     velocity_scale: Optional[str] = typer.Option(None, help="predictor scale: x0 (the default: C^2 + B^2 tau^2, learned "
@@ -591,9 +591,9 @@ def finetune(
         summary = run_training(None, None, source, out, resume=True, progress=progress)
     else:
         _fresh_output_dir(out)
-        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=2.5 if aux_weight is None else aux_weight,
+        summary = run_finetune(from_run, source, out, steps=steps, aux_weight=AUX_WEIGHT if aux_weight is None else aux_weight,
                                preset=preset, progress=progress, velocity_scale=velocity_scale or "x0",
-                               fresh_lr_factor=fresh_lr_factor or 4.0, freeze_backbone=freeze_backbone)
+                               fresh_lr_factor=fresh_lr_factor or FRESH_LR_FACTOR, freeze_backbone=freeze_backbone)
     state = "stopped early (resume with --resume)" if summary["stopped"] else "done"
     typer.echo(f"{state}: {summary['steps']} steps in {summary['seconds']:.1f} s, final loss "
                f"{summary['final_loss']:.4f}; run: {out}")
@@ -603,8 +603,8 @@ def finetune(
 def distill(
     run: Path = typer.Argument(..., help="NTM run directory; the denoiser is stored in RUN/denoiser"),
     data: str = typer.Option(..., help="the data the run was trained on (targets come from real-data trajectories)"),
-    steps: int = typer.Option(2000, min=1, help="denoiser training steps"),
-    batch_size: int = typer.Option(64, min=1, help="batch size"),
+    steps: int = typer.Option(DISTILL_TRAIN.steps, min=1, help="denoiser training steps"),
+    batch_size: int = typer.Option(DISTILL_TRAIN.batch_size, min=1, help="batch size"),
     seed: int = typer.Option(0, help="random seed"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
@@ -639,7 +639,7 @@ def bench_toy(
     decode: str = typer.Option("inverse", help="how NTM samples are decoded: inverse, or inverse+score (trajectory "
                                "score denoising)"),
 ):
-    """NTM vs NTM without transporter vs the Gaussian ceiling on 2-D toys."""
+    """NTM against NTM without transporter, the Gaussian ceiling and flow matching on 2-D toys."""
     names = tuple(d.strip() for d in data.split(",") if d.strip())
     unknown = [d for d in names if d not in TOY_NAMES]
     if unknown or not names:
@@ -684,6 +684,11 @@ def bench_multi_t(
 def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optional[int], guidance: float,
                   out: Optional[Path], progress: bool, distill_steps: int = 0, ablation: bool = False,
                   preset: Optional[str] = None, levers: bool = False) -> None:
+    if ablation and levers:
+        raise UsageProblem("--ablation and --levers are two different benches: give one")
+    if (ablation or levers) and (preset is not None or distill_steps):
+        raise UsageProblem(f"--{'levers' if levers else 'ablation'} trains its own recipes: it takes no --preset "
+                           "or --distill-steps")
     if ablation or levers:
         name = "levers" if levers else "ablation"
         out = out or results_dir() / f"{data}-{name}{'-quick' if quick else ''}.json"
@@ -713,16 +718,16 @@ def _bench_images(data: str, quick: bool, steps: Optional[int], n_samples: Optio
 
 _QUICK = typer.Option(False, "--quick", help="the smoke-check budget (preset mnist-quick: 600 steps, 1000 samples)")
 _IMG_STEPS = typer.Option(None, min=1, help="training steps per model (default: the preset's)")
-_IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1000)")
+_IMG_N = typer.Option(None, min=10, help="samples per row (default 2000, quick 1000; --ablation and --levers: 1000, quick 200)")
 _IMG_W = typer.Option(1.0, min=0.0, help="guidance scale of every row (NTM product rule, FM linear CFG)")
 _IMG_OUT = typer.Option(None, help="results JSON (default results/<data>[-quick].json)")
 _IMG_DISTILL = typer.Option(0, min=0, help="also distil the denoiser for this many steps and add inverse+score and denoiser rows")
 _IMG_PRESET = typer.Option(None, help="the preset both models train with (default: mnist, quick: mnist-quick; "
                            "mnist-paper: the paper's plain NLL)")
-_IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective ablation (paper NLL, nll-rb + stratified, hybrid, "
-                             "default) at --steps each (default 2000; quick 100) -> results/<data>-ablation.json")
-_IMG_LEVERS = typer.Option(False, "--levers", help="instead: the levers on the default recipe (cosine lambda, wider "
-                           "transporter, splines, multi-T) at --steps each -> results/<data>-levers.json")
+_IMG_ABLATION = typer.Option(False, "--ablation", help="instead: the objective ablation (paper NLL, nll-rb + stratified, "
+                             "the recipe then default) at --steps each (default 2000; quick 100) -> results/<data>-ablation.json")
+_IMG_LEVERS = typer.Option(False, "--levers", help="instead: the levers on the recipe then default (cosine lambda, "
+                           "wider transporter, splines, t_0 = 0) at --steps each -> results/<data>-levers.json")
 
 
 @bench_app.command("mnist")
@@ -923,6 +928,8 @@ def report(root: Path = typer.Option(Path("."), help="project folder holding res
     res = run_report(root)
     pairs = sum(res["documents"].values())
     typer.echo(f"{len(res['tables'])} results tables; {pairs} marked tables in {len(res['documents'])} documents")
+    if res["skipped"]:
+        typer.echo(f"left alone (not a bench result, or its .md is not a generated table): {', '.join(res['skipped'])}")
 
 
 def main(argv: list[str] | None = None) -> int:

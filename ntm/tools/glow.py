@@ -34,6 +34,7 @@ class GlowConfig:
     steps: int = 8000
     batch_size: int = 64
     lr: float = 5e-4
+    grad_clip: float = 1.0
     seed: int = 0
 
 
@@ -73,7 +74,7 @@ def train_glow(cfg: GlowConfig, source, progress: bool = True) -> nf.MultiscaleF
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.grad_clip)
             opt.step()
         sched.step()
         bar.set_postfix(nll=f"{float(loss.detach()):.1f}", refresh=False)
@@ -81,6 +82,7 @@ def train_glow(cfg: GlowConfig, source, progress: bool = True) -> nf.MultiscaleF
 
 
 def save_glow(flow: nf.MultiscaleFlow, cfg: GlowConfig, folder: str | Path, meta: dict | None = None) -> Path:
+    """Write the Glow and its config to ``folder`` (safetensors + JSON, readable by ``load_glow``)."""
     return write_artifact(folder, GLOW_FORMAT, asdict(cfg), {"model": flow.state_dict()}, meta=meta)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +58,34 @@ def low_density_fraction(name: str, samples: Tensor, reference: Tensor, q: float
 # Inception-FID numbers). The same classifier scores the class accuracy of conditional samples.
 
 CLASSIFIER_FORMAT = "ntm-classifier"
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How the project's metric classifiers are trained (besides their step count): Adam at ``lr``
+    with cosine decay, ``batch`` images a step, torch seed ``seed``; the feature scale is set on
+    ``feature_images`` training images. Recorded with every cached classifier and checked on reuse."""
+
+    lr: float = 1e-3
+    batch: int = 128
+    seed: int = 0
+    feature_images: int = 5000
+
+
+CLASSIFIER_RECIPE = ClassifierRecipe()
+# the recipe of the classifiers cached before records named theirs (the values then written in the code)
+UNRECORDED_RECIPE = ClassifierRecipe(lr=1e-3, batch=128, seed=0, feature_images=5000)
+
+
+def same_recipe(info: dict, recipe: ClassifierRecipe, unrecorded: ClassifierRecipe = UNRECORDED_RECIPE) -> bool:
+    """Was the cached classifier with record ``info`` trained with ``recipe``? A record without a
+    recipe was trained with ``unrecorded``."""
+    return info.get("recipe", asdict(unrecorded)) == asdict(recipe)
+
+
+def classifier_record(info: dict) -> dict:
+    """What a results file keeps of a metric classifier's record: name, steps, recipe, test accuracy."""
+    return {k: info[k] for k in ("name", "steps", "recipe", "test_accuracy")}
 
 
 class ImageClassifier(nn.Module):
@@ -119,11 +148,11 @@ def classifier_accuracy(classifier: ImageClassifier, images: Tensor, labels: Ten
 
 
 def fit_classifier(clf: ImageClassifier, batch, loss_fn, steps: int, feature_images, progress: bool = False,
-                   desc: str = "classifier") -> ImageClassifier:
-    """The project's classifier recipe: ``steps`` of Adam (lr 1e-3, cosine decay) on ``loss_fn(logits,
+                   desc: str = "classifier", lr: float = CLASSIFIER_RECIPE.lr) -> ImageClassifier:
+    """The project's classifier recipe: ``steps`` of Adam (``lr``, cosine decay) on ``loss_fn(logits,
     y)`` over ``batch()`` -> (x, y) draws, then the feature scale set so the FID features of
     ``feature_images()`` (N, C, H, W) have unit mean square. Returns ``clf`` in eval mode."""
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     clf.train()
     for _ in tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True):
@@ -140,17 +169,18 @@ def fit_classifier(clf: ImageClassifier, batch, loss_fn, steps: int, feature_ima
     return clf
 
 
-def train_classifier(source, steps: int = 3000, batch: int = 128, seed: int = 0,
+def train_classifier(source, steps: int = 3000, recipe: ClassifierRecipe = CLASSIFIER_RECIPE,
                      progress: bool = False) -> tuple[ImageClassifier, float]:
     """Train the metrics classifier on a labelled image source; returns it and its test accuracy."""
     if source.labels is None:
         raise DataError("the metrics classifier needs a labelled image data set")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed)
     num_classes = int(source.labels.max()) + 1
     clf = ImageClassifier(source.images.shape[1], num_classes)
-    fit_classifier(clf, lambda: source.sample(batch, g), lambda logits, y: nn.functional.cross_entropy(logits, y.long()),
-                   steps, lambda: source.sample(5000, g)[0], progress)
+    fit_classifier(clf, lambda: source.sample(recipe.batch, g),
+                   lambda logits, y: nn.functional.cross_entropy(logits, y.long()),
+                   steps, lambda: source.sample(recipe.feature_images, g)[0], progress, lr=recipe.lr)
     test_x, test_y = source.held_out(None, seed=777)
     return clf, classifier_accuracy(clf, test_x, test_y)
 
@@ -158,7 +188,7 @@ def train_classifier(source, steps: int = 3000, batch: int = 128, seed: int = 0,
 def load_or_train_classifier(source, cache_dir: str | Path | None = None, steps: int = 3000,
                              progress: bool = False) -> tuple[ImageClassifier, dict]:
     """The cached classifier for this data set (trained and saved on first use) and its record
-    ``{"name", "test_accuracy", "steps", "path"}``. The cache lives in $NTM_CACHE_DIR/classifiers
+    ``{"name", "test_accuracy", "steps", "recipe", "path"}``. The cache lives in $NTM_CACHE_DIR/classifiers
     (default ~/.cache/ntm/classifiers), one artifact folder (format ``ntm-classifier``) per data set
     fingerprint; an unreadable one is retrained and replaced."""
     folder = Path(cache_dir) if cache_dir else _cache_root() / _data_key(source)
@@ -167,15 +197,15 @@ def load_or_train_classifier(source, cache_dir: str | Path | None = None, steps:
         try:
             meta = read_meta(folder, (CLASSIFIER_FORMAT,))
             info = meta["config"]
-            if info.get("steps") == steps:
+            if info.get("steps") == steps and same_recipe(info, CLASSIFIER_RECIPE):
                 clf = ImageClassifier(info["channels"], info["num_classes"])
                 load_into(clf, folder / "model.safetensors")
-                return clf.eval(), {**info, "path": str(folder)}
+                return clf.eval(), {**info, "recipe": asdict(CLASSIFIER_RECIPE), "path": str(folder)}
         except (CheckpointError, KeyError, TypeError):
             pass  # unreadable cache: retrain and replace it
     clf, acc = train_classifier(source, steps=steps, progress=progress)
     info = {"name": source.name, "channels": int(source.images.shape[1]), "num_classes": num_classes,
-            "steps": steps, "test_accuracy": acc}
+            "steps": steps, "recipe": asdict(CLASSIFIER_RECIPE), "test_accuracy": acc}
     write_artifact(folder, CLASSIFIER_FORMAT, info, {"model": clf.state_dict()})
     return clf, {**info, "path": str(folder)}
 

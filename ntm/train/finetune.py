@@ -13,7 +13,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import (FRESH_LR_FACTOR, FinetuneConfig, FMConfig, NTMConfig, PredictorConfig, TrainConfig,
+from ..config import (AUX_WEIGHT, FRESH_LR_FACTOR, FinetuneConfig, FMConfig, NTMConfig, PredictorConfig, TrainConfig,
                       default_preset, from_dict, get_preset)
 from ..errors import ConfigError
 from ..io import read_meta, resolve
@@ -55,7 +55,7 @@ def read_fm_config(fm_run: str | Path) -> FMConfig:
     return from_dict(FMConfig, meta["config"])
 
 
-def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = 2.5,
+def finetune(fm_run: str | Path, source, out_dir: str | Path, steps: int | None = None, aux_weight: float = AUX_WEIGHT,
              preset: str | None = None, train_config: TrainConfig | None = None, progress: bool = True,
              velocity_scale: str = "x0", fresh_lr_factor: float = FRESH_LR_FACTOR,
              s0_std_floor: float | None = None, freeze_backbone: bool = False) -> dict:

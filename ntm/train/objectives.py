@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import DataSpec
+from ..config import AUX_WEIGHT, DataSpec
 from ..denoising import Denoiser, trajectory_score_denoise
 from ..flow_matching import FlowMatching
 from ..model import NTM, StepOutput
@@ -292,7 +292,7 @@ class FinetuneObjective(NTMObjective):
     here, frozen and out of the trained model.
     """
 
-    def __init__(self, model: NTM, teacher: FlowMatching, aux_weight: float = 2.5, mode: str = "e2e",
+    def __init__(self, model: NTM, teacher: FlowMatching, aux_weight: float = AUX_WEIGHT, mode: str = "e2e",
                  class_dropout: float = 0.1, **objective_options):
         super().__init__(model, mode, class_dropout, **objective_options)
         for p in teacher.parameters():

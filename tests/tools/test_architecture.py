@@ -4,9 +4,12 @@ layer (``ntm/train``) adds tqdm; neither imports inside a function nor from the 
 module graph of core and training has no cycle; no module imports another's private name."""
 import ast
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+
+import ntm
 
 ROOT = Path(__file__).resolve().parents[2] / "ntm"
 ALLOWED = {"core": {"torch", "numpy", "safetensors"}, "train": {"torch", "numpy", "safetensors", "tqdm"}}
@@ -189,3 +192,8 @@ def test_the_checker_finds_a_cycle():
     g = graph()
     g["ntm.trajectory"] = g["ntm.trajectory"] + imports("ntm.trajectory", "from .model import NTM\n", False)
     assert any("ntm.model" in c and "ntm.trajectory" in c for c in cycles(g))
+
+
+def test_the_package_version_is_the_one_pyproject_declares():
+    declared = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert ntm.__version__ == declared

@@ -29,6 +29,19 @@ def test_ablation_needs_the_bench_teacher(tmp_path, monkeypatch, capsys):
     assert "no FM teacher" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--ablation", "--levers"], "give one"),
+    (["--levers", "--preset", "mnist"], "no --preset"),
+    (["--ablation", "--distill-steps", "5"], "no --preset or --distill-steps"),
+])
+def test_image_bench_refuses_options_it_would_drop(tmp_path, monkeypatch, capsys, args, says):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "mnist", *args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_finetune_bench_end_to_end(tmp_path, monkeypatch):
     from ntm.bench.finetune import run_finetune_bench

@@ -78,6 +78,9 @@ def test_user_files_npy_and_csv(tmp_path, capsys):
         assert code == 0, err
         code, o, _ = run(capsys, "eval", str(out), "--data", str(tmp_path / f), "--trajectories", "2", "--json")
         assert code == 0 and json.loads(o)["n"] == 500
+        code, o, _ = run(capsys, "eval", str(out), "--data", str(tmp_path / f), "--n", "120", "--trajectories", "2",
+                         "--json")
+        assert code == 0 and json.loads(o)["n"] == 120  # the file's first 120 points
 
 
 @pytest.mark.slow

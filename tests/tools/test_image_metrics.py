@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from ntm.images import open_image_source
-from ntm.tools.metrics import ImageClassifier, classifier_accuracy, image_quality, knn_precision_recall, load_or_train_classifier
+from ntm.tools import metrics
+from ntm.tools.metrics import (CLASSIFIER_RECIPE, ImageClassifier, classifier_accuracy, image_quality, knn_precision_recall,
+                               load_or_train_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,24 @@ def test_corrupt_classifier_cache_is_retrained(mnist, tmp_path):
     (folder / "model.safetensors").write_bytes(b"garbage")
     clf, info = load_or_train_classifier(mnist, cache_dir=folder, steps=5)
     assert isinstance(clf, ImageClassifier) and json.loads((folder / "config.json").read_text())["config"]["steps"] == 5
+
+
+def test_a_cached_classifier_is_reused_only_with_its_recipe(mnist, tmp_path, monkeypatch):
+    folder = tmp_path / "c"
+    _, info = load_or_train_classifier(mnist, cache_dir=folder, steps=3)
+    assert info["recipe"] == {"lr": 1e-3, "batch": 128, "seed": 0, "feature_images": 5000}
+    trained = []
+    real_train = metrics.train_classifier
+    monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    meta = json.loads((folder / "config.json").read_text())
+    del meta["config"]["recipe"]  # a record from before recipes were recorded: trained with today's values
+    (folder / "config.json").write_text(json.dumps(meta))
+    assert load_or_train_classifier(mnist, cache_dir=folder, steps=3)[1]["recipe"] == info["recipe"] and not trained
+    meta["config"]["recipe"] = {**info["recipe"], "lr": 3e-4}  # another recipe: trained again, and replaced
+    (folder / "config.json").write_text(json.dumps(meta))
+    load_or_train_classifier(mnist, cache_dir=folder, steps=3)
+    assert trained == [1]
+    assert json.loads((folder / "config.json").read_text())["config"]["recipe"]["lr"] == CLASSIFIER_RECIPE.lr
 
 
 @pytest.mark.slow

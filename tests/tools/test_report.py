@@ -20,7 +20,8 @@ def test_report_fills_markers_and_rewrites_tables(tmp_path, capsys):
     (tmp_path / "docs").mkdir()
     src = ROOT / "results" / "toy.json"
     shutil.copy(src, tmp_path / "results" / "toy.json")
-    (tmp_path / "results" / "toy.md").write_text("stale\n")
+    stale = table_for(json.loads(src.read_text())).splitlines()[0] + "\n| an old row |\n"
+    (tmp_path / "results" / "toy.md").write_text(stale)
     (tmp_path / "README.md").write_text("intro\n<!-- results: results/toy.json -->\nold table\n<!-- /results -->\nend\n")
     (tmp_path / "docs" / "a.md").write_text("no markers here\n")
     assert main(["report", "--root", str(tmp_path)]) == 0
@@ -43,3 +44,19 @@ def test_a_rows_marker_keeps_the_main_image_table_only(tmp_path):
     assert n == m == 1 and "Per-step uniform ELBO" in full and "Per-step uniform ELBO" not in rows
     body = rows.split("-->\n", 1)[1]
     assert full.split("-->\n", 1)[1].startswith(body.split("<!-- /results")[0])
+
+
+def test_report_leaves_files_it_did_not_write_alone(tmp_path, capsys):
+    (tmp_path / "results").mkdir()
+    shutil.copy(ROOT / "results" / "toy.json", tmp_path / "results" / "notes.json")
+    (tmp_path / "results" / "notes.md").write_text("my notes\n")  # a user's file beside a bench result
+    (tmp_path / "results" / "settings.json").write_text('{"lr": 0.001}')  # not a bench result
+    assert main(["report", "--root", str(tmp_path)]) == 0
+    assert (tmp_path / "results" / "notes.md").read_text() == "my notes\n"
+    assert not (tmp_path / "results" / "settings.md").exists()
+    out = capsys.readouterr().out
+    assert "0 results tables" in out and "results/notes.json" in out and "results/settings.json" in out
+    (tmp_path / "results" / "broken.json").write_text("{not json")
+    assert main(["report", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.json" in err and len(err.strip().splitlines()) == 1

@@ -132,6 +132,7 @@ def test_cell_classifiers_of_two_budgets_are_cached_side_by_side(tiny_canvas, mo
     _, five = load_or_train_cell_classifier(src, 5, progress=False)
     _, six = load_or_train_cell_classifier(src, 6, progress=False)
     assert (five["steps"], six["steps"]) == (5, 6)
+    assert five["recipe"] == {"lr": 1e-3, "batch": 128, "seed": 0, "feature_images": 4000}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached classifier was trained again")
