@@ -230,10 +230,12 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and objective: AdamW, linear warmup (``warmup`` 0: none) then cosine decay to
-    ``min_lr``, EMA, clipping. ``mode`` scores every step of a trajectory ("e2e") or one random step
-    ("pairwise"); ``class_dropout`` replaces that share of labels by the null label; ``finetune`` is
-    set when the run starts from a flow-matching teacher.
+    """Optimisation and objective: AdamW, linear warmup over ``warmup`` steps from
+    ``warmup_start_factor * lr`` (``warmup`` 0: none) then cosine decay to ``min_lr``; EMA of decay
+    min(``ema_decay``, (1 + n) / (``ema_warmup`` + n)) after n updates; clipping. ``mode`` scores
+    every step of a trajectory ("e2e") or one random step ("pairwise"); ``class_dropout`` replaces
+    that share of labels by the null label; ``finetune`` is set when the run starts from a
+    flow-matching teacher.
 
     The NTM objective (``ntm.train.objectives.NTMObjective``): ``objective`` "nll" is the paper's
     exact trajectory NLL; "nll-rb" subtracts a Rao-Blackwellised control variate (same expectation,
@@ -251,10 +253,12 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: int = 200
+    warmup_start_factor: float = 1e-3
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: int = 10
     mode: str = "e2e"
     class_dropout: float = 0.1
     seed: int = 0
@@ -597,6 +601,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
             or cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ConfigError("steps, batch size, checkpoint and log intervals must be >= 1, warmup >= 0 and class "
                           "dropout in [0, 1)")
+    if not 0.0 < cfg.warmup_start_factor <= 1.0 or cfg.ema_warmup < 1:
+        raise ConfigError("the warmup start factor must be in (0, 1] and the EMA warmup >= 1")
     if cfg.stratified and cfg.mode != "pairwise":
         raise ConfigError("stratified steps apply to pair-wise training (mode 'pairwise')")
     if cfg.objective not in OBJECTIVES:

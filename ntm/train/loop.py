@@ -68,7 +68,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     if cfg.warmup == 0:
         return opt, CosineAnnealingLR(opt, T_max=max(1, cfg.steps), eta_min=cfg.min_lr)
     warmup = max(1, min(cfg.warmup, cfg.steps - 1)) if cfg.steps > 1 else 1
-    sched = SequentialLR(opt, [LinearLR(opt, start_factor=1e-3, total_iters=warmup),
+    sched = SequentialLR(opt, [LinearLR(opt, start_factor=cfg.warmup_start_factor, total_iters=warmup),
                                CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warmup), eta_min=cfg.min_lr)],
                          milestones=[warmup])
     return opt, sched
@@ -77,21 +77,22 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 class EMA:
     """Exponential moving average of a model's parameters, with warm-up:
 
-        ema <- d_n ema + (1 - d_n) p,    d_n = min(decay, (1 + n) / (10 + n)),  n = updates so far,
+        ema <- d_n ema + (1 - d_n) p,    d_n = min(decay, (1 + n) / (warmup + n)),  n = updates so far,
 
     so short runs are not dominated by the initial weights (decay 0: the weights themselves). Kept as
     plain tensors shadowing ``model.parameters()`` so it works unchanged on FSDP2-sharded (DTensor)
     parameters, where ``torch.optim.swa_utils.AveragedModel``'s deep copy does not.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10):
         self.decay = decay
+        self.warmup = warmup
         self.updates = 0
         self.names = [n for n, _ in model.named_parameters()]
         self.shadow = [p.detach().clone() for p in model.parameters()]
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        return min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -250,7 +251,7 @@ def fit(objective: torch.nn.Module, cfg: TrainConfig, source, out_dir: str | Pat
     device = ctx.device
     net = wrap(objective, cfg, ctx)
     opt, sched = make_optimizer(model, cfg)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     ema_names = set(ema.names)
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
     g_noise = torch.Generator().manual_seed(cfg.seed + 2)  # CPU: the same stream on any device (trajectory.randn)

@@ -2,13 +2,15 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ntm import io as io_mod
-from ntm.config import NTMConfig, PredictorConfig, TrainConfig, TrajectoryConfig, TransporterConfig
+from ntm.config import (NTMConfig, PredictorConfig, TrainConfig, TrajectoryConfig, TransporterConfig,
+                        validate_train_config)
 from ntm.data import DataSource, sample_toy, toy_log_density
 from ntm.errors import CheckpointError, ConfigError
 from ntm.model import NTM
@@ -170,6 +172,11 @@ def test_lr_schedule_warmup_then_cosine():
     expected = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 90)) / 2
     assert lrs[mid] == pytest.approx(expected, rel=1e-6)
     assert lrs[-1] >= 1e-5
+    opt, sched = make_optimizer(model, replace(cfg, warmup_start_factor=0.5))
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-6)  # the warmup's first step
+    for bad in ({"warmup_start_factor": 0.0}, {"warmup_start_factor": 1.5}, {"ema_warmup": 0}):
+        with pytest.raises(ConfigError, match="warmup"):
+            validate_train_config(replace(cfg, **bad))
 
 
 def test_loss_decreases_on_a_short_run(tmp_path):
@@ -181,16 +188,17 @@ def test_loss_decreases_on_a_short_run(tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"]
 
 
-def test_ema_follows_the_closed_form_recursion():
+@pytest.mark.parametrize("warmup", [10, 3])
+def test_ema_follows_the_closed_form_recursion(warmup):
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, warmup=warmup)
     expected = 0.0
     for n, value in enumerate([1.0, 2.0, -1.0, 4.0, 3.0, 0.5] * 15):
         with torch.no_grad():
             model.weight.fill_(value)
-        d = min(0.9, (1 + n) / (10 + n))
+        d = min(0.9, (1 + n) / (warmup + n))
         expected = d * expected + (1 - d) * value
         ema.update(model)
         assert float(ema.shadow[0]) == pytest.approx(expected, rel=1e-6)
