@@ -194,7 +194,7 @@ def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | N
     ntm = isinstance(saved_model, NTMConfig)
     net = saved_model.predictor if ntm else saved_model.velocity
     stored = {"--model": "ntm" if ntm else "fm", "--seed": saved_train.seed, "--mode": saved_train.mode,
-              "--batch-size": saved_train.batch_size,
+              "--batch-size": saved_train.batch_size, "--lr": saved_train.lr,
               "--patch": saved_model.data.patch if saved_model.data.kind == "image" else None,
               "--checkpoint-every": saved_train.checkpoint_every, "--objective": saved_train.objective,
               "--hybrid-weight": saved_train.hybrid_weight, "--hybrid-schedule": saved_train.hybrid_schedule,
@@ -222,7 +222,7 @@ def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | N
 
 # the training settings a command line sets on its own (or that do not change what a run learns), so a
 # preset named again on --resume is not compared on them
-PRESET_TRAIN_FREE = ("steps", "seed", "mode", "batch_size", "checkpoint_every", "log_every", "fsdp", "compile",
+PRESET_TRAIN_FREE = ("steps", "seed", "mode", "batch_size", "lr", "checkpoint_every", "log_every", "fsdp", "compile",
                      "objective", "hybrid_weight", "hybrid_schedule", "stratified", "finetune")
 
 
@@ -238,6 +238,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="random seed (default 0)"),
     mode: Optional[Mode] = typer.Option(None, help="NTM loss: e2e (all T steps per trajectory) or pairwise (one random step); default: the preset's"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="batch size (default: the preset's)"),
+    lr: Optional[float] = typer.Option(None, min=1e-12, help="peak learning rate (default: the preset's); "
+                                       "the cosine decays to the preset's min_lr"),
     conditional: bool = typer.Option(False, help="toys: train class-conditional on the square/component/moon/arm label (image sets with labels always are)"),
     patch: Optional[int] = typer.Option(None, min=1, help="images: patch size p (tokens of C p^2 channels; default 4)"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint (its stored config wins)"),
@@ -267,7 +269,7 @@ def train(
             raise UsageProblem(f"--resume: no run at {out}")
         saved_model, saved_train = _saved_configs(out)
         _check_resume_options(saved_model, saved_train, preset, {
-            "--model": model, "--seed": seed, "--mode": mode, "--batch-size": batch_size, "--patch": patch,
+            "--model": model, "--seed": seed, "--mode": mode, "--batch-size": batch_size, "--lr": lr, "--patch": patch,
             "--checkpoint-every": checkpoint_every, "--objective": objective, "--hybrid-weight": hybrid_weight,
             "--hybrid-schedule": hybrid_schedule, "--stratified": stratified, "--precondition": precondition,
             "--transform": transform, "--text-attention": text_attention, "--conditioning": conditioning,
@@ -292,7 +294,7 @@ def train(
                                         text_attention=text_attention, conditioning=conditioning, position=position)
         options = {"objective": None if objective is None else objective.value, "hybrid_weight": hybrid_weight,
                    "hybrid_schedule": None if hybrid_schedule is None else hybrid_schedule.value,
-                   "stratified": stratified}
+                   "stratified": stratified, "lr": lr}
         train_cfg = replace(p.train, seed=seed or 0, mode=mode.value if mode is not None else p.train.mode, steps=steps or p.train.steps,
                             batch_size=batch_size or p.train.batch_size, fsdp=fsdp, compile=compile,
                             checkpoint_every=checkpoint_every or p.train.checkpoint_every,

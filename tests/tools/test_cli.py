@@ -308,14 +308,16 @@ def test_train_with_sincos_positions_stores_them_and_refuses_them_on_resume(tmp_
 def test_resume_takes_the_first_commands_options_and_refuses_other_values(tmp_path, capsys):
     out = tmp_path / "r"
     first = ("train", "--data", "moons", "--preset", "tiny", "--seed", "3", "--mode", "pairwise", "--batch-size", "32",
-             "--checkpoint-every", "5", "--hybrid-weight", "0.5", "--out", str(out), "--no-progress")
+             "--lr", "2e-3", "--checkpoint-every", "5", "--hybrid-weight", "0.5", "--out", str(out), "--no-progress")
     code, _, err = run(capsys, *first, "--steps", "10")
     assert code == 0, err
     # the same command with --resume is accepted (the run is finished: nothing more to do)
     code, out_text, err = run(capsys, *first, "--steps", "10", "--resume")
     assert code == 0 and "10 steps" in out_text, err
     log = (out / "metrics.jsonl").read_text()
-    for bad, name in ((("--seed", "4"), "--seed"), (("--batch-size", "64"), "--batch-size"),
+    saved = sorted((out / "checkpoints").glob("step-*/config.json"))[-1]
+    assert json.loads(saved.read_text())["train"]["lr"] == 2e-3
+    for bad, name in ((("--seed", "4"), "--seed"), (("--batch-size", "64"), "--batch-size"), (("--lr", "1e-3"), "--lr"),
                       (("--mode", "e2e"), "--mode"), (("--checkpoint-every", "2"), "--checkpoint-every"),
                       (("--hybrid-weight", "1"), "--hybrid-weight"),
                       (("--model", "fm"), "--model"), (("--transform", "spline"), "--transform"),
