@@ -359,6 +359,9 @@ PRESETS: dict[str, Preset] = {
                     "Rao-Blackwellised NLL, stratified steps, the hybrid x0_hat term (lambda 10), data "
                     "preconditioning, spline transporter blocks coupling pixels only at levels t < 0.1, "
                     "T in {4, 8, 16} with t_0 = 0 (samples at T = 4)"),
+    "mnist-lr2x": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA, replace(_IMAGE_TRAIN, lr=1e-3),
+                         "the mnist preset at twice the learning rate (1e-3), the lever of the text bench "
+                         "(docs/objectives.md)"),
     "mnist-coupled": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist preset with transporter blocks that couple pixels at every level (the "
                             "default before coupling_t_max; the base of the adaln, cond1, t16, t-by-steps and "

@@ -316,6 +316,8 @@ def sample(
     seed: int = typer.Option(0, help="random seed"),
     png: Optional[Path] = typer.Option(None, help="also write a scatter plot of the samples beside the data"),
     class_label: Optional[int] = typer.Option(None, "--class", help="class label for conditional models"),
+    each_class: bool = typer.Option(False, "--each-class", help="conditional models: --n samples of every class, "
+                                    "one grid row per class"),
     prompt: Optional[str] = typer.Option(None, help="text models: the prompt of every sample"),
     prompts: Optional[Path] = typer.Option(None, help="text models: a file of prompts, one per line; --n samples each"),
     guidance: float = typer.Option(0.0, min=0.0, help="guidance scale w >= 0: NTM's product rule, FM's linear CFG (needs --class or a prompt)"),
@@ -346,10 +348,18 @@ def sample(
             raise UsageProblem(f"{prompts} holds no prompt")
     elif prompt is not None:
         texts = [prompt]
-    if guidance != 0.0 and class_label is None and texts is None:
-        raise UsageProblem("--guidance needs --class or a prompt")
+    if each_class and (class_label is not None or texts is not None):
+        raise UsageProblem("--each-class draws every class: it takes no --class, --prompt or --prompts")
+    if guidance != 0.0 and class_label is None and texts is None and not each_class:
+        raise UsageProblem("--guidance needs --class, --each-class or a prompt")
     model = load_model(run, map_location=default_device())
     y = None if class_label is None else torch.full((n,), class_label, dtype=torch.long)
+    per_row = min(10, n)  # a grid row per prompt (or class) when they fit
+    if each_class:
+        if model.spec.num_classes == 0:
+            raise UsageProblem("--each-class needs a class-conditional model; this one has no labels")
+        y, per_row = torch.arange(model.spec.num_classes).repeat_interleave(n), n
+        n = len(y)
     if texts is not None:
         if not model.spec.is_text:
             raise UsageProblem("--prompt/--prompts need a text-conditioned model; this one is not")
@@ -357,7 +367,6 @@ def sample(
             raise UsageProblem("a text model takes prompts, not --class")
         model.attach_text_encoder(load_encoder(model.spec.text_encoder))
         y = model.encode_prompts([t for t in texts for _ in range(n)])
-    per_row = min(10, n)  # a grid row per prompt when they fit
     if texts is not None:
         n = len(y)
     g = torch.Generator().manual_seed(seed)
@@ -382,13 +391,14 @@ def sample(
     typer.echo(f"wrote {arr.shape[0]} samples of shape {tuple(arr.shape[1:])} to {out}")
     if png is not None:
         title = f"{steps or model.config.trajectory.T}-step {'FM (' + solver.value + ')' if is_fm else 'NTM'} samples"
-        if class_label is not None:
-            title += f", class {class_label}" + (f", guidance {guidance:g}" if guidance else "")
+        if class_label is not None or each_class:
+            title += (", one row per class" if each_class else f", class {class_label}") + \
+                (f", guidance {guidance:g}" if guidance else "")
         if texts is not None:
             title = (f"'{texts[0]}'" if len(texts) == 1 else f"{len(texts)} prompts") + ", " + title + \
                 (f", guidance {guidance:g}" if guidance else "")
         if model.spec.kind == "image":
-            image_grid(arr, png, title=title, ncol=per_row if texts is not None else 10)
+            image_grid(arr, png, title=title, ncol=per_row if texts is not None or each_class else 10)
         else:
             scatter_with_data(arr, model.spec.name, png, title=title)
         typer.echo(f"wrote {png}")

@@ -180,6 +180,21 @@ def test_conditional_toy_with_guidance(tmp_path, capsys):
                        "--out", str(tmp_path / "c.npy"))
     assert code == 0, err
     assert np.load(tmp_path / "c.npy").shape == (40, 2)
+    code, _, err = run(capsys, "sample", str(run_dir), "--n", "30", "--each-class", "--guidance", "2.0",
+                       "--out", str(tmp_path / "e.npy"), "--seed", "1")
+    each = np.load(tmp_path / "e.npy")
+    assert code == 0 and each.shape == (8 * 30, 2), err
+    # block k holds class k: the same draw as the API's with labels 0, ..., 0, 1, ..., 7
+    labels = torch.arange(8).repeat_interleave(30)
+    api = load_model(run_dir).sample(240, y=labels, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    assert np.allclose(each, api.numpy(), atol=1e-6)
+    for bad, says in ((("--class", "2"), "--each-class draws every class"), (("--prompt", "a 3"), "--each-class")):
+        code, _, err = run(capsys, "sample", str(run_dir), "--n", "2", "--each-class", *bad,
+                           "--out", str(tmp_path / "f.npy"))
+        assert_one_error_line(code, err, says)
+    code, _, err = run(capsys, "sample", str(tmp_path / "cond"), "--n", "2", "--guidance", "1", "--out",
+                       str(tmp_path / "g.npy"))
+    assert_one_error_line(code, err, "--guidance needs --class, --each-class or a prompt")
     code, out, _ = run(capsys, "eval", str(run_dir), "--data", "8gaussians", "--n", "100", "--trajectories", "2", "--json")
     assert code == 0 and json.loads(out)["conditional"] is True
     code, _, err = run(capsys, "sample", str(run_dir), "--n", "4", "--class", "8", "--out", str(tmp_path / "d.npy"))
@@ -190,6 +205,8 @@ def test_conditional_toy_with_guidance(tmp_path, capsys):
 
 def test_bad_sampling_times_and_guidance(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "s.npy")
+    code, _, err = run(capsys, "sample", str(tiny_run), "--n", "2", "--each-class", "--out", out)
+    assert_one_error_line(code, err, "needs a class-conditional model")
     for t_min, fragment in (("1.0", "t_min"), ("0.5", "t_min"), ("-0.5", "t_min")):
         code, _, err = run(capsys, "sample", str(tiny_run), "--n", "5", "--t-min", t_min, "--out", out)
         assert_one_error_line(code, err, fragment)

@@ -61,6 +61,9 @@ def test_image_ntm_end_to_end_cli(tmp_path, capsys):
                  "--png", str(tmp_path / "s.png")]) == 0
     s = np.load(tmp_path / "s.npy")
     assert s.shape == (4, 1, 8, 8) and np.isfinite(s).all()
+    assert main(["sample", str(run), "--n", "3", "--each-class", "--out", str(tmp_path / "e.npy"),
+                 "--png", str(tmp_path / "e.png")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (6, 1, 8, 8) and (tmp_path / "e.png").stat().st_size > 500
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(tmp_path / "imgs"), "--trajectories", "2", "--json"]) == 0
     import json
