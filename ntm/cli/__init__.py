@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from ..bench.common import check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import ABLATION, LEVERS, run_guidance_sweep, run_image_ablation, run_image_bench, run_step_cost_bench
+from ..bench.images import (ABLATION, DEMO_TARGET_ACC, LEVERS, run_demo_bench, run_guidance_sweep, run_image_ablation,
+                            run_image_bench, run_step_cost_bench)
 from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import TEXT_PRESET, run_text_bench, text_settings
 from ..bench.report import report as run_report
@@ -780,6 +781,24 @@ def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: s
     res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress)
     typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+
+
+@bench_app.command("demo")
+def bench_demo(n_samples: int = typer.Option(500, min=10, help="samples per guidance weight"),
+               steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the mnist-demo preset's)"),
+               out: Optional[Path] = typer.Option(None, help="results JSON (default results/demo.json)"),
+               progress: bool = typer.Option(True, help="show progress bars")):
+    """The model `make demo` trains on MNIST (preset mnist-demo): guided class accuracy and FID at
+    w = 0, 1, 2, its bits/dim and its training time, against the demo's bar."""
+    out = out or results_dir() / "demo.json"
+    check_bench_output(out)
+    res = run_demo_bench(out, progress=progress, n_samples=n_samples, steps=steps)
+    typer.echo(table_for(res))
+    acc = next(r["class_acc"] for r in res["rows"] if r["guidance"] == 1.0)
+    typer.echo(f"trained in {res['config']['train_seconds']:.0f} s; class accuracy at w = 1: {100 * acc:.1f}% "
+               f"(the demo's bar: {100 * DEMO_TARGET_ACC:.0f}%); {res['config']['bpd']:.3f} bits/dim "
+               f"({res['config']['bpd_kind']})")
+    typer.echo(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 @bench_app.command("finetune")

@@ -256,6 +256,30 @@ def test_a_bench_reuses_a_run_only_when_every_learning_setting_matches(tmp_path)
     assert run_differences(tmp_path / "nothing", cfg, train_cfg) is None
 
 
+@pytest.mark.slow
+def test_demo_bench_scores_the_make_demo_model_and_reuses_its_run(tmp_path, monkeypatch, capsys):
+    import ntm.cli as cli
+
+    monkeypatch.setenv("NTM_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("NTM_CACHE_DIR", str(tmp_path / "cache"))
+    real = cli.run_demo_bench
+    monkeypatch.setattr(cli, "run_demo_bench", lambda *a, **k: real(*a, **{**k, "classifier_steps": 10, "n_bpd": 8}))
+    assert main(["bench", "demo", "--steps", "2", "--n-samples", "20", "--no-progress"]) == 0
+    out = tmp_path / "results" / "demo.json"
+    res = json.loads(out.read_text())
+    assert [(r["model"], r["steps"], r["guidance"], r["nfe"]) for r in res["rows"]] == [
+        ("ntm", 4, 0.0, 4), ("ntm", 4, 1.0, 8), ("ntm", 4, 2.0, 8)]
+    cfg = res["config"]
+    assert (cfg["preset"], cfg["train_steps"], cfg["lr"], cfg["target_class_acc"]) == ("mnist-demo", 2, 2e-3, 0.9)
+    assert cfg["train_seconds"] > 0 and math.isfinite(cfg["bpd"]) and "T=4, K=4" in cfg["bpd_kind"]
+    assert "class accuracy at w = 1" in capsys.readouterr().out
+    # a second run scores the same trained model again, without training it
+    before = sorted(p.name for p in (tmp_path / "results" / "demo" / "runs" / "ntm" / "checkpoints").iterdir())
+    assert main(["bench", "demo", "--steps", "2", "--n-samples", "20", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "results" / "demo" / "runs" / "ntm" / "checkpoints").iterdir()) == before
+    assert json.loads(out.read_text())["config"]["train_seconds"] == cfg["train_seconds"]
+
+
 def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, monkeypatch, capsys):
     import ntm.cli as cli
 
