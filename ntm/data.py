@@ -147,7 +147,7 @@ class DataSource:
         idx = torch.randint(0, self.array.shape[0], (n,), generator=generator)
         return self.array[idx], None if self.labels is None else self.labels[idx]
 
-    def held_out(self, n: int, seed: int = 12345) -> tuple[Tensor, Tensor | None]:
+    def held_out(self, n: int | None, seed: int = 12345) -> tuple[Tensor, Tensor | None]:
         """An evaluation set: ``n`` fresh toy samples from a fixed seed far from training, or the file's
         first ``n`` points (all of them for ``n`` None)."""
         if self.array is None:
