@@ -605,6 +605,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
             or cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ConfigError("steps, batch size, checkpoint and log intervals must be >= 1, warmup >= 0 and class "
                           "dropout in [0, 1)")
+    if not (0.0 < cfg.lr < math.inf and 0.0 <= cfg.min_lr <= cfg.lr):
+        raise ConfigError(f"the learning rate must be a finite number > 0 and >= min_lr ({cfg.min_lr:g}), got {cfg.lr:g}")
     if not 0.0 < cfg.warmup_start_factor <= 1.0 or cfg.ema_warmup < 1:
         raise ConfigError("the warmup start factor must be in (0, 1] and the EMA warmup >= 1")
     if cfg.stratified and cfg.mode != "pairwise":

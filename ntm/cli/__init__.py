@@ -26,7 +26,7 @@ from ..bench.report import report as run_report
 from ..bench.tables import markdown_ablation_table, markdown_image_table, markdown_table, table_for
 from ..bench.toy import run_multi_t_bench, run_toy_bench
 from ..config import AUX_WEIGHT, DISTILL_TRAIN, FRESH_LR_FACTOR, PRESETS, FMConfig, NTMConfig, TrainConfig, default_preset, from_dict, get_preset
-from ..data import ENTROPY_FLOOR, TOY_NAMES
+from ..data import ENTROPY_FLOOR, TOY_NAMES, DataSource
 from ..errors import ConfigError, DataError, NTMError
 from ..flow_matching import DEFAULT_SAMPLING_STEPS, FlowMatching, ode_likelihood_report
 from ..hub import MODEL_CLASSES, load_model
@@ -214,7 +214,8 @@ def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | N
         cfg = p.ntm(saved_model.data) if ntm else p.fm(saved_model.data)
         keep = {k[2:].replace("-", "_"): stored[k] for k in ("--precondition", "--transform", "--text-attention",
                                                            "--conditioning", "--position")}
-        optimiser = [f.name for f in fields(TrainConfig) if f.name not in PRESET_TRAIN_FREE]
+        free = PRESET_TRAIN_FREE + (("lr",) if given.get("--lr") is not None else ())  # --lr was compared above
+        optimiser = [f.name for f in fields(TrainConfig) if f.name not in free]
         if _with_model_options(cfg, **keep) != saved_model or \
                 any(getattr(p.train, k) != getattr(saved_train, k) for k in optimiser):
             differ.insert(0, ("--preset", "other networks or optimiser settings"))
@@ -223,7 +224,7 @@ def _check_resume_options(saved_model, saved_train: TrainConfig, preset: str | N
 
 # the training settings a command line sets on its own (or that do not change what a run learns), so a
 # preset named again on --resume is not compared on them
-PRESET_TRAIN_FREE = ("steps", "seed", "mode", "batch_size", "lr", "checkpoint_every", "log_every", "fsdp", "compile",
+PRESET_TRAIN_FREE = ("steps", "seed", "mode", "batch_size", "checkpoint_every", "log_every", "fsdp", "compile",
                      "objective", "hybrid_weight", "hybrid_schedule", "stratified", "finetune")
 
 
@@ -321,7 +322,7 @@ def sample(
                                     "one grid row per class"),
     prompt: Optional[str] = typer.Option(None, help="text models: the prompt of every sample"),
     prompts: Optional[Path] = typer.Option(None, help="text models: a file of prompts, one per line; --n samples each"),
-    guidance: float = typer.Option(0.0, min=0.0, help="guidance scale w >= 0: NTM's product rule, FM's linear CFG (needs --class or a prompt)"),
+    guidance: float = typer.Option(0.0, min=0.0, help="guidance scale w >= 0: NTM's product rule, FM's linear CFG (needs --class, --each-class or a prompt)"),
     t_min: Optional[float] = typer.Option(None, help="NTM: final trajectory time t_0 (default: the model's)"),
     solver: Optional[Solver] = typer.Option(None, help="FM models: ODE solver (default euler)"),
     decode: Optional[Decode] = typer.Option(None, help="NTM decoder: auto (the default: the distilled denoiser if the run has one, else inverse), one inverse, inverse of all levels + trajectory score denoising, or the denoiser"),
@@ -398,8 +399,12 @@ def sample(
         if texts is not None:
             title = (f"'{texts[0]}'" if len(texts) == 1 else f"{len(texts)} prompts") + ", " + title + \
                 (f", guidance {guidance:g}" if guidance else "")
-        if model.spec.kind == "image":
-            image_grid(arr, png, title=title, ncol=per_row if texts is not None or each_class else 10)
+        if model.spec.kind == "image" and each_class:  # a row per class, at most 10 samples of each
+            shown = min(per_row, 10)
+            rows = arr.reshape(model.spec.num_classes, per_row, *arr.shape[1:])[:, :shown]
+            image_grid(rows.reshape(-1, *arr.shape[1:]), png, title=title, ncol=shown, max_rows=model.spec.num_classes)
+        elif model.spec.kind == "image":
+            image_grid(arr, png, title=title, ncol=per_row if texts is not None else 10)
         else:
             scatter_with_data(arr, model.spec.name, png, title=title)
         typer.echo(f"wrote {png}")
@@ -409,7 +414,8 @@ def sample(
 def evaluate(
     run: Path = typer.Argument(..., help="run directory (or checkpoint folder)"),
     data: str = typer.Option(..., help="toy name (held-out samples), a .npy/.csv file, mnist/fashion (test split) or an image folder"),
-    n: int = typer.Option(5000, min=1, help="held-out toy points, test images, or the first N points of a file to evaluate"),
+    n: Optional[int] = typer.Option(None, min=1, help="points to evaluate: held-out toy points or test images (default "
+                                    "5000), or a file's first N (default: all of it)"),
     trajectories: int = typer.Option(16, min=1, help="Monte Carlo trajectories per point for the bound"),
     steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T (default: the trained T)"),
     t_min: Optional[float] = typer.Option(None, help="t_0 of the trajectory NLL (default: the model's sampling t_min; the bound always uses 0)"),
@@ -420,7 +426,8 @@ def evaluate(
     """Likelihood: the NLL bound of x_0 and the exact trajectory NLL, in nats per sample."""
     model = load_model(run, map_location=default_device())
     source = _model_source(model, data, conditional=model.spec.num_classes > 0 and data in TOY_NAMES)
-    x, y = source.held_out(n, seed=12345)
+    whole_file = isinstance(source, DataSource) and not source.is_toy
+    x, y = source.held_out(n if n is not None or whole_file else 5000, seed=12345)
     if model.spec.num_classes == 0:
         y = None
     if tuple(x.shape[1:]) != tuple(model.spec.shape):

@@ -43,9 +43,9 @@ def scatter_with_data(samples: np.ndarray, data_name: str, path: str | Path, tit
     save_figure(fig, path, dpi=110)
 
 
-def image_grid(images: np.ndarray, path: str | Path, title: str = "samples", ncol: int = 10) -> None:
-    """Write a PNG grid of images (n, C, H, W) with values in [-1, 1]."""
-    n = min(len(images), ncol * 10)
+def image_grid(images: np.ndarray, path: str | Path, title: str = "samples", ncol: int = 10, max_rows: int = 10) -> None:
+    """Write a PNG grid of images (n, C, H, W) with values in [-1, 1]: ``ncol`` a row, at most ``max_rows`` rows."""
+    n = min(len(images), ncol * max_rows)
     rows = max(1, math.ceil(n / ncol))
     imgs = np.clip((images[:n] + 1) / 2, 0, 1)
     fig, axes = plt.subplots(rows, ncol, figsize=(ncol * 0.9, rows * 0.9 + 0.4), squeeze=False)

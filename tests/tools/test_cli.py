@@ -203,6 +203,15 @@ def test_conditional_toy_with_guidance(tmp_path, capsys):
     assert_one_error_line(code, err, "conditional")
 
 
+@pytest.mark.parametrize("lr, code_wanted, says", [("nan", 2, "--lr"), ("1e-7", 1, "learning rate must be")])
+def test_a_bad_learning_rate_is_one_error_and_writes_nothing(tmp_path, capsys, lr, code_wanted, says):
+    code, _, err = run(capsys, "train", "--data", "moons", "--preset", "tiny", "--lr", lr, "--out", str(tmp_path / "r"),
+                       "--no-progress")
+    assert code == code_wanted
+    assert_one_error_line(code, err, says)
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_sampling_times_and_guidance(tiny_run, tmp_path, capsys):
     out = str(tmp_path / "s.npy")
     code, _, err = run(capsys, "sample", str(tiny_run), "--n", "2", "--each-class", "--out", out)
@@ -338,7 +347,8 @@ def test_resume_takes_the_first_commands_options_and_refuses_other_values(tmp_pa
                       (("--mode", "e2e"), "--mode"), (("--checkpoint-every", "2"), "--checkpoint-every"),
                       (("--hybrid-weight", "1"), "--hybrid-weight"),
                       (("--model", "fm"), "--model"), (("--transform", "spline"), "--transform"),
-                      (("--preset", "toy"), "--preset"), (("--conditional",), "--conditional")):
+                      (("--preset", "toy"), "--preset"), (("--conditional",), "--conditional"),
+                      (("--preset", "tiny"), "--preset")):  # the run's lr 2e-3 is not the preset's
         code, _, err = run(capsys, "train", "--data", "moons", "--out", str(out), "--resume", *bad,
                            "--no-progress")
         assert_one_error_line(code, err, f"not what the run was started with: {name} (the run has")

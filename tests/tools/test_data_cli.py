@@ -64,6 +64,9 @@ def test_image_ntm_end_to_end_cli(tmp_path, capsys):
     assert main(["sample", str(run), "--n", "3", "--each-class", "--out", str(tmp_path / "e.npy"),
                  "--png", str(tmp_path / "e.png")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (6, 1, 8, 8) and (tmp_path / "e.png").stat().st_size > 500
+    assert main(["sample", str(run), "--n", "12", "--each-class", "--out", str(tmp_path / "e12.npy"),
+                 "--png", str(tmp_path / "e12.png")]) == 0  # 10 of each class drawn in the grid
+    assert np.load(tmp_path / "e12.npy").shape == (24, 1, 8, 8) and (tmp_path / "e12.png").is_file()
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(tmp_path / "imgs"), "--trajectories", "2", "--json"]) == 0
     import json

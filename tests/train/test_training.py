@@ -174,8 +174,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[-1] >= 1e-5
     opt, sched = make_optimizer(model, replace(cfg, warmup_start_factor=0.5))
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-6)  # the warmup's first step
-    for bad in ({"warmup_start_factor": 0.0}, {"warmup_start_factor": 1.5}, {"ema_warmup": 0}):
-        with pytest.raises(ConfigError, match="warmup"):
+    for bad, says in (({"warmup_start_factor": 0.0}, "start factor must be in"),
+                      ({"warmup_start_factor": 1.5}, "start factor must be in"), ({"ema_warmup": 0}, "EMA warmup"),
+                      ({"lr": 0.0}, "learning rate"), ({"lr": float("nan")}, "learning rate"),
+                      ({"lr": float("inf")}, "learning rate"), ({"lr": 1e-6}, "learning rate")):  # below min_lr 1e-5
+        with pytest.raises(ConfigError, match=says):
             validate_train_config(replace(cfg, **bad))
 
 
