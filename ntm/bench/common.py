@@ -17,7 +17,7 @@ from ..hub import MODEL_CLASSES
 from ..io import read_meta, resolve, write_json, write_text
 from ..train import train
 from ..train.loop import default_device
-from .tables import TABLE_PREFIXES, table_for
+from .tables import is_generated_table, table_for
 
 
 class BenchStopped(NTMError):
@@ -51,7 +51,7 @@ def is_bench_output(f: Path, out: Path) -> bool:
         ok = isinstance(res, dict) and "rows" in res and "config" in res
     except (OSError, ValueError):
         return False
-    return ok and (f == out or f.read_text().startswith(TABLE_PREFIXES))
+    return ok and (f == out or is_generated_table(f))
 
 
 # the image recipe the runs of the OOD, Bayes, finetune and text benches and of the objective and

@@ -12,7 +12,7 @@ from ..config import AUX_WEIGHT, FMConfig, TrainConfig, from_dict, get_preset
 from ..errors import CheckpointError, ConfigError
 from ..hub import build_model, load_model
 from ..io import read_meta, resolve
-from ..tools.metrics import classifier_record, load_or_train_classifier
+from ..tools.metrics import classifier_record, extractor_name, load_or_train_classifier
 from ..tools.plots import smoothed_curves
 from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import initial_weights, load_teacher
@@ -64,7 +64,7 @@ def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick
     teacher_sum = train_or_reuse(teacher_dir, fm_cfg, p.train, src, progress)
     ft_steps = max(1, p.train.steps // 4)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
-    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    extractor = extractor_name(clf_info)
     n = settings["n_samples"]
     real, _ = src.held_out(n, seed=4242)
     bpd_x, bpd_y = src.held_out(settings["n_bpd"], seed=4343)

@@ -33,7 +33,8 @@ from ..images import open_image_source
 from ..io import latest_checkpoint, read_meta
 from ..likelihood import bits_per_dim, bound_by_step, discrete_bits_per_dim, discrete_nll_bounds, nll_bounds
 from ..sampling import sample_u_trajectory
-from ..tools.metrics import classifier_accuracy, classifier_record, image_quality, load_or_train_classifier
+from ..tools.metrics import (classifier_accuracy, classifier_record, extractor_name, image_quality,
+                             load_or_train_classifier)
 from ..tools.plots import image_grid, line_plot, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
@@ -158,7 +159,7 @@ def run_image_bench(data: str = "mnist", out: str | Path | None = None, quick: b
     results["config"]["step_cost_probe"] = step_cost_probe(configs, train_cfg, src)
     folder.mkdir(parents=True, exist_ok=True)
     loss_curves(runs, folder / "training-curves.png")
-    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    extractor = extractor_name(clf_info)
 
     bounds: dict = {}  # computed when a row needs them: a re-run that reuses every row costs no bound
 
@@ -551,7 +552,7 @@ def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0,
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     n = settings["n_samples"]
     real, _ = src.held_out(n, seed=4242)
-    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    extractor = extractor_name(clf_info)
     models = {k: load_model(runs / k, map_location=bench_device()).eval() for k in ("ntm", "fm")}
     results = {"config": {"data": data, "runs": str(runs), "steps": steps, "n_samples": n, "guidance": list(ws),
                           "classifier": classifier_record(clf_info)}, "rows": []}
@@ -591,7 +592,7 @@ def run_demo_bench(out: str | Path | None = None, progress: bool = True, n_sampl
     summary = train_or_reuse(run, p.ntm(src.spec()), train_cfg, src, progress)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     real, _ = src.held_out(n_samples, seed=4242)
-    extractor = f"project classifier ({clf_info['name']}, 128-d features, test acc {clf_info['test_accuracy']:.4f})"
+    extractor = extractor_name(clf_info)
     model = load_model(run, map_location=bench_device()).eval()
     bounds = ntm_bounds(model, src, n_bpd, trajectories=4, steps=4)
     results = {"config": {"data": "mnist", "preset": DEMO_PRESET, "train_steps": train_cfg.steps, "lr": train_cfg.lr,

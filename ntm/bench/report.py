@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import write_text
-from .tables import TABLE_PREFIXES, table_for
+from .tables import is_generated_table, table_for
 
 MARKER = re.compile(r"(<!-- results: (?P<file>[^ ]+?)(?P<rows> rows)? -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
@@ -56,7 +56,7 @@ def report(root: str | Path = ".", documents: tuple[str, ...] = ("README.md", "d
     for file in sorted((root / "results").glob("*.json")):
         md = file.with_suffix(".md")
         results = bench_results(file)
-        if results is None or (md.exists() and not (md.is_file() and md.read_text().startswith(TABLE_PREFIXES))):
+        if results is None or (md.exists() and not is_generated_table(md)):
             skipped.append(str(file.relative_to(root)))
             continue
         text = table_for(results)

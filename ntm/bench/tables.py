@@ -3,6 +3,7 @@ made from the results JSON alone so that every table can be regenerated (``ntm r
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 # the first characters of each table kind (a re-run may replace a file that starts so)
 TABLE_PREFIXES = ("| data | model |", "| model | steps |", "| model | objective |", "Finetune ablation on ",
@@ -182,6 +183,11 @@ def markdown_step_cost_table(results: dict) -> str:
         lines.append(f"| {r['preset']} | {r['transform']} | {r['threads']} | {r['ntm_seconds_per_step']:.3f} "
                      f"| {r['fm_seconds_per_step']:.3f} | {r['ratio']:.2f}× | {r['steps_timed']} |")
     return "\n".join(lines) + "\n"
+
+
+def is_generated_table(md: Path) -> bool:
+    """Is the file ``md`` a table that ``table_for`` wrote (so a re-run may replace it)?"""
+    return md.is_file() and md.read_text().startswith(TABLE_PREFIXES)
 
 
 def table_for(results: dict, details: bool = True) -> str:

@@ -525,8 +525,7 @@ def score(
     if not is_fm and steps is not None and model.multi_T and steps not in model.train_Ts:
         raise UsageProblem(f"this model was trained for T in {list(model.train_Ts)}; got --steps {steps}")
     source = _model_source(model, data, conditional=labels and data in TOY_NAMES)
-    x, y = source.held_out(n or 5000, seed=12345) if source.is_toy else source.held_out(n)
-    x = x[:n] if n else x
+    x, y = source.held_out(n or 5000, seed=12345) if source.is_toy else source.held_out(n)  # held_out takes the first n
     if tuple(x.shape[1:]) != tuple(model.spec.shape):
         raise DataError(f"the model expects samples of shape {tuple(model.spec.shape)}, the data have {tuple(x.shape[1:])}")
     if labels:

@@ -83,6 +83,11 @@ def same_recipe(info: dict, recipe: ClassifierRecipe, unrecorded: ClassifierReci
     return info.get("recipe", asdict(unrecorded)) == asdict(recipe)
 
 
+def extractor_name(info: dict) -> str:
+    """How a results row names the metric classifier of record ``info`` (its features' source)."""
+    return f"project classifier ({info['name']}, 128-d features, test acc {info['test_accuracy']:.4f})"
+
+
 def classifier_record(info: dict) -> dict:
     """What a results file keeps of a metric classifier's record: name, steps, recipe, test accuracy."""
     return {k: info[k] for k in ("name", "steps", "recipe", "test_accuracy")}
