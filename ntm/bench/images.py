@@ -534,27 +534,35 @@ def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: in
     return out
 
 
+def guidance_sweep_name(data: str, preset: str = "mnist") -> str:
+    """The results name of ``ntm bench guidance --data D [--preset P]``: ``guidance-<data>[-<preset>]``,
+    the preset named unless it is the default (as the image bench names its folder)."""
+    return "guidance-" + image_bench_folder(data, preset, False).name
+
+
 def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0),
                        out: str | Path | None = None, n_samples: int | None = None, steps: int = 4,
-                       progress: bool = True, classifier_steps: int = 3000) -> dict:
+                       progress: bool = True, classifier_steps: int = 3000, preset: str = "mnist") -> dict:
     """Guided class accuracy and FID against the guidance weight w, for the NTM and FM runs of
-    ``ntm bench <data>`` (the default recipe; trained there, reused here), both at ``steps`` steps:
+    ``ntm bench <data> [--preset P]`` (trained there, reused here), both at ``steps`` steps:
     the product rule for NTM, linear CFG for FM; the same real images, classifier and seeds as the
-    bench. -> ``results/guidance-<data>.json`` (rows: model, steps, guidance, fid, class_acc, ...)
-    and a PNG of each metric against w."""
+    bench. -> ``results/guidance-<data>[-<preset>].json`` (rows: model, steps, guidance, fid,
+    class_acc, ...) and a PNG of each metric against w."""
     settings = bench_settings(False, None, n_samples)
-    out = Path(out) if out else results_dir() / f"guidance-{data}.json"
-    runs = image_bench_folder(data, "mnist", False) / "runs"
+    out = Path(out) if out else results_dir() / f"{guidance_sweep_name(data, preset)}.json"
+    runs = image_bench_folder(data, preset, False) / "runs"
     missing = [k for k in ("ntm", "fm") if latest_checkpoint(runs / k) is None]
     if missing:
-        raise ConfigError(f"no trained {' or '.join(missing)} run in {runs}; run `ntm bench {data}` first")
+        named = f" --preset {preset}" if preset != "mnist" else ""
+        raise ConfigError(f"no trained {' or '.join(missing)} run in {runs}; run `ntm bench {data}{named}` first")
     src, _ = labelled_source(data)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     n = settings["n_samples"]
     real, _ = src.held_out(n, seed=4242)
     extractor = extractor_name(clf_info)
     models = {k: load_model(runs / k, map_location=bench_device()).eval() for k in ("ntm", "fm")}
-    results = {"config": {"data": data, "runs": str(runs), "steps": steps, "n_samples": n, "guidance": list(ws),
+    results = {"config": {"data": data, "preset": preset, "runs": str(runs), "steps": steps, "n_samples": n,
+                          "guidance": list(ws),
                           "classifier": classifier_record(clf_info)}, "rows": []}
     for w in ws:
         for kind in ("ntm", "fm"):

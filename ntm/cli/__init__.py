@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..bench.common import check_bench_output, image_bench_folder, results_dir
 from ..bench.finetune import run_finetune_ablation, run_finetune_bench
-from ..bench.images import (ABLATION, DEMO_TARGET_ACC, LEVERS, run_demo_bench, run_guidance_sweep, run_image_ablation,
-                            run_image_bench, run_step_cost_bench)
+from ..bench.images import (ABLATION, DEMO_TARGET_ACC, LEVERS, guidance_sweep_name, run_demo_bench, run_guidance_sweep,
+                            run_image_ablation, run_image_bench, run_step_cost_bench)
 from ..bench.ood import ood_settings, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ..bench.text import TEXT_PRESET, run_text_bench, text_settings
 from ..bench.report import report as run_report
@@ -770,8 +770,10 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
 @bench_app.command("guidance")
 def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: scores the runs of `ntm bench <data>`"),
                    ws: str = typer.Option("0,1,1.5,2,3", help="comma-separated guidance weights w >= 0"),
+                   preset: str = typer.Option("mnist", help="scores the runs of `ntm bench <data> --preset P`"),
                    n_samples: Optional[int] = _IMG_N,
-                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<data>.json)"),
+                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<data>"
+                                                                 "[-<preset>].json)"),
                    progress: bool = typer.Option(True, help="show progress bars")):
     """Guided class accuracy and FID against w for NTM@4 and FM@4 of the image bench's runs."""
     if data not in ("mnist", "fashion"):
@@ -782,9 +784,10 @@ def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: s
         weights = ()
     if not weights or min(weights) < 0 or not all(math.isfinite(w) for w in weights):
         raise UsageProblem(f"--ws takes comma-separated numbers >= 0, got '{ws}'")
-    out = out or results_dir() / f"guidance-{data}.json"
+    get_preset(preset)
+    out = out or results_dir() / f"{guidance_sweep_name(data, preset)}.json"
     check_bench_output(out)
-    res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress)
+    res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress, preset=preset)
     typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 

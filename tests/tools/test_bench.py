@@ -304,3 +304,13 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
     assert all(0 <= r["class_acc"] <= 1 and r["fid"] >= 0 and r["n_samples"] == 20 for r in res["rows"])
     assert out.with_suffix(".md").read_text().startswith("| model | steps | guidance w |")
     assert (out.with_suffix("") / "class-acc.png").is_file() and (out.with_suffix("") / "fid.png").is_file()
+    # --preset P sweeps the runs of `ntm bench fashion --preset P`, into a file named after it
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "no-such-preset", "--no-progress"]) != 0
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--no-progress"]) == 1
+    assert "run `ntm bench fashion --preset mnist-lr2x` first" in capsys.readouterr().err
+    runs.parent.rename(tmp_path / "results" / "fashion-mnist-lr2x")
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--ws", "1", "--n-samples", "20",
+                 "--no-progress"]) == 0
+    named = json.loads((tmp_path / "results" / "guidance-fashion-mnist-lr2x.json").read_text())
+    assert named["config"]["preset"] == "mnist-lr2x" and [r["guidance"] for r in named["rows"]] == [1.0, 1.0]
+    assert named["config"]["runs"].endswith("fashion-mnist-lr2x/runs")
