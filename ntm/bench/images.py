@@ -42,6 +42,7 @@ from .common import (AFFINE_RUNS_PRESET, BenchStopped, bench_device, image_bench
                      write_results)
 
 NTM_STEPS = (4, 8, 16)
+SAMPLE_SEED_STRIDE = 100_000  # sample seed s draws chunk generators 1000 + offset + s * this
 DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
 # the image objective ablation: (label, preset, training options over the preset's), same budget each
 ABLATION = (
@@ -100,12 +101,14 @@ def _base_settings(quick: bool) -> dict:
             "fm_ode_steps": 32}
 
 
-def timed_samples(sample_fn, n: int, num_classes: int, chunk: int = 500) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Draw n samples with labels 0..K-1 in turn, in chunks; returns (images, labels, seconds)."""
+def timed_samples(sample_fn, n: int, num_classes: int, chunk: int = 500,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Draw n samples with labels 0..K-1 in turn, in chunks; returns (images, labels, seconds).
+    ``seed`` 0 is the benches' draw; another value draws other noise for the same labels."""
     labels = torch.arange(n) % num_classes
     out, seconds = [], 0.0
     for lo in range(0, n, chunk):
-        g = torch.Generator().manual_seed(1000 + lo)
+        g = torch.Generator().manual_seed(1000 + lo + SAMPLE_SEED_STRIDE * seed)
         t0 = time.perf_counter()
         out.append(sample_fn(labels[lo:lo + chunk], g).cpu())
         seconds += time.perf_counter() - t0
@@ -437,8 +440,10 @@ def fm_bits_per_dim(model, x: torch.Tensor, y: torch.Tensor | None, ode_steps: i
 
 
 def evaluate_image_row(model, steps: int, guidance: float, real: torch.Tensor, classifier, extractor: str,
-                       solver: str | None = None, decode: str | None = "inverse") -> tuple[dict, torch.Tensor]:
-    """Sample len(real) class-conditional images with one sampler and score them. -> (row, images)."""
+                       solver: str | None = None, decode: str | None = "inverse",
+                       sample_seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """Sample len(real) class-conditional images with one sampler and score them (``sample_seed``: see
+    :func:`timed_samples`). -> (row, images)."""
     n = real.shape[0]
     if isinstance(model, FlowMatching):
         fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, solver=solver, generator=gen)  # noqa: E731
@@ -446,7 +451,7 @@ def evaluate_image_row(model, steps: int, guidance: float, real: torch.Tensor, c
     else:
         fn = lambda y, gen: model.sample(len(y), y=y, guidance=guidance, steps=steps, generator=gen, decode=decode)  # noqa: E731
         kind, nfe, solver = "ntm", steps * (2 if guidance > 0 else 1), None
-    images, labels, seconds = timed_samples(fn, n, model.spec.num_classes)
+    images, labels, seconds = timed_samples(fn, n, model.spec.num_classes, seed=sample_seed)
     row = {"model": kind, "steps": steps, "decode": decode, "solver": solver, "nfe": nfe,
            **image_quality(real, images, classifier),
            "class_acc": classifier_accuracy(classifier, images, labels),
@@ -542,12 +547,17 @@ def guidance_sweep_name(data: str, preset: str = "mnist") -> str:
 
 def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0),
                        out: str | Path | None = None, n_samples: int | None = None, steps: int = 4,
-                       progress: bool = True, classifier_steps: int = 3000, preset: str = "mnist") -> dict:
+                       progress: bool = True, classifier_steps: int = 3000, preset: str = "mnist",
+                       seeds: int = 1) -> dict:
     """Guided class accuracy and FID against the guidance weight w, for the NTM and FM runs of
     ``ntm bench <data> [--preset P]`` (trained there, reused here), both at ``steps`` steps:
     the product rule for NTM, linear CFG for FM; the same real images, classifier and seeds as the
-    bench. -> ``results/guidance-<data>[-<preset>].json`` (rows: model, steps, guidance, fid,
-    class_acc, ...) and a PNG of each metric against w."""
+    bench. ``seeds`` > 1 draws every (model, w) again with sample seeds 1 .. seeds-1 (other noise, the
+    same labels and real images; seed 0 is the bench's draw), to show how much FID moves between draws.
+    -> ``results/guidance-<data>[-<preset>].json`` (rows: model, steps, guidance, sample_seed, fid,
+    class_acc, ...) and a PNG of each metric (mean over seeds) against w."""
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
     settings = bench_settings(False, None, n_samples)
     out = Path(out) if out else results_dir() / f"{guidance_sweep_name(data, preset)}.json"
     runs = image_bench_folder(data, preset, False) / "runs"
@@ -562,18 +572,20 @@ def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0,
     extractor = extractor_name(clf_info)
     models = {k: load_model(runs / k, map_location=bench_device()).eval() for k in ("ntm", "fm")}
     results = {"config": {"data": data, "preset": preset, "runs": str(runs), "steps": steps, "n_samples": n,
-                          "guidance": list(ws),
+                          "guidance": list(ws), "seeds": seeds,
                           "classifier": classifier_record(clf_info)}, "rows": []}
     for w in ws:
         for kind in ("ntm", "fm"):
-            row, _ = evaluate_image_row(models[kind], steps, w, real, classifier, extractor,
-                                        solver="euler" if kind == "fm" else None)
-            results["rows"].append({**row, "guidance": w})
-            write_results(out, results)
+            for seed in range(seeds):
+                row, _ = evaluate_image_row(models[kind], steps, w, real, classifier, extractor,
+                                            solver="euler" if kind == "fm" else None, sample_seed=seed)
+                results["rows"].append({**row, "guidance": w, "sample_seed": seed})
+                write_results(out, results)
     folder = out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     for key, label in (("class_acc", "guided class accuracy"), ("fid", "FID")):
-        series = {k.upper(): (list(ws), [r[key] for r in results["rows"] if r["model"] == k]) for k in ("ntm", "fm")}
+        series = {k.upper(): (list(ws), [sum(r[key] for r in results["rows"] if r["model"] == k and r["guidance"] == w)
+                                         / seeds for w in ws]) for k in ("ntm", "fm")}
         line_plot(series, folder / f"{key.replace('_', '-')}.png", xlabel="guidance w", ylabel=label,
                   title=f"{data}, {steps} steps")
     return results

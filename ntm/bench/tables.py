@@ -63,11 +63,15 @@ def markdown_image_table(results: dict, details: bool = True) -> str:
 
 
 def markdown_guidance_table(results: dict) -> str:
-    """A guidance sweep (``ntm bench guidance``): one row per model and weight w."""
-    lines = ["| model | steps | guidance w | NFE | FID | precision | recall | class acc. | img/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """A guidance sweep (``ntm bench guidance``): one row per model and weight w (and sample seed,
+    a column only when the sweep drew more than one)."""
+    seeded = results.get("config", {}).get("seeds", 1) > 1
+    seed_head, seed_rule = (" sample seed |", "---|") if seeded else ("", "")
+    lines = [f"| model | steps | guidance w |{seed_head} NFE | FID | precision | recall | class acc. | img/s |",
+             f"|---|---|---|{seed_rule}---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['fid']:.3f} | "
+        seed = f" {r['sample_seed']} |" if seeded else ""
+        lines.append(f"| {r['model']} | {r['steps']} | {r['guidance']:g} |{seed} {r['nfe']} | {r['fid']:.3f} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {100 * r['class_acc']:.1f}% | {r['img_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -771,6 +771,8 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
 def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: scores the runs of `ntm bench <data>`"),
                    ws: str = typer.Option("0,1,1.5,2,3", help="comma-separated guidance weights w >= 0"),
                    preset: str = typer.Option("mnist", help="scores the runs of `ntm bench <data> --preset P`"),
+                   seeds: int = typer.Option(1, min=1, help="draws per model and w (sample seeds 0 .. N-1; 0 is "
+                                                             "the bench's draw): how much FID moves between draws"),
                    n_samples: Optional[int] = _IMG_N,
                    out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<data>"
                                                                  "[-<preset>].json)"),
@@ -787,7 +789,8 @@ def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: s
     get_preset(preset)
     out = out or results_dir() / f"{guidance_sweep_name(data, preset)}.json"
     check_bench_output(out)
-    res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress, preset=preset)
+    res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress, preset=preset,
+                             seeds=seeds)
     typer.echo(table_for(res))
     typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
 

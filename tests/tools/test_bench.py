@@ -309,8 +309,16 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
     assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--no-progress"]) == 1
     assert "run `ntm bench fashion --preset mnist-lr2x` first" in capsys.readouterr().err
     runs.parent.rename(tmp_path / "results" / "fashion-mnist-lr2x")
-    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--ws", "1", "--n-samples", "20",
-                 "--no-progress"]) == 0
-    named = json.loads((tmp_path / "results" / "guidance-fashion-mnist-lr2x.json").read_text())
-    assert named["config"]["preset"] == "mnist-lr2x" and [r["guidance"] for r in named["rows"]] == [1.0, 1.0]
-    assert named["config"]["runs"].endswith("fashion-mnist-lr2x/runs")
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--seeds", "0"]) == 2
+    # --seeds 2 draws each (model, w) twice: seed 0 is the draw the sweep above made, seed 1 other noise
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--ws", "2", "--n-samples", "20",
+                 "--seeds", "2", "--no-progress"]) == 0
+    named_out = tmp_path / "results" / "guidance-fashion-mnist-lr2x.json"
+    named = json.loads(named_out.read_text())
+    assert named["config"]["preset"] == "mnist-lr2x" and named["config"]["runs"].endswith("fashion-mnist-lr2x/runs")
+    assert [(r["model"], r["guidance"], r["sample_seed"]) for r in named["rows"]] == [
+        ("ntm", 2.0, 0), ("ntm", 2.0, 1), ("fm", 2.0, 0), ("fm", 2.0, 1)]
+    first = {r["model"]: r["fid"] for r in res["rows"] if r["guidance"] == 2.0}
+    assert [r["fid"] for r in named["rows"] if r["sample_seed"] == 0] == pytest.approx([first["ntm"], first["fm"]])
+    assert all(a["fid"] != b["fid"] for a, b in zip(named["rows"][::2], named["rows"][1::2]))
+    assert "| guidance w | sample seed |" in named_out.with_suffix(".md").read_text()
