@@ -38,11 +38,13 @@ from ..tools.metrics import (classifier_accuracy, classifier_record, extractor_n
 from ..tools.plots import image_grid, line_plot, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
-from .common import (AFFINE_RUNS_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir, train_or_reuse,
-                     write_results)
+from .common import (AFFINE_RUNS_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir, run_differences,
+                     train_or_reuse, write_results)
 
 NTM_STEPS = (4, 8, 16)
-SAMPLE_SEED_STRIDE = 100_000  # sample seed s draws chunk generators 1000 + offset + s * this
+QUICK_PRESET = "mnist-quick"  # the preset of `ntm bench <data> --quick`
+# sample seed s seeds the chunk at offset lo with 1000 + lo + s * this: distinct below 99,000 samples
+SAMPLE_SEED_STRIDE = 100_000
 DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds
 # the image objective ablation: (label, preset, training options over the preset's), same budget each
 ABLATION = (
@@ -95,7 +97,7 @@ def labelled_source(data: str):
 
 def _base_settings(quick: bool) -> dict:
     if quick:
-        return {"preset": "mnist-quick", "n_samples": 1000, "n_bpd": 200, "n_bpd_fm": 32, "bpd_trajectories": 2,
+        return {"preset": QUICK_PRESET, "n_samples": 1000, "n_bpd": 200, "n_bpd_fm": 32, "bpd_trajectories": 2,
                 "fm_ode_steps": 16}
     return {"preset": "mnist", "n_samples": 2000, "n_bpd": 1000, "n_bpd_fm": 200, "bpd_trajectories": 4,
             "fm_ode_steps": 32}
@@ -539,10 +541,27 @@ def inverse_timing(model, n: int, num_classes: int, guidance: float, repeats: in
     return out
 
 
-def guidance_sweep_name(data: str, preset: str = "mnist") -> str:
-    """The results name of ``ntm bench guidance --data D [--preset P]``: ``guidance-<data>[-<preset>]``,
-    the preset named unless it is the default (as the image bench names its folder)."""
-    return "guidance-" + image_bench_folder(data, preset, False).name
+def sweep_runs_folder(data: str, preset: str) -> Path:
+    """The image bench folder whose runs ``ntm bench guidance --data D --preset P`` scores: that of
+    ``ntm bench D --preset P``, or of ``ntm bench D --quick`` for the quick preset."""
+    return image_bench_folder(data, preset, preset == QUICK_PRESET)
+
+
+def guidance_sweep_name(data: str, preset: str = "mnist", seeds: int = 1) -> str:
+    """The results name of ``ntm bench guidance --data D [--preset P] [--seeds N]``:
+    ``guidance-<bench folder>[-seeds<N>]``, named like the bench whose runs it scores."""
+    return f"guidance-{sweep_runs_folder(data, preset).name}{f'-seeds{seeds}' if seeds > 1 else ''}"
+
+
+def check_preset_runs(runs: Path, preset: str, spec) -> None:
+    """Refuse runs in ``runs/{ntm,fm}`` that ``ntm bench --preset P`` would not have trained: their
+    networks or training settings differ from the preset's (the step budget may differ, as the
+    bench's ``--steps`` allows)."""
+    p = get_preset(preset)
+    for kind, cfg in (("ntm", p.ntm(spec)), ("fm", p.fm(spec))):
+        differ = [k for k in run_differences(runs / kind, cfg, p.train) or [] if k != "steps"]
+        if differ:
+            raise ConfigError(f"{runs / kind} was not trained with preset {preset} ({', '.join(differ)} differ)")
 
 
 def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0, 1.5, 2.0, 3.0),
@@ -559,13 +578,16 @@ def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0,
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
     settings = bench_settings(False, None, n_samples)
-    out = Path(out) if out else results_dir() / f"{guidance_sweep_name(data, preset)}.json"
-    runs = image_bench_folder(data, preset, False) / "runs"
+    if seeds > 1 and settings["n_samples"] > SAMPLE_SEED_STRIDE - 1000:
+        raise ConfigError(f"--seeds > 1 draws at most {SAMPLE_SEED_STRIDE - 1000} samples per row")
+    out = Path(out) if out else results_dir() / f"{guidance_sweep_name(data, preset, seeds)}.json"
+    runs = sweep_runs_folder(data, preset) / "runs"
     missing = [k for k in ("ntm", "fm") if latest_checkpoint(runs / k) is None]
     if missing:
-        named = f" --preset {preset}" if preset != "mnist" else ""
+        named = " --quick" if preset == QUICK_PRESET else f" --preset {preset}" if preset != "mnist" else ""
         raise ConfigError(f"no trained {' or '.join(missing)} run in {runs}; run `ntm bench {data}{named}` first")
-    src, _ = labelled_source(data)
+    src, spec = labelled_source(data)
+    check_preset_runs(runs, preset, spec)
     classifier, clf_info = load_or_train_classifier(src, steps=classifier_steps, progress=progress)
     n = settings["n_samples"]
     real, _ = src.held_out(n, seed=4242)

@@ -770,12 +770,13 @@ def bench_fashion(quick: bool = _QUICK, steps: Optional[int] = _IMG_STEPS, n_sam
 @bench_app.command("guidance")
 def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: scores the runs of `ntm bench <data>`"),
                    ws: str = typer.Option("0,1,1.5,2,3", help="comma-separated guidance weights w >= 0"),
-                   preset: str = typer.Option("mnist", help="scores the runs of `ntm bench <data> --preset P`"),
+                   preset: str = typer.Option("mnist", help="an image preset: scores the runs of `ntm bench <data> "
+                                                            "--preset P` (mnist-quick: of --quick)"),
                    seeds: int = typer.Option(1, min=1, help="draws per model and w (sample seeds 0 .. N-1; 0 is "
                                                              "the bench's draw): how much FID moves between draws"),
                    n_samples: Optional[int] = _IMG_N,
-                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<data>"
-                                                                 "[-<preset>].json)"),
+                   out: Optional[Path] = typer.Option(None, help="results JSON (default results/guidance-<bench "
+                                                                 "folder>[-seeds<N>].json)"),
                    progress: bool = typer.Option(True, help="show progress bars")):
     """Guided class accuracy and FID against w for NTM@4 and FM@4 of the image bench's runs."""
     if data not in ("mnist", "fashion"):
@@ -786,8 +787,8 @@ def bench_guidance(data: str = typer.Option("fashion", help="mnist or fashion: s
         weights = ()
     if not weights or min(weights) < 0 or not all(math.isfinite(w) for w in weights):
         raise UsageProblem(f"--ws takes comma-separated numbers >= 0, got '{ws}'")
-    get_preset(preset)
-    out = out or results_dir() / f"{guidance_sweep_name(data, preset)}.json"
+    get_preset(preset)  # an unknown name fails before any run is read
+    out = out or results_dir() / f"{guidance_sweep_name(data, preset, seeds)}.json"
     check_bench_output(out)
     res = run_guidance_sweep(data, weights, out=out, n_samples=n_samples, progress=progress, preset=preset,
                              seeds=seeds)

@@ -6,9 +6,11 @@ from dataclasses import replace
 import pytest
 
 from ntm.bench.common import run_differences, same_run, train_or_reuse
+from ntm.bench.images import run_guidance_sweep
 from ntm.cli import main
 from ntm.config import get_preset
 from ntm.data import open_source
+from ntm.errors import ConfigError
 
 
 def test_toy_bench_fm_rows(tmp_path, capsys):
@@ -289,12 +291,22 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
     # before `ntm bench fashion` has trained its runs: one error, nothing written
     assert main(["bench", "guidance", "--data", "fashion", "--no-progress"]) == 1
     assert "run `ntm bench fashion` first" in capsys.readouterr().err and not out.exists()
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-quick", "--no-progress"]) == 1
+    assert "run `ntm bench fashion --quick` first" in capsys.readouterr().err
     assert main(["bench", "guidance", "--ws", "1,x", "--no-progress"]) == 2
     assert "--ws takes comma-separated numbers >= 0" in capsys.readouterr().err
-    runs = tmp_path / "results" / "fashion" / "runs"
-    for kind in ("ntm", "fm"):
-        assert main(["train", "--data", "fashion", "--model", kind, "--preset", "tiny", "--steps", "2",
-                     "--out", str(runs / kind), "--no-progress"]) == 0
+    assert main(["bench", "guidance", "--data", "fashion", "--preset", "no-such-preset", "--no-progress"]) == 1
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+    assert main(["bench", "guidance", "--data", "fashion", "--seeds", "0"]) == 2
+    with pytest.raises(ConfigError, match="seeds must be >= 1"):
+        run_guidance_sweep("fashion", (1.0,), seeds=0)
+    # the runs `ntm bench fashion` would train (its preset, a short budget), and runs of another recipe
+    # where `ntm bench fashion --preset mnist-lr2x` keeps its runs
+    results = tmp_path / "results"
+    for folder, preset in ((results / "fashion", "mnist"), (results / "fashion-mnist-lr2x", "tiny")):
+        for kind in ("ntm", "fm"):
+            assert main(["train", "--data", "fashion", "--model", kind, "--preset", preset, "--steps", "2",
+                         "--out", str(folder / "runs" / kind), "--no-progress"]) == 0
     real = cli.run_guidance_sweep
     monkeypatch.setattr(cli, "run_guidance_sweep", lambda *a, **k: real(*a, **{**k, "classifier_steps": 10}))
     assert main(["bench", "guidance", "--data", "fashion", "--ws", "0,2", "--n-samples", "20", "--no-progress"]) == 0
@@ -302,23 +314,23 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
     assert [(r["model"], r["steps"], r["guidance"], r["nfe"]) for r in res["rows"]] == [
         ("ntm", 4, 0.0, 4), ("fm", 4, 0.0, 4), ("ntm", 4, 2.0, 8), ("fm", 4, 2.0, 8)]
     assert all(0 <= r["class_acc"] <= 1 and r["fid"] >= 0 and r["n_samples"] == 20 for r in res["rows"])
-    assert out.with_suffix(".md").read_text().startswith("| model | steps | guidance w |")
+    assert res["config"]["preset"] == "mnist" and res["config"]["runs"].endswith("fashion/runs")
+    assert out.with_suffix(".md").read_text().startswith("| model | steps | guidance w | NFE |")
     assert (out.with_suffix("") / "class-acc.png").is_file() and (out.with_suffix("") / "fid.png").is_file()
-    # --preset P sweeps the runs of `ntm bench fashion --preset P`, into a file named after it
-    assert main(["bench", "guidance", "--data", "fashion", "--preset", "no-such-preset", "--no-progress"]) != 0
+    # --preset P scores the runs of `ntm bench fashion --preset P` only if P trained them
     assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--no-progress"]) == 1
-    assert "run `ntm bench fashion --preset mnist-lr2x` first" in capsys.readouterr().err
-    runs.parent.rename(tmp_path / "results" / "fashion-mnist-lr2x")
-    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--seeds", "0"]) == 2
-    # --seeds 2 draws each (model, w) twice: seed 0 is the draw the sweep above made, seed 1 other noise
-    assert main(["bench", "guidance", "--data", "fashion", "--preset", "mnist-lr2x", "--ws", "2", "--n-samples", "20",
-                 "--seeds", "2", "--no-progress"]) == 0
-    named_out = tmp_path / "results" / "guidance-fashion-mnist-lr2x.json"
-    named = json.loads(named_out.read_text())
-    assert named["config"]["preset"] == "mnist-lr2x" and named["config"]["runs"].endswith("fashion-mnist-lr2x/runs")
-    assert [(r["model"], r["guidance"], r["sample_seed"]) for r in named["rows"]] == [
+    err = capsys.readouterr().err
+    assert "fashion-mnist-lr2x/runs/ntm was not trained with preset mnist-lr2x (model config" in err
+    assert not (results / "guidance-fashion-mnist-lr2x.json").exists()
+    # --seeds 2 draws each (model, w) twice, into its own file: seed 0 is the draw above, seed 1 other noise
+    assert main(["bench", "guidance", "--data", "fashion", "--ws", "2", "--n-samples", "20", "--seeds", "2",
+                 "--no-progress"]) == 0
+    seeded_out = results / "guidance-fashion-seeds2.json"
+    seeded = json.loads(seeded_out.read_text())
+    assert seeded["config"]["seeds"] == 2 and json.loads(out.read_text()) == res
+    assert [(r["model"], r["guidance"], r["sample_seed"]) for r in seeded["rows"]] == [
         ("ntm", 2.0, 0), ("ntm", 2.0, 1), ("fm", 2.0, 0), ("fm", 2.0, 1)]
     first = {r["model"]: r["fid"] for r in res["rows"] if r["guidance"] == 2.0}
-    assert [r["fid"] for r in named["rows"] if r["sample_seed"] == 0] == pytest.approx([first["ntm"], first["fm"]])
-    assert all(a["fid"] != b["fid"] for a, b in zip(named["rows"][::2], named["rows"][1::2]))
-    assert "| guidance w | sample seed |" in named_out.with_suffix(".md").read_text()
+    assert [r["fid"] for r in seeded["rows"] if r["sample_seed"] == 0] == pytest.approx([first["ntm"], first["fm"]])
+    assert all(a["fid"] != b["fid"] for a, b in zip(seeded["rows"][::2], seeded["rows"][1::2]))
+    assert "| guidance w | sample seed | NFE |" in seeded_out.with_suffix(".md").read_text()
