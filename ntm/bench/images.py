@@ -573,7 +573,7 @@ def run_guidance_sweep(data: str = "fashion", ws: tuple[float, ...] = (0.0, 1.0,
     the product rule for NTM, linear CFG for FM; the same real images, classifier and seeds as the
     bench. ``seeds`` > 1 draws every (model, w) again with sample seeds 1 .. seeds-1 (other noise, the
     same labels and real images; seed 0 is the bench's draw), to show how much FID moves between draws.
-    -> ``results/guidance-<data>[-<preset>].json`` (rows: model, steps, guidance, sample_seed, fid,
+    -> ``results/<guidance_sweep_name>.json`` (rows: model, steps, guidance, sample_seed, fid,
     class_acc, ...) and a PNG of each metric (mean over seeds) against w."""
     if seeds < 1:
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
