@@ -58,13 +58,14 @@ def is_bench_output(f: Path, out: Path) -> bool:
 # lever ablations were trained with (the default until the spline transporter): those benches keep it
 # so that their runs are reused, not retrained
 AFFINE_RUNS_PRESET = "mnist-affine"
+QUICK_PRESET = "mnist-quick"  # the preset of every `ntm bench ... --quick`
 
 
 def image_bench_folder(data: str, preset: str, quick: bool) -> Path:
     """Where ``ntm bench <data> [--preset P] [--quick]`` keeps its runs and pictures (the JSON is this
     path + ``.json``): ``results/<data>[-<preset>][-quick]``, the preset named unless it is the
     default (mnist) or the quick one."""
-    named = f"-{preset}" if preset not in ("mnist", "mnist-quick") else ""
+    named = f"-{preset}" if preset not in ("mnist", QUICK_PRESET) else ""
     return results_dir() / f"{data}{named}{'-quick' if quick else ''}"
 
 

@@ -16,7 +16,7 @@ from ..tools.metrics import classifier_record, extractor_name, load_or_train_cla
 from ..tools.plots import smoothed_curves
 from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import initial_weights, load_teacher
-from .common import AFFINE_RUNS_PRESET, results_dir, same_run, train_or_reuse, write_results, bench_device
+from .common import AFFINE_RUNS_PRESET, QUICK_PRESET, results_dir, same_run, train_or_reuse, write_results, bench_device
 from .images import bench_settings, evaluate_image_row, fm_bits_per_dim, labelled_source, ntm_bits_per_dim, save_grid
 
 
@@ -34,7 +34,7 @@ def finetune_preset(quick: bool) -> str:
     """The finetune benches' preset: the fresh transporter is the affine recipe's (the default when
     these benches ran; their runs keep it), and the teacher is the image bench's FM (the same in
     every mnist preset)."""
-    return "mnist-quick" if quick else AFFINE_RUNS_PRESET
+    return QUICK_PRESET if quick else AFFINE_RUNS_PRESET
 
 
 def run_finetune_bench(data: str = "mnist", out: str | Path | None = None, quick: bool = False,

@@ -38,11 +38,10 @@ from ..tools.metrics import (classifier_accuracy, classifier_record, extractor_n
 from ..tools.plots import image_grid, line_plot, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
-from .common import (AFFINE_RUNS_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir, run_differences,
-                     train_or_reuse, write_results)
+from .common import (AFFINE_RUNS_PRESET, QUICK_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir,
+                     run_differences, train_or_reuse, write_results)
 
 NTM_STEPS = (4, 8, 16)
-QUICK_PRESET = "mnist-quick"  # the preset of `ntm bench <data> --quick`
 # sample seed s seeds the chunk at offset lo with 1000 + lo + s * this: distinct below 99,000 samples
 SAMPLE_SEED_STRIDE = 100_000
 DISCRETE_T0 = 1e-3  # t_0 of the discretised last step in the bits/dim bounds

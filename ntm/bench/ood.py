@@ -56,7 +56,7 @@ from ..scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, n
 from ..tools.glow import GlowConfig, glow_nll, glow_or_train
 from ..tools.metrics import calibration_error, classifier_accuracy, detection_scores, load_or_train_classifier
 from ..tools.plots import line_plot
-from .common import bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
+from .common import QUICK_PRESET, bench_device, image_bench_folder, results_dir, train_or_reuse, write_results
 from .images import labelled_source
 
 OUT_SETS = {"mnist": ("fashion", "noise", "constant", "mnist-vflip", "mnist-inverted"), "fashion": ("mnist",)}
@@ -70,7 +70,7 @@ def ood_settings(quick: bool, overrides: dict | None = None) -> dict:
 
 def _base_settings(quick: bool) -> dict:
     if quick:
-        return {"preset": "mnist-quick", "n": 200, "n_fit": 400, "n_fm": 24, "fm_ode_steps": 16, "iw_k": 4,
+        return {"preset": QUICK_PRESET, "n": 200, "n_fit": 400, "n_fm": 24, "fm_ode_steps": 16, "iw_k": 4,
                 "glow": GlowConfig(steps=300, blocks=4, hidden=32), "n_bayes": 100, "n_bayes_fm": 10,
                 "bayes_k": 2, "n_tight": 50, "ks": (1, 4, 16), "classifier_steps": 3000, "steps_k": 2}
     # sized for 2 CPU cores: FM's ODE likelihood (64 Heun steps with a vector-Jacobian product each)

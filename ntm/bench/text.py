@@ -42,7 +42,7 @@ from ..tools.text_encoders import load_encoder
 from ..train import make_optimizer
 from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import make_objective
-from .common import bench_device, results_dir, train_or_reuse, write_results
+from .common import QUICK_PRESET, bench_device, results_dir, train_or_reuse, write_results
 
 ACC_KEYS = tuple(f"acc_{t}" for t in TASKS)
 GRID_PROMPTS = ("a red 3", "a 3 and a 7", "two 5s", "a green 4", "a 3 on the left of a 7", "a red 2 and a blue 9",
@@ -58,7 +58,7 @@ CONDITIONING = {"concat": "token states appended to the sequence + pooled vector
 
 
 def text_settings(quick: bool, overrides: dict | None = None) -> dict:
-    base = ({"preset": "mnist-quick", "n_prompts": 20, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 4.0),
+    base = ({"preset": QUICK_PRESET, "n_prompts": 20, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 4.0),
              "cell_steps": 1500, "probe_steps": 6} if quick else
             {"preset": TEXT_PRESET, "n_prompts": 100, "guidance": 2.0, "sweep": (0.0, 1.0, 2.0, 3.0, 4.0),
              "cell_steps": 3000, "probe_steps": 12})
