@@ -365,6 +365,14 @@ PRESETS: dict[str, Preset] = {
     "mnist-lr4x": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA, replace(_IMAGE_TRAIN, lr=2e-3),
                          "the mnist preset at four times the learning rate (2e-3), the demo's rate at the full "
                          "budget (docs/objectives.md)"),
+    "mnist-lr4x-lam3": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
+                              replace(_IMAGE_TRAIN, lr=2e-3, hybrid_weight=3.0),
+                              "the mnist-lr4x preset with the hybrid weight lambda 3 instead of 10 (the lambda "
+                              "lever at the higher rate; docs/objectives.md)"),
+    "mnist-lr4x-lam1": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
+                              replace(_IMAGE_TRAIN, lr=2e-3, hybrid_weight=1.0),
+                              "the mnist-lr4x preset with the hybrid weight lambda 1 instead of 10 (the lambda "
+                              "lever at the higher rate; docs/objectives.md)"),
     "mnist-coupled": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist preset with transporter blocks that couple pixels at every level (the "
                             "default before coupling_t_max; the base of the adaln, cond1, t16, t-by-steps and "
