@@ -8,7 +8,7 @@ import pytest
 from ntm.bench.common import run_differences, same_run, train_or_reuse
 from ntm.bench.images import run_guidance_sweep
 from ntm.cli import main
-from ntm.config import get_preset
+from ntm.config import get_preset, validate_train_config
 from ntm.data import open_source
 from ntm.errors import ConfigError
 
@@ -334,3 +334,21 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
     assert [r["fid"] for r in seeded["rows"] if r["sample_seed"] == 0] == pytest.approx([first["ntm"], first["fm"]])
     assert all(a["fid"] != b["fid"] for a, b in zip(seeded["rows"][::2], seeded["rows"][1::2]))
     assert "| guidance w | sample seed | NFE |" in seeded_out.with_suffix(".md").read_text()
+
+
+def test_the_lever_presets_change_only_their_named_setting_of_the_recipe_at_2e_3():
+    """The hybrid-weight and bins presets that the docs compare with mnist-lr4x differ from it in the
+    one setting each names, and share its FM baseline (FM ignores the NTM objective's settings)."""
+    base = get_preset("mnist-lr4x")
+    assert base.train == replace(get_preset("mnist").train, lr=2e-3)
+    expected = {"mnist-lr4x-lam3": (replace(base.train, hybrid_weight=3.0), base.transporter),
+                "mnist-lr4x-lam1": (replace(base.train, hybrid_weight=1.0), base.transporter),
+                "mnist-lr4x-lam1-bins16": (replace(base.train, hybrid_weight=1.0),
+                                           replace(base.transporter, spline_bins=16))}
+    spec = open_source("8gaussians").spec()
+    for name, (train_cfg, transporter) in expected.items():
+        p = get_preset(name)
+        validate_train_config(p.train)
+        assert (p.train, p.transporter) == (train_cfg, transporter), name
+        assert (p.trajectory, p.predictor) == (base.trajectory, base.predictor), name
+        assert p.fm(spec) == base.fm(spec), name
