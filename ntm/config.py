@@ -375,8 +375,8 @@ PRESETS: dict[str, Preset] = {
                               "lever at the higher rate; docs/objectives.md)"),
     "mnist-lr4x-lam1-bins16": Preset(_IMAGE_TRAJECTORY, replace(_IMAGE_TRANSPORTER_LOW, spline_bins=16),
                                      _IMAGE_PREDICTOR_DATA, replace(_IMAGE_TRAIN, lr=2e-3, hybrid_weight=1.0),
-                                     "the mnist-lr4x-lam1 preset with 16-bin splines instead of 8 (the bins lever "
-                                     "at the last step; docs/objectives.md)"),
+                                     "the mnist-lr4x-lam1 preset with 16-bin splines at every level instead of 8 "
+                                     "(aimed at the last step, which dominates the bound; docs/objectives.md)"),
     "mnist-coupled": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_SPLINE, _IMAGE_PREDICTOR_DATA, _IMAGE_TRAIN,
                             "the mnist preset with transporter blocks that couple pixels at every level (the "
                             "default before coupling_t_max; the base of the adaln, cond1, t16, t-by-steps and "
