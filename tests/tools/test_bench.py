@@ -337,8 +337,8 @@ def test_guidance_sweep_scores_the_image_bench_runs_at_each_weight(tmp_path, mon
 
 
 def test_the_lever_presets_change_only_their_named_setting_of_the_recipe_at_2e_3():
-    """The hybrid-weight and bins presets that the docs compare with mnist-lr4x differ from it in the
-    one setting each names, and share its FM baseline (FM ignores the NTM objective's settings)."""
+    """The hybrid-weight and bins lever presets on mnist-lr4x differ from it in the one setting each
+    names, and share its FM baseline (FM ignores the NTM objective's settings)."""
     base = get_preset("mnist-lr4x")
     assert base.train == replace(get_preset("mnist").train, lr=2e-3)
     expected = {"mnist-lr4x-lam3": (replace(base.train, hybrid_weight=3.0), base.transporter),
