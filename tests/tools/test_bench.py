@@ -8,7 +8,7 @@ import pytest
 from ntm.bench.common import run_differences, same_run, train_or_reuse
 from ntm.bench.images import run_guidance_sweep
 from ntm.cli import main
-from ntm.config import get_preset, validate_train_config
+from ntm.config import default_preset, get_preset, validate_train_config
 from ntm.data import open_source
 from ntm.errors import ConfigError
 
@@ -340,7 +340,7 @@ def test_the_lever_presets_change_only_their_named_setting_of_the_recipe_at_2e_3
     """The hybrid-weight and bins lever presets on mnist-lr4x differ from it in the one setting each
     names, and share its FM baseline (FM ignores the NTM objective's settings)."""
     base = get_preset("mnist-lr4x")
-    assert base.train == replace(get_preset("mnist").train, lr=2e-3)
+    assert base.train == replace(get_preset("mnist-lr1x").train, lr=2e-3)
     expected = {"mnist-lr4x-lam3": (replace(base.train, hybrid_weight=3.0), base.transporter),
                 "mnist-lr4x-lam1": (replace(base.train, hybrid_weight=1.0), base.transporter),
                 "mnist-lr4x-lam1-bins16": (replace(base.train, hybrid_weight=1.0),
@@ -352,3 +352,22 @@ def test_the_lever_presets_change_only_their_named_setting_of_the_recipe_at_2e_3
         assert (p.train, p.transporter) == (train_cfg, transporter), name
         assert (p.trajectory, p.predictor) == (base.trajectory, base.predictor), name
         assert p.fm(spec) == base.fm(spec), name
+
+
+def test_the_default_image_preset_is_the_lambda_1_recipe_at_2e_3_and_mnist_lr1x_keeps_the_one_before():
+    """The default took the recipe of the run that won (mnist-lr4x-lam1); mnist-lr1x is the previous
+    default (5e-4, lambda 10), the base of the lr and coupling presets; quick follows the default."""
+    default, won, before = get_preset("mnist"), get_preset("mnist-lr4x-lam1"), get_preset("mnist-lr1x")
+    assert default_preset("image") == "mnist"
+    assert (default.trajectory, default.transporter, default.predictor, default.train) == \
+        (won.trajectory, won.transporter, won.predictor, won.train)
+    assert (default.train.lr, default.train.hybrid_weight) == (2e-3, 1.0)
+    assert (before.train.lr, before.train.hybrid_weight) == (5e-4, 10.0)
+    assert replace(before.train, lr=2e-3, hybrid_weight=1.0) == default.train
+    assert (before.trajectory, before.transporter, before.predictor) == \
+        (default.trajectory, default.transporter, default.predictor)
+    assert get_preset("mnist-coupling-low").train == before.train
+    assert get_preset("mnist-lr2x").train == replace(before.train, lr=1e-3)
+    quick = get_preset("mnist-quick").train
+    assert replace(quick, steps=default.train.steps, warmup=default.train.warmup,
+                   checkpoint_every=default.train.checkpoint_every) == default.train
