@@ -346,20 +346,26 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
     of data sets not in ``data_sets`` are kept from an earlier run with the same settings."""
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("bayes-quick.json" if quick else "bayes.json")
+    steps = settings.get("bayes_steps")  # NTM's trajectory length T (None: the model's own)
     results = {"config": {"quick": quick, "preset": settings["preset"], "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
                           "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15, "n_bayes": settings["n_bayes"],
-                          "n_bayes_fm": settings["n_bayes_fm"]}, "rows": []}
+                          "n_bayes_fm": settings["n_bayes_fm"], **({"ntm_steps": steps} if steps else {})}, "rows": []}
     results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]
     for data in data_sets:
         models, _ = bench_models(data, quick, settings, progress, glow=False)
         src, _ = labelled_source(data)
         x, y = src.held_out(settings["n_bayes"], seed=4242)
-        # one set of trajectories for both: the data's own bound and the bound at the first noisy level
-        ll, sec = _timed(lambda: ntm_class_log_likelihoods(models["ntm"], x, (0, 1),
-                                                           num_trajectories=settings["bayes_k"]))
-        k = {"trajectories": settings["bayes_k"]}
+        # one set of trajectories for every level: the data's own bound (level 0), the bound at the
+        # first noisy level (the row) and, as a diagnostic, at each level above it
+        T = steps or models["ntm"].config.trajectory.T
+        ll, sec = _timed(lambda: ntm_class_log_likelihoods(models["ntm"], x, tuple(range(T)),
+                                                           num_trajectories=settings["bayes_k"], steps=steps))
+        k = {"trajectories": settings["bayes_k"], **({"steps": steps} if steps else {})}
+        times = models["ntm"].grid(1, 0.0, T=T)[0].tolist()
+        by_level = {str(j): {"t": times[j], "accuracy": float((ll[j].argmax(1) == y).float().mean())} for j in range(1, T)}
         results["rows"].append({**bayes_row(data, "ntm-bayes", ll[0], y, sec), **k})
-        results["rows"].append({**bayes_row(data, "ntm-bayes-noisy", ll[1], y, sec), "level": 1, **k})
+        results["rows"].append({**bayes_row(data, "ntm-bayes-noisy", ll[1], y, sec), "level": 1, **k,
+                                "accuracy_by_level": by_level})
         m = settings["n_bayes_fm"]
         ll, sec = _timed(lambda: class_log_likelihoods(models["fm"], x[:m], steps=settings["fm_ode_steps"]))
         results["rows"].append(bayes_row(data, "fm-ode-bayes", ll, y[:m], sec))

@@ -957,12 +957,16 @@ def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: st
                 preset: Optional[str] = _MODELS_PRESET, progress: bool = _PROGRESS,
                 trajectories: Optional[int] = typer.Option(None, min=1, help="trajectories K per image for NTM's "
                                                            "rows (default: the bench's); another K writes "
-                                                           "results/bayes[-<preset>]-k<K>.json")):
+                                                           "results/bayes[-<preset>]-k<K>.json"),
+                steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T of NTM's rows (default: "
+                                                    "the model's sampling T; a multi-T model's other grids are "
+                                                    "bounds too); another T writes results/bayes[-<preset>]-t<T>.json")):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
     default_k = ood_settings(quick)["bayes_k"]
     k = default_k if trajectories is None else trajectories
+    suffix = ("" if k == default_k else f"-k{k}") + ("" if steps is None else f"-t{steps}")
     _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, preset, data_sets=_train_sets(data),
-                      suffix="" if k == default_k else f"-k{k}", settings={"bayes_k": k})
+                      suffix=suffix, settings={"bayes_k": k, **({"bayes_steps": steps} if steps else {})})
 
 
 @app.command()

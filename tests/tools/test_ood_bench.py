@@ -63,6 +63,22 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     assert [r["n"] for r in res["rows"]][:3] == [12, 12, 4] and res["rows"][1]["level"] == 1
     assert [r.get("trajectories") for r in res["rows"]] == [TINY["bayes_k"]] * 2 + [None, None]  # NTM rows give K
     assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
+    # the noisy row's diagnostic: the same trajectories' accuracy at every noisy level, level 1 = the row
+    by_level = res["rows"][1]["accuracy_by_level"]
+    assert list(by_level) == ["1", "2", "3"] and by_level["1"]["accuracy"] == res["rows"][1]["accuracy"]
+    assert 0 < by_level["1"]["t"] < by_level["2"]["t"] < by_level["3"]["t"] < 1
+    assert "steps" not in res["rows"][0] and "ntm_steps" not in res["config"]
+    # another trajectory length of the multi-T model: NTM's rows say their T, the other rows are the same
+    res8 = run_bayes_bench(tmp_path / "results" / "bayes-t8.json", quick=True, progress=False,
+                           settings={**TINY, "bayes_steps": 8}, data_sets=("mnist",))
+    assert res8["config"]["ntm_steps"] == 8 and [r.get("steps") for r in res8["rows"]] == [8, 8, None, None]
+    assert list(res8["rows"][1]["accuracy_by_level"]) == [str(j) for j in range(1, 8)]
+    assert res8["rows"][1]["accuracy_by_level"]["2"]["t"] == pytest.approx(by_level["1"]["t"], abs=1e-6)
+    assert _untimed(res8["rows"][2:]) == _untimed(res["rows"][2:])
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds_per_1000"} for r in rows]
 
 
 def test_a_partial_rerun_keeps_the_rows_of_the_other_training_sets(tmp_path):
@@ -171,6 +187,15 @@ def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypat
     assert main(["bench", "bayes", "--quick", "--trajectories", "8", "--no-progress"]) == 0
     assert seen == [("bayes-k32.json", 32), ("bayes.json", 8), ("bayes-k8-quick.json", 8)]
     assert main(["bench", "bayes", "--trajectories", "0", "--no-progress"]) == 2
+    # so is another trajectory length T
+    seen.clear()
+    monkeypatch.setattr(cli, "run_bayes_bench", lambda out, quick, progress, settings=None, data_sets=(): (
+        seen.append((out.name, settings.get("bayes_steps"))) or {"config": {}, "rows": []}))
+    assert main(["bench", "bayes", "--steps", "16", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--trajectories", "16", "--steps", "8", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--no-progress"]) == 0
+    assert seen == [("bayes-t16.json", 16), ("bayes-k16-t8.json", 8), ("bayes.json", None)]
+    assert main(["bench", "bayes", "--steps", "0", "--no-progress"]) == 2
     capsys.readouterr()
     assert one_error_line(main(["bench", "bayes", "--preset", "nope", "--no-progress"]), capsys.readouterr().err, "nope")
     assert not (tmp_path / "bayes-nope.json").exists()
