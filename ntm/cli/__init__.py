@@ -852,7 +852,8 @@ def _likelihood_bench(name: str, runner, quick: bool, out: Optional[Path], progr
     check_bench_output(out)
     res = runner(out, quick=quick, progress=progress, **kwargs)
     typer.echo(table_for(res))
-    typer.echo(f"wrote {out}, {out.with_suffix('.md')} and pictures in {out.with_suffix('')}/")
+    pictures = out.with_suffix("")  # only the benches that draw figures (not bayes) have this folder
+    typer.echo(f"wrote {out}, {out.with_suffix('.md')}" + (f" and pictures in {pictures}/" if pictures.is_dir() else ""))
 
 
 _BENCH_OUT = typer.Option(None, help="results JSON (default results/<bench>[-quick].json)")

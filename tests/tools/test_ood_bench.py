@@ -178,6 +178,12 @@ def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypat
     assert main(["bench", "bayes", "--no-progress"]) == 0
     assert main(["bench", "bayes", "--preset", "mnist", "--no-progress"]) == 0
     assert seen == [("bayes-mnist-affine.json", "mnist-affine"), ("bayes.json", None), ("bayes.json", "mnist")]
+    # the bench draws no figure, so the closing line names no pictures folder
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("wrote") and "pictures" not in last
+    (tmp_path / "bayes").mkdir()
+    assert main(["bench", "bayes", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"pictures in {tmp_path / 'bayes'}/")
     # another number of trajectories is a setting of its own and a file of its own
     seen.clear()
     monkeypatch.setattr(cli, "run_bayes_bench", lambda out, quick, progress, settings=None, data_sets=(): (
