@@ -412,6 +412,10 @@ PRESETS: dict[str, Preset] = {
                                        replace(_IMAGE_TRAIN, lr=1e-3),
                                        "the mnist-affine-sincos preset at twice the learning rate (1e-3): the text "
                                        "bench's recipe (docs/text.md)"),
+    "mnist-affine-sincos-lr4x-lam1": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER,
+                                            _IMAGE_PREDICTOR_SINCOS, _IMAGE_TRAIN_DEFAULT,
+                                            "the text bench's recipe with the default image preset's training "
+                                            "(lr 2e-3, hybrid weight lambda 1): the rate lever of docs/text.md"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,

@@ -341,18 +341,26 @@ def plot_iw_vs_k(bpd: dict, png: Path) -> None:
 
 
 def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress: bool = True,
-                    settings: dict | None = None, data_sets: tuple[str, ...] = tuple(OUT_SETS)) -> dict:
+                    settings: dict | None = None, data_sets: tuple[str, ...] = tuple(OUT_SETS),
+                    run: str | Path | None = None) -> dict:
     """Bayes classification with the class-conditional NTM and FM against the project's CNN; the rows
-    of data sets not in ``data_sets`` are kept from an earlier run with the same settings."""
+    of data sets not in ``data_sets`` are kept from an earlier run with the same settings. ``run``
+    scores that NTM instead of the bench's (one data set; no FM row, as the bench's FM is not its peer)."""
     settings = ood_settings(quick, settings)
     out = Path(out) if out else results_dir() / ("bayes-quick.json" if quick else "bayes.json")
     steps = settings.get("bayes_steps")  # NTM's trajectory length T (None: the model's own)
+    if run is not None and len(data_sets) != 1:
+        raise ConfigError(f"--run scores one model: name its training set with --data (got {', '.join(data_sets)})")
     results = {"config": {"quick": quick, "preset": settings["preset"], "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
                           "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15, "n_bayes": settings["n_bayes"],
-                          "n_bayes_fm": settings["n_bayes_fm"], **({"ntm_steps": steps} if steps else {})}, "rows": []}
+                          "n_bayes_fm": settings["n_bayes_fm"], **({"ntm_steps": steps} if steps else {}),
+                          **({"run": str(run)} if run is not None else {})}, "rows": []}
     results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]
     for data in data_sets:
-        models, _ = bench_models(data, quick, settings, progress, glow=False)
+        if run is None:
+            models, _ = bench_models(data, quick, settings, progress, glow=False)
+        else:
+            models = {"ntm": bench_run_model(run, data, (steps,) if steps else None, "NTM")[1]}
         src, _ = labelled_source(data)
         x, y = src.held_out(settings["n_bayes"], seed=4242)
         # one set of trajectories for every level: the data's own bound (level 0), the bound at the
@@ -366,9 +374,10 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
         results["rows"].append({**bayes_row(data, "ntm-bayes", ll[0], y, sec), **k})
         results["rows"].append({**bayes_row(data, "ntm-bayes-noisy", ll[1], y, sec), "level": 1, **k,
                                 "accuracy_by_level": by_level})
-        m = settings["n_bayes_fm"]
-        ll, sec = _timed(lambda: class_log_likelihoods(models["fm"], x[:m], steps=settings["fm_ode_steps"]))
-        results["rows"].append(bayes_row(data, "fm-ode-bayes", ll, y[:m], sec))
+        if "fm" in models:
+            m = settings["n_bayes_fm"]
+            ll, sec = _timed(lambda: class_log_likelihoods(models["fm"], x[:m], steps=settings["fm_ode_steps"]))
+            results["rows"].append(bayes_row(data, "fm-ode-bayes", ll, y[:m], sec))
         clf, info = load_or_train_classifier(src, steps=settings["classifier_steps"], progress=progress)
         tx, ty = src.held_out(None, seed=777)
         with torch.no_grad():

@@ -961,13 +961,21 @@ def bench_bayes(quick: bool = _QUICK, out: Optional[Path] = _BENCH_OUT, data: st
                                                            "results/bayes[-<preset>]-k<K>.json"),
                 steps: Optional[int] = typer.Option(None, min=1, help="trajectory length T of NTM's rows (default: "
                                                     "the model's sampling T; a multi-T model's other grids are "
-                                                    "bounds too); another T writes results/bayes[-<preset>]-t<T>.json")):
+                                                    "bounds too); another T writes results/bayes[-<preset>]-t<T>.json"),
+                run: Optional[Path] = typer.Option(None, help="score this class-conditional NTM run instead of the "
+                                                   "bench's (with one --data; no FM row); writes "
+                                                   "results/bayes-<run folder name>.json")):
     """Bayes classification by NTM's and FM's class-conditional likelihoods against the project's CNN."""
     default_k = ood_settings(quick)["bayes_k"]
     k = default_k if trajectories is None else trajectories
     suffix = ("" if k == default_k else f"-k{k}") + ("" if steps is None else f"-t{steps}")
+    if run is not None:
+        if preset is not None:
+            raise UsageProblem("--run and --preset both name the model scored: give one")
+        suffix = f"-{run.resolve().name}{suffix}"
     _likelihood_bench("bayes", run_bayes_bench, quick, out, progress, preset, data_sets=_train_sets(data),
-                      suffix=suffix, settings={"bayes_k": k, **({"bayes_steps": steps} if steps else {})})
+                      suffix=suffix, settings={"bayes_k": k, **({"bayes_steps": steps} if steps else {})},
+                      **({"run": run} if run is not None else {}))
 
 
 @app.command()

@@ -75,6 +75,17 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     assert list(res8["rows"][1]["accuracy_by_level"]) == [str(j) for j in range(1, 8)]
     assert res8["rows"][1]["accuracy_by_level"]["2"]["t"] == pytest.approx(by_level["1"]["t"], abs=1e-6)
     assert _untimed(res8["rows"][2:]) == _untimed(res["rows"][2:])
+    # a run of one's own (here the bench's NTM, named by its folder): NTM's rows as before, no FM row
+    run = next((tmp_path / "results").rglob("runs/ntm"))
+    mine = run_bayes_bench(tmp_path / "results" / "bayes-ntm.json", quick=True, progress=False, settings=TINY,
+                           data_sets=("mnist",), run=run)
+    assert [r["method"] for r in mine["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "cnn"]
+    assert mine["config"]["run"] == str(run)
+    assert _untimed(mine["rows"]) == _untimed([res["rows"][0], res["rows"][1], res["rows"][3]])
+    with pytest.raises(ConfigError, match="one model"):
+        run_bayes_bench(tmp_path / "results" / "bayes-two.json", quick=True, progress=False, settings=TINY,
+                        data_sets=("mnist", "fashion"), run=run)
+    assert not (tmp_path / "results" / "bayes-two.json").exists()
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
@@ -202,6 +213,17 @@ def test_likelihood_benches_score_the_runs_of_a_named_preset(tmp_path, monkeypat
     assert main(["bench", "bayes", "--no-progress"]) == 0
     assert seen == [("bayes-t16.json", 16), ("bayes-k16-t8.json", 8), ("bayes.json", None)]
     assert main(["bench", "bayes", "--steps", "0", "--no-progress"]) == 2
+    # a run of one's own is named by its folder; --preset beside it is one clear error
+    seen.clear()
+    monkeypatch.setattr(cli, "run_bayes_bench", lambda out, quick, progress, settings=None, data_sets=(), run=None: (
+        seen.append((out.name, data_sets, run.name)) or {"config": {}, "rows": []}))
+    assert main(["bench", "bayes", "--run", str(tmp_path / "mnist-12k"), "--data", "mnist", "--no-progress"]) == 0
+    assert main(["bench", "bayes", "--run", str(tmp_path / "mnist-12k"), "--data", "mnist", "--steps", "16",
+                 "--no-progress"]) == 0
+    assert seen == [("bayes-mnist-12k.json", ("mnist",), "mnist-12k"), ("bayes-mnist-12k-t16.json", ("mnist",), "mnist-12k")]
+    capsys.readouterr()
+    assert one_error_line(main(["bench", "bayes", "--run", str(tmp_path), "--preset", "mnist-affine", "--no-progress"]),
+                          capsys.readouterr().err, "--run and --preset")
     capsys.readouterr()
     assert one_error_line(main(["bench", "bayes", "--preset", "nope", "--no-progress"]), capsys.readouterr().err, "nope")
     assert not (tmp_path / "bayes-nope.json").exists()
