@@ -416,6 +416,9 @@ PRESETS: dict[str, Preset] = {
                                             _IMAGE_PREDICTOR_SINCOS, _IMAGE_TRAIN_DEFAULT,
                                             "the text bench's recipe with the default image preset's training "
                                             "(lr 2e-3, hybrid weight lambda 1): the rate lever of docs/text.md"),
+    "mnist-affine-sincos-lr4x": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_SINCOS,
+                                       _IMAGE_TRAIN_LR4X, "the text bench's recipe at four times the learning rate "
+                                       "(2e-3), lambda 10 kept: the rate lever of docs/text.md"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,
