@@ -18,8 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
-    """Write the figure atomically (temporary file, then rename) and close it."""
+    """Write the figure atomically (temporary file, then rename) and close it; the folder is made if
+    missing (a bench's pictures folder may not exist yet, e.g. the OOD bench without its Glow runs)."""
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
