@@ -419,6 +419,9 @@ PRESETS: dict[str, Preset] = {
     "mnist-affine-sincos-lr4x": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_SINCOS,
                                        _IMAGE_TRAIN_LR4X, "the text bench's recipe at four times the learning rate "
                                        "(2e-3), lambda 10 kept: the rate lever of docs/text.md"),
+    "mnist-affine-sincos-lr8x": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR_SINCOS,
+                                       replace(_IMAGE_TRAIN, lr=4e-3), "the text bench's recipe at eight times "
+                                       "the learning rate (4e-3), lambda 10 kept: the rate lever's next doubling"),
     "mnist-paper": Preset(TrajectoryConfig(T=4, shift=None), _IMAGE_TRANSPORTER, _IMAGE_PREDICTOR, _IMAGE_TRAIN_PAPER,
                           "the mnist-affine preset with the paper's plain trajectory NLL and unit preconditioning"),
     "mnist-demo": Preset(_IMAGE_TRAJECTORY, _IMAGE_TRANSPORTER_LOW, _IMAGE_PREDICTOR_DATA,

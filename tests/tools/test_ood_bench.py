@@ -11,7 +11,7 @@ from ntm.bench.images import labelled_source
 from ntm.bench.ood import image_set, run_bayes_bench, run_coupling_bench, run_ood_bench, run_tightness_bench
 from ntm.cli import main
 from ntm.config import TransporterConfig, get_preset
-from ntm.errors import ConfigError
+from ntm.errors import CheckpointError, ConfigError
 from ntm.images import load_named, to_uint8
 from ntm.tools.glow import GlowConfig
 
@@ -86,6 +86,10 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
         run_bayes_bench(tmp_path / "results" / "bayes-two.json", quick=True, progress=False, settings=TINY,
                         data_sets=("mnist", "fashion"), run=run)
     assert not (tmp_path / "results" / "bayes-two.json").exists()
+    with pytest.raises(CheckpointError, match="no NTM in"):
+        run_bayes_bench(tmp_path / "results" / "bayes-missing.json", quick=True, progress=False, settings=TINY,
+                        data_sets=("mnist",), run=tmp_path / "missing")
+    assert not (tmp_path / "results" / "bayes-missing.json").exists()
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
