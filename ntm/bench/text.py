@@ -246,12 +246,15 @@ def kept_rows(out: Path, config: dict, kinds: tuple[str, ...]) -> dict:
     return {"rows": rows, "config": extra} if rows else {}
 
 
-def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat", patch: int = 4) -> dict:
+def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "concat", patch: int = 4,
+                   warmup: int = 3, rounds: int = 4) -> dict:
     """Seconds per NTM training step with prompts (captioned MNIST, read by ``text_attention``)
-    against class labels (MNIST), same preset, patch size and batches, timed back to back."""
+    against class labels (MNIST), same preset, patch size and batch size. The two are timed in
+    ``rounds`` interleaved turns (labels, then text) of steps / rounds steps each, so that both see
+    the same machine load even when another job comes or goes."""
     p = get_preset(preset)
     device = bench_device()
-    out = {}
+    jobs = {}
     for name, src in (("labels", open_image_source("mnist", patch=patch)),
                       ("text", open_text_data("captioned-mnist", encoder=encoder, patch=patch))):
         torch.manual_seed(0)
@@ -261,9 +264,12 @@ def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "conc
             model.set_null_prompt(src.null_prompt())
         objective = make_objective(model, p.train, device)
         opt, _ = make_optimizer(model, p.train)
-        g = torch.Generator().manual_seed(0)
+        jobs[name] = (model, objective, opt, src, torch.Generator().manual_seed(0))
+
+    def run(name: str, n: int) -> float:
+        model, objective, opt, src, g = jobs[name]
         seconds = 0.0
-        for i in range(3 + steps):
+        for _ in range(n):
             x, y = src.sample(p.train.batch_size, g)
             t0 = time.perf_counter()
             loss, _ = objective(to_tokens(x, model.spec).to(device), y.to(device),
@@ -271,10 +277,19 @@ def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "conc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if i >= 3:
-                seconds += time.perf_counter() - t0
-        out[f"{name}_seconds_per_step"] = seconds / steps
+            seconds += time.perf_counter() - t0
+        return seconds
+
+    for name in jobs:
+        run(name, warmup)
+    per_round = max(1, steps // rounds)
+    total = dict.fromkeys(jobs, 0.0)
+    for _ in range(rounds):
+        for name in jobs:
+            total[name] += run(name, per_round)
+    out = {f"{name}_seconds_per_step": total[name] / (per_round * rounds) for name in jobs}
     out["text_over_labels"] = out["text_seconds_per_step"] / out["labels_seconds_per_step"]
+    out["steps_timed"] = per_round * rounds
     return out
 
 

@@ -70,7 +70,8 @@ def test_text_bench_end_to_end(tmp_path, tiny_canvas):
     for png in ("prompt-grid.png", "guidance-accuracy.png", "guidance-fid.png", "samples-ntm-4.png"):
         assert (folder / png).stat().st_size > 1000
     cost = res["config"]["step_cost"]
-    assert cost["text_over_labels"] > 0 and len(res["config"]["guidance_sweep"]) == 2
+    assert cost["text_over_labels"] == pytest.approx(cost["text_seconds_per_step"] / cost["labels_seconds_per_step"])
+    assert cost["steps_timed"] == 4 and len(res["config"]["guidance_sweep"]) == 2  # probe_steps 1: one step in each of 4 rounds
 
 
 def test_text_bench_runs_one_model_with_cross_attention(tmp_path, tiny_canvas):
@@ -168,3 +169,29 @@ def test_bench_text_with_a_patch_that_does_not_divide_the_canvas_is_one_error(tm
     code = main(["bench", "text", "--quick", "--patch", "5", "--out", str(out), "--no-progress"])
     assert one_error_line(code, capsys.readouterr().err, "not divisible by the patch size 5")
     assert not out.exists() and not out.with_suffix("").exists()
+
+
+def test_text_step_cost_interleaves_label_and_text_steps(tiny_canvas, monkeypatch):
+    """Warm-up steps of each model, then rounds that alternate label and text steps, so a change in
+    machine load falls on both; every timed step counts once."""
+    calls = []
+    real = text_bench.make_objective
+
+    class Logged:  # the probe calls an objective and its draw_noise, nothing else
+        def __init__(self, objective, name):
+            self.objective, self.name = objective, name
+
+        def __call__(self, *args, **kwargs):
+            calls.append(self.name)
+            return self.objective(*args, **kwargs)
+
+        def draw_noise(self, *args, **kwargs):
+            return self.objective.draw_noise(*args, **kwargs)
+
+    def logged(model, train_cfg, device):
+        return Logged(real(model, train_cfg, device), "text" if model.spec.text_dim else "labels")
+
+    monkeypatch.setattr(text_bench, "make_objective", logged)
+    cost = text_bench.text_step_cost("tiny", StubEncoder(dim=8, max_tokens=8), steps=8, warmup=1, rounds=4)
+    assert calls == ["labels", "text"] + ["labels", "labels", "text", "text"] * 4
+    assert cost["steps_timed"] == 8 and cost["labels_seconds_per_step"] > 0 and cost["text_seconds_per_step"] > 0
