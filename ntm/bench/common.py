@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..config import FMConfig, NTMConfig, TrainConfig, from_dict
+from ..data import to_tokens
 from ..errors import CheckpointError, ConfigError, NTMError
 from ..hub import MODEL_CLASSES
 from ..io import read_meta, resolve, write_json, write_text
@@ -119,6 +121,42 @@ def train_or_reuse(run_dir: Path, model_cfg: NTMConfig | FMConfig, train_cfg: Tr
     return summary
 
 
+def interleaved_step_seconds(jobs: dict[str, tuple], batch_size: int, steps: int, warmup: int = 3,
+                             rounds: int = 4) -> tuple[dict[str, float], int]:
+    """Seconds per training step (forward, backward, optimiser step) of each job, timed in ``rounds``
+    turns that visit the jobs in order, steps / rounds steps each, after ``warmup`` untimed steps of
+    every job: a machine load that comes or goes falls on all of them alike.
+
+    ``jobs`` maps a name to (model, objective, optimizer, source, generator); each step draws a batch
+    of ``batch_size`` from the job's source with its generator. Returns the seconds per step by name
+    and the number of timed steps per job."""
+    device = bench_device()
+
+    def run(name: str, n: int) -> float:
+        model, objective, opt, src, g = jobs[name]
+        seconds = 0.0
+        for _ in range(n):
+            x, y = src.sample(batch_size, g)
+            t0 = time.perf_counter()
+            loss, _ = objective(to_tokens(x, model.spec).to(device), None if y is None else y.to(device),
+                                objective.draw_noise(batch_size, g, device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seconds += time.perf_counter() - t0
+        return seconds
+
+    for name in jobs:
+        run(name, warmup)
+    per_round = max(1, steps // rounds)
+    total = dict.fromkeys(jobs, 0.0)
+    for _ in range(rounds):
+        for name in jobs:
+            total[name] += run(name, per_round)
+    timed = per_round * rounds
+    return {name: seconds / timed for name, seconds in total.items()}, timed
+
+
 def write_results(out: str | Path, results: dict) -> None:
     """Write the results JSON and the markdown table beside it, each atomically."""
     out = Path(out)
@@ -127,6 +165,7 @@ def write_results(out: str | Path, results: dict) -> None:
     write_text(out.with_suffix(".md"), table_for(results))
 
 
-__all__ = ["AFFINE_RUNS_PRESET", "BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "is_bench_output",
+__all__ = ["AFFINE_RUNS_PRESET", "BenchStopped", "results_dir", "bench_device", "check_bench_output", "image_bench_folder", "interleaved_step_seconds",
+           "is_bench_output",
            "run_differences", "same_run",
            "train_or_reuse", "write_results"]

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from ..config import DISTILL_TRAIN, FMConfig, NTMConfig, TrainConfig, default_preset, get_preset
-from ..data import to_tokens
 from ..denoising import denoiser_dir
 from ..errors import ConfigError
 from ..flow_matching import FlowMatching, network_evaluations
@@ -38,7 +37,8 @@ from ..tools.metrics import (classifier_accuracy, classifier_record, extractor_n
 from ..tools.plots import image_grid, line_plot, loss_curves, read_log, smoothed_curves
 from ..train import distill, make_optimizer
 from ..train.runs import make_objective
-from .common import (AFFINE_RUNS_PRESET, QUICK_PRESET, BenchStopped, bench_device, image_bench_folder, results_dir,
+from .common import (AFFINE_RUNS_PRESET, QUICK_PRESET, BenchStopped, bench_device, image_bench_folder,
+                     interleaved_step_seconds, results_dir,
                      run_differences, train_or_reuse, write_results)
 
 NTM_STEPS = (4, 8, 16)
@@ -343,38 +343,17 @@ def step_cost_probe(configs: dict[str, NTMConfig], train_cfg: TrainConfig, src, 
     wall times of the bench's own trainings are also reported, but they include whatever else ran
     meanwhile."""
     device = bench_device()
-    per_round = max(1, steps // rounds)
     jobs = {}
     for kind in ("ntm", "fm"):
         torch.manual_seed(0)
         model = build_model(configs[kind]).to(device)
         objective = make_objective(model, train_cfg, device)
         opt, _ = make_optimizer(model, train_cfg)
-        jobs[kind] = (model, objective, opt, torch.Generator().manual_seed(0))
-
-    def run(kind: str, n: int) -> float:
-        model, objective, opt, g = jobs[kind]
-        seconds = 0.0
-        for _ in range(n):
-            x, y = src.sample(train_cfg.batch_size, g)
-            t0 = time.perf_counter()
-            loss, _ = objective(to_tokens(x, model.spec).to(device), None if y is None else y.to(device),
-                                objective.draw_noise(train_cfg.batch_size, g, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seconds += time.perf_counter() - t0
-        return seconds
-
-    for kind in jobs:
-        run(kind, warmup)
-    total = {"ntm": 0.0, "fm": 0.0}
-    for _ in range(rounds):
-        for kind in jobs:
-            total[kind] += run(kind, per_round)
-    out = {f"{kind}_seconds_per_step": total[kind] / (per_round * rounds) for kind in jobs}
+        jobs[kind] = (model, objective, opt, src, torch.Generator().manual_seed(0))
+    seconds, timed = interleaved_step_seconds(jobs, train_cfg.batch_size, steps, warmup, rounds)
+    out = {f"{kind}_seconds_per_step": seconds[kind] for kind in jobs}
     out["ratio"] = out["ntm_seconds_per_step"] / out["fm_seconds_per_step"]
-    out["steps_timed"] = per_round * rounds
+    out["steps_timed"] = timed
     out["threads"] = torch.get_num_threads()
     return out
 

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from ..canvas import COLOR_NAMES, EMPTY, TASKS, PromptSpec, draw_prompt, meets
 from ..config import AUX_WEIGHT, get_preset
-from ..data import to_tokens
 from ..errors import CheckpointError, ConfigError
 from ..flow_matching import FlowMatching, network_evaluations
 from ..hub import build_model, load_model
@@ -42,7 +41,7 @@ from ..tools.text_encoders import load_encoder
 from ..train import make_optimizer
 from ..train.finetune import finetune_config, finetune_train_config
 from ..train.runs import make_objective
-from .common import QUICK_PRESET, bench_device, results_dir, train_or_reuse, write_results
+from .common import QUICK_PRESET, bench_device, interleaved_step_seconds, results_dir, train_or_reuse, write_results
 
 ACC_KEYS = tuple(f"acc_{t}" for t in TASKS)
 GRID_PROMPTS = ("a red 3", "a 3 and a 7", "two 5s", "a green 4", "a 3 on the left of a 7", "a red 2 and a blue 9",
@@ -265,31 +264,10 @@ def text_step_cost(preset: str, encoder, steps: int, text_attention: str = "conc
         objective = make_objective(model, p.train, device)
         opt, _ = make_optimizer(model, p.train)
         jobs[name] = (model, objective, opt, src, torch.Generator().manual_seed(0))
-
-    def run(name: str, n: int) -> float:
-        model, objective, opt, src, g = jobs[name]
-        seconds = 0.0
-        for _ in range(n):
-            x, y = src.sample(p.train.batch_size, g)
-            t0 = time.perf_counter()
-            loss, _ = objective(to_tokens(x, model.spec).to(device), y.to(device),
-                                objective.draw_noise(p.train.batch_size, g, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seconds += time.perf_counter() - t0
-        return seconds
-
-    for name in jobs:
-        run(name, warmup)
-    per_round = max(1, steps // rounds)
-    total = dict.fromkeys(jobs, 0.0)
-    for _ in range(rounds):
-        for name in jobs:
-            total[name] += run(name, per_round)
-    out = {f"{name}_seconds_per_step": total[name] / (per_round * rounds) for name in jobs}
+    seconds, timed = interleaved_step_seconds(jobs, p.train.batch_size, steps, warmup, rounds)
+    out = {f"{name}_seconds_per_step": seconds[name] for name in jobs}
+    out["steps_timed"] = timed
     out["text_over_labels"] = out["text_seconds_per_step"] / out["labels_seconds_per_step"]
-    out["steps_timed"] = per_round * rounds
     return out
 
 

@@ -5,12 +5,16 @@ from dataclasses import replace
 
 import pytest
 
-from ntm.bench.common import run_differences, same_run, train_or_reuse
+import torch
+
+from ntm.bench import common
+from ntm.bench.common import interleaved_step_seconds, run_differences, same_run, train_or_reuse
 from ntm.bench.images import run_guidance_sweep
 from ntm.cli import main
 from ntm.config import default_preset, get_preset, validate_train_config
 from ntm.data import open_source
 from ntm.errors import ConfigError
+from ntm.hub import build_model
 
 
 def test_toy_bench_fm_rows(tmp_path, capsys):
@@ -235,6 +239,35 @@ def test_step_cost_bench_end_to_end(tmp_path, capsys):
     assert one_error_line(main(["bench", "step-cost", "--threads", "0", "--out", str(bad)]), capsys.readouterr().err,
                           "--threads")
     assert not bad.exists()
+
+
+def test_interleaved_step_seconds_alternates_jobs_and_divides_by_the_timed_steps(monkeypatch):
+    """Warm-up steps of every job, then rounds that visit the jobs in order; a job's seconds per step
+    are its timed seconds over its timed steps (a fake clock that each job's step advances by a known
+    amount), and a step count that does not divide into rounds times whole rounds only."""
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    calls = []
+    src = open_source("moons")
+    model = build_model(get_preset("tiny").ntm(src.spec()))
+
+    class Job:  # an objective whose step costs `cost` seconds on the fake clock
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def __call__(self, x, y, noise):
+            calls.append(self.name)
+            clock[0] += self.cost
+            return sum(p.sum() for p in model.parameters()) * 0.0, {}
+
+        def draw_noise(self, batch, generator, device):
+            return None
+
+    jobs = {name: (model, Job(name, cost), torch.optim.SGD(model.parameters(), lr=0.0), src, torch.Generator().manual_seed(0))
+            for name, cost in (("a", 2.0), ("b", 0.5))}
+    seconds, timed = interleaved_step_seconds(jobs, batch_size=4, steps=7, warmup=2, rounds=3)
+    assert timed == 6 and calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+    assert seconds == {"a": pytest.approx(2.0), "b": pytest.approx(0.5)}
 
 
 def test_a_bench_reuses_a_run_only_when_every_learning_setting_matches(tmp_path):
