@@ -65,6 +65,16 @@ def ntm_class_log_likelihoods(model, x: Tensor, levels: tuple[int, ...] = (0, 1)
             else -level_bound_of_terms(terms, prior, lv) for lv in levels}
 
 
+def level_mean(log_likelihoods: dict[int, Tensor], levels) -> Tensor:
+    """The mean (B, C) over ``levels`` of per-level log-likelihoods {level: (B, C)} (as from
+    ``ntm_class_log_likelihoods``): the log of the geometric mean of the levels' likelihoods, which
+    pools the evidence of several noised views of x without counting it once per view."""
+    levels = list(levels)
+    if not levels or any(lv not in log_likelihoods for lv in levels):
+        raise ValueError(f"levels {levels} must be a non-empty subset of the scored levels {sorted(log_likelihoods)}")
+    return torch.stack([log_likelihoods[lv] for lv in levels]).mean(0)
+
+
 def bayes_posterior(log_likelihoods: Tensor, log_prior: Tensor | None = None) -> Tensor:
     """log p(y | x) (B, C) from log p(x | y) (B, C) and log p(y) (C,) (default: uniform)."""
     if log_prior is None:
@@ -107,4 +117,4 @@ class StepTypicality:
         return z.square().sum(0).float()
 
 
-__all__ = ["class_log_likelihoods", "ntm_class_log_likelihoods", "bayes_posterior", "step_features", "noisy_level_bound", "StepTypicality"]
+__all__ = ["class_log_likelihoods", "ntm_class_log_likelihoods", "bayes_posterior", "level_mean", "step_features", "noisy_level_bound", "StepTypicality"]

@@ -12,7 +12,7 @@ from ntm.config import DataSpec, NTMConfig, TrajectoryConfig, TransporterConfig
 from ntm.likelihood import nll_bounds
 from ntm.model import NTM
 from ntm.predictor import GaussianDataPosterior, gaussian_log_prob
-from ntm.scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, noisy_level_bound,
+from ntm.scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, level_mean, noisy_level_bound,
                          ntm_class_log_likelihoods, step_features)
 from ntm.trajectory import forward_trajectory, transition_log_prob
 
@@ -107,6 +107,26 @@ def test_class_log_likelihoods_share_the_transporter_and_equal_per_class_scores(
     model.transporter.register_forward_hook(lambda *a: calls.append(1))
     class_log_likelihoods(model, x, seed=5, num_trajectories=3, batch_size=4)
     assert len(calls) == 3 * 3  # 3 batches x 3 trajectories
+
+
+def test_level_mean_pools_the_noisy_levels_of_each_class(small_config):
+    """The mean over levels of log p(x_{t_j} | y) equals the mean of each class's level bounds read off
+    its own scores (same trajectories); an empty or unscored level set is an error."""
+    torch.manual_seed(0)
+    model = NTM(replace(small_config, data=replace(small_config.data, num_classes=2)))
+    randomize(model, 0.2)
+    model.eval()
+    x = torch.randn(5, 2)
+    ll = ntm_class_log_likelihoods(model, x, (1, 2, 3), seed=3, num_trajectories=2)
+    pooled = level_mean(ll, range(1, 4))
+    for c in range(2):
+        scores = model.score(x, y=torch.full((5,), c), num_trajectories=2, generator=torch.Generator().manual_seed(3))
+        by_hand = -sum(noisy_level_bound(scores, level=j) for j in (1, 2, 3)) / 3
+        assert torch.allclose(pooled[:, c], by_hand, atol=1e-4, rtol=1e-5)
+    assert torch.equal(level_mean(ll, [2]), ll[2])
+    for bad in ([], [0], [4]):
+        with pytest.raises(ValueError, match="subset of the scored levels"):
+            level_mean(ll, bad)
 
 
 def test_bayes_classification_needs_labels_and_the_prior_shifts_the_posterior(random_model):

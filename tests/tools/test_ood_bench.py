@@ -57,11 +57,12 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     stamp = glow.stat().st_mtime_ns
     res = run_bayes_bench(quick=True, progress=False, settings=TINY, data_sets=("mnist",))
     assert glow.stat().st_mtime_ns == stamp
-    assert [r["method"] for r in res["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "fm-ode-bayes", "cnn"]
+    assert [r["method"] for r in res["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "ntm-bayes-levels", "fm-ode-bayes", "cnn"]
     for r in res["rows"]:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["ece"] <= 1
-    assert [r["n"] for r in res["rows"]][:3] == [12, 12, 4] and res["rows"][1]["level"] == 1
-    assert [r.get("trajectories") for r in res["rows"]] == [TINY["bayes_k"]] * 2 + [None, None]  # NTM rows give K
+    assert [r["n"] for r in res["rows"]][:4] == [12, 12, 12, 4] and res["rows"][1]["level"] == 1
+    assert res["rows"][2]["levels"] == [1, 2, 3]  # every noisy level of the T = 4 grid
+    assert [r.get("trajectories") for r in res["rows"]] == [TINY["bayes_k"]] * 3 + [None, None]  # NTM rows give K
     assert "| mnist | cnn |" in (tmp_path / "results" / "bayes-quick.md").read_text()
     # the noisy row's diagnostic: the same trajectories' accuracy at every noisy level, level 1 = the row
     by_level = res["rows"][1]["accuracy_by_level"]
@@ -71,17 +72,18 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     # another trajectory length of the multi-T model: NTM's rows say their T, the other rows are the same
     res8 = run_bayes_bench(tmp_path / "results" / "bayes-t8.json", quick=True, progress=False,
                            settings={**TINY, "bayes_steps": 8}, data_sets=("mnist",))
-    assert res8["config"]["ntm_steps"] == 8 and [r.get("steps") for r in res8["rows"]] == [8, 8, None, None]
+    assert res8["config"]["ntm_steps"] == 8 and [r.get("steps") for r in res8["rows"]] == [8, 8, 8, None, None]
+    assert res8["rows"][2]["levels"] == list(range(1, 8))
     assert list(res8["rows"][1]["accuracy_by_level"]) == [str(j) for j in range(1, 8)]
     assert res8["rows"][1]["accuracy_by_level"]["2"]["t"] == pytest.approx(by_level["1"]["t"], abs=1e-6)
-    assert _untimed(res8["rows"][2:]) == _untimed(res["rows"][2:])
+    assert _untimed(res8["rows"][3:]) == _untimed(res["rows"][3:])
     # a run of one's own (here the bench's NTM, named by its folder): NTM's rows as before, no FM row
     run = next((tmp_path / "results").rglob("runs/ntm"))
     mine = run_bayes_bench(tmp_path / "results" / "bayes-ntm.json", quick=True, progress=False, settings=TINY,
                            data_sets=("mnist",), run=run)
-    assert [r["method"] for r in mine["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "cnn"]
+    assert [r["method"] for r in mine["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "ntm-bayes-levels", "cnn"]
     assert mine["config"]["run"] == str(run)
-    assert _untimed(mine["rows"]) == _untimed([res["rows"][0], res["rows"][1], res["rows"][3]])
+    assert _untimed(mine["rows"]) == _untimed(res["rows"][:3] + [res["rows"][4]])
     with pytest.raises(ConfigError, match="one model"):
         run_bayes_bench(tmp_path / "results" / "bayes-two.json", quick=True, progress=False, settings=TINY,
                         data_sets=("mnist", "fashion"), run=run)
