@@ -12,6 +12,8 @@ Both work on any model with ``score(x, y=None, generator=...) -> {"nll": (B,), .
 * ``bayes_posterior``: log p(y | x) = log p(x | y) + log p(y) - log sum_y' p(x | y') p(y').
 * ``noisy_level_bound``: the bound on -log p(x_{t_1}), the density of the data at the first noisy
   level, read off the same trajectories: a likelihood that no longer pays for pixel-level detail.
+* ``level_mean``: the mean over several levels of such class log-likelihoods, which pools the
+  evidence of differently noised views of x.
 * ``StepTypicality``: the trajectory splits -log p(x) into T per-step terms, one per noise scale.
   A sample is typical when its vector of step terms (and prior term) looks like those of the
   training data: the statistic is the Mahalanobis distance of that vector under a Gaussian fitted
@@ -30,14 +32,19 @@ from .flow_matching import FlowMatching
 from .likelihood import class_step_terms, iw_of_terms, level_bound_of_terms, log_scale_correction
 
 
-def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, level: int = 0, **score_kwargs) -> Tensor:
+def class_log_likelihoods(model, x: Tensor, seed: int = 0, progress=None, level: int | str = 0,
+                          **score_kwargs) -> Tensor:
     """log p(x | y) estimates (B, C) for raw x (B, ...) and every class y of a class-conditional
     model, each class from the same random draws (a generator seeded ``seed``): for NTM minus its IW
     bound (:func:`ntm_class_log_likelihoods`), for FM minus ``model.score(x, y=c)["nll"]`` per
-    class. ``level`` >= 1 (NTM only) scores the data noised to that level of the trajectory instead.
-    ``progress``, if given, is called with the number of (sample, class) pairs scored."""
+    class. ``level`` >= 1 (NTM only) scores the data noised to that level of the trajectory instead;
+    ``level="all"`` the mean over every noisy level 1..T-1 (:func:`level_mean`; T is ``steps`` or the
+    model's). ``progress``, if given, is called with the number of (sample, class) pairs scored."""
     if model.spec.num_classes == 0:
         raise ValueError("Bayes classification needs a class-conditional model; this one has no class labels")
+    if level == "all" and not isinstance(model, FlowMatching):
+        noisy = range(1, score_kwargs.get("steps") or model.config.trajectory.T)
+        return level_mean(ntm_class_log_likelihoods(model, x, tuple(noisy), seed, progress, **score_kwargs), noisy)
     if not isinstance(model, FlowMatching):
         return ntm_class_log_likelihoods(model, x, (level,), seed, progress, **score_kwargs)[level]
     if level != 0:

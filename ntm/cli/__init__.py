@@ -465,7 +465,7 @@ def evaluate(
 
 
 def _score_table(model, x: torch.Tensor, y, trajectories: int, steps: Optional[int], ode_steps: int, seed: int,
-                 bayes: bool, batch_size: int) -> dict[str, "np.ndarray"]:
+                 bayes: bool, batch_size: int, bayes_level: int | str = 0) -> dict[str, "np.ndarray"]:
     """The columns ``ntm score`` writes, one value per sample."""
     is_fm = isinstance(model, FlowMatching)
     total = x.shape[0] * (1 + (model.spec.num_classes if bayes else 0))
@@ -490,7 +490,7 @@ def _score_table(model, x: torch.Tensor, y, trajectories: int, steps: Optional[i
             cols["label"] = y
         if bayes:
             post = bayes_posterior(class_log_likelihoods(model, x, seed=seed, progress=bar.update, batch_size=batch_size,
-                                                         **kwargs))
+                                                         level=bayes_level, **kwargs))
             cols["bayes_class"] = post.argmax(1)
             for c in range(post.shape[1]):
                 cols[f"log_post_{c}"] = post[:, c]
@@ -508,6 +508,7 @@ def score(
     ode_steps: int = typer.Option(64, min=1, help="FM: Heun steps of the ODE likelihood"),
     labels: bool = typer.Option(False, "--labels", help="condition on the data's labels: log p(x | y) (default: p(x), the null label)"),
     bayes: bool = typer.Option(False, "--bayes", help="also classify by Bayes' rule, argmax_y log p(x | y) (uniform prior); class-conditional models only"),
+    bayes_level: str = typer.Option("0", "--bayes-level", help="NTM, with --bayes: 0 scores x itself (the IW bound); j >= 1 the data noised to level j of the trajectory, log p(x_{t_j} | y); all: the mean over every noisy level (docs/likelihood-use.md)"),
     batch_size: int = typer.Option(1024, min=1, help="samples per batch"),
     seed: int = typer.Option(0, help="random seed"),
     overwrite: bool = typer.Option(False, help="replace an existing output file"),
@@ -519,6 +520,7 @@ def score(
     model = load_model(run, map_location=default_device())
     if bayes and model.spec.num_classes == 0:
         raise UsageProblem("--bayes needs a class-conditional model; this one has no class labels")
+    level = _bayes_level(bayes_level, model, steps)
     if labels and model.spec.num_classes == 0 and not model.spec.is_text:
         raise UsageProblem("--labels needs a class-conditional or text model; this one has neither")
     is_fm = isinstance(model, FlowMatching)
@@ -534,7 +536,7 @@ def score(
         y = y[:x.shape[0]]
     else:
         y = None
-    cols = _score_table(model, x, y, trajectories, steps, ode_steps, seed, bayes, batch_size)
+    cols = _score_table(model, x, y, trajectories, steps, ode_steps, seed, bayes, batch_size, level)
     if out.suffix == ".csv":
         lines = [",".join(cols)] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row)
                                     for row in zip(*(c.tolist() for c in cols.values()))]
@@ -550,7 +552,25 @@ def score(
             typer.echo(f"mean {k}: {float(cols[k].mean()):.4f}")
             break
     if bayes and y is not None:
-        typer.echo(f"Bayes accuracy: {float((cols['bayes_class'] == y.numpy()).mean()):.4f}")
+        typer.echo(f"Bayes accuracy (level {level}): {float((cols['bayes_class'] == y.numpy()).mean()):.4f}")
+
+
+def _bayes_level(text: str, model, steps: Optional[int]) -> int | str:
+    """``--bayes-level``: "all" or a level 0..T-1 of the NTM's trajectory (FM: 0 only)."""
+    if text == "all":
+        level = "all"
+    elif text.isdigit():
+        level = int(text)
+    else:
+        raise UsageProblem(f"--bayes-level must be a level number or 'all'; got '{text}'")
+    if isinstance(model, FlowMatching):
+        if level != 0:
+            raise UsageProblem("--bayes-level: a flow-matching model has no trajectory levels; use 0")
+        return level
+    T = steps or model.config.trajectory.T
+    if level == "all" and T < 2 or level != "all" and level >= T:
+        raise UsageProblem(f"--bayes-level {text}: a {T}-step trajectory has noisy levels 1..{T - 1}")
+    return level
 
 
 def _print_flow(res: dict, as_json: bool) -> None:

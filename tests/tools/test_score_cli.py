@@ -7,6 +7,7 @@ import torch
 from ntm.cli import main
 from ntm.hub import load_model
 from ntm.likelihood import bits_per_dim, nll_bounds
+from ntm.scoring import bayes_posterior, ntm_class_log_likelihoods
 from ntm.data import sample_toy, sample_toy_labeled
 
 from conftest import one_error_line, run_cli
@@ -17,12 +18,14 @@ run = run_cli
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
-    out = {"plain": root / "plain", "cond": root / "cond", "fm": root / "fm"}
+    out = {"plain": root / "plain", "cond": root / "cond", "fm": root / "fm", "fm-cond": root / "fm-cond"}
     assert main(["train", "--data", "checkerboard", "--preset", "tiny", "--out", str(out["plain"]), "--no-progress"]) == 0
     assert main(["train", "--data", "8gaussians", "--conditional", "--preset", "tiny", "--out", str(out["cond"]),
                  "--no-progress"]) == 0
     assert main(["train", "--data", "checkerboard", "--model", "fm", "--preset", "tiny", "--steps", "10",
                  "--out", str(out["fm"]), "--no-progress"]) == 0
+    assert main(["train", "--data", "8gaussians", "--conditional", "--model", "fm", "--preset", "tiny", "--steps", "10",
+                 "--out", str(out["fm-cond"]), "--no-progress"]) == 0
     return out
 
 
@@ -64,6 +67,38 @@ def test_bayes_scores_as_csv_and_the_error_without_labels(runs, tmp_path, capsys
                        "--out", str(tmp_path / "x.npy"))
     assert one_error_line(code, err, "class-conditional")
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("level", ["1", "all"])
+def test_bayes_at_noisy_levels_equals_the_library_rule(runs, tmp_path, capsys, level):
+    """`--bayes-level j` / `all`: the posterior of log p(x_{t_j} | y) / of its mean over the noisy levels,
+    as computed from `ntm_class_log_likelihoods` on the same seed and trajectories."""
+    out = tmp_path / f"b{level}.npy"
+    code, text, err = run(capsys, "score", str(runs["cond"]), "--data", "8gaussians", "--n", "32", "--labels", "--bayes",
+                          "--bayes-level", level, "--trajectories", "2", "--out", str(out))
+    assert code == 0, err
+    assert f"Bayes accuracy (level {level})" in text
+    table = np.load(out)
+    model = load_model(runs["cond"])
+    x, _ = sample_toy_labeled("8gaussians", 32, torch.Generator().manual_seed(12345))
+    T = model.config.trajectory.T
+    noisy = (1,) if level == "1" else tuple(range(1, T))
+    ll = ntm_class_log_likelihoods(model, x, noisy, seed=0, num_trajectories=2)
+    post = bayes_posterior(sum(ll[j] for j in noisy) / len(noisy)).numpy()
+    logged = np.stack([table[f"log_post_{c}"] for c in range(post.shape[1])], 1)
+    assert np.allclose(logged, post, atol=1e-4)
+    assert (table["bayes_class"] == post.argmax(1)).all()
+
+
+@pytest.mark.parametrize("model, level, says", [("cond", "half", "level number or 'all'"),
+                                                ("cond", "4", "noisy levels 1..3"),
+                                                ("fm-cond", "1", "no trajectory levels")])
+def test_a_bad_bayes_level_is_one_error_and_writes_nothing(runs, tmp_path, capsys, model, level, says):
+    out = tmp_path / "x.npy"
+    code, _, err = run(capsys, "score", str(runs[model]), "--data", "8gaussians", "--n", "8", "--bayes",
+                       "--bayes-level", level, "--out", str(out))
+    assert one_error_line(code, err, says)
+    assert not out.exists()
 
 
 def test_flow_matching_scores_through_its_ode_estimate(runs, tmp_path, capsys):
