@@ -51,6 +51,7 @@ from tqdm import tqdm
 from ..config import get_preset
 from ..errors import CheckpointError, ConfigError
 from ..hub import load_model
+from ..io import latest_checkpoint, read_meta
 from ..images import dequantize, load_named
 from ..likelihood import bits_per_dim, coupling_gap
 from ..scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, level_mean, noisy_level_bound,
@@ -353,10 +354,11 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
     steps = settings.get("bayes_steps")  # NTM's trajectory length T (None: the model's own)
     if run is not None and len(data_sets) != 1:
         raise ConfigError(f"--run scores one model: name its training set with --data (got {', '.join(data_sets)})")
-    results = {"config": {"quick": quick, "preset": settings["preset"], "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
+    # the recipe behind the rows: the bench's preset, or what the run's checkpoint says it was trained with
+    recipe = {"preset": settings["preset"]} if run is None else {"run": str(run), "run_train": run_recipe(run)}
+    results = {"config": {"quick": quick, **recipe, "prior": "uniform", "ntm_bound": f"importance-weighted, K={settings['bayes_k']}",
                           "fm_ode_steps": settings["fm_ode_steps"], "ece_bins": 15, "n_bayes": settings["n_bayes"],
-                          "n_bayes_fm": settings["n_bayes_fm"], **({"ntm_steps": steps} if steps else {}),
-                          **({"run": str(run)} if run is not None else {})}, "rows": []}
+                          "n_bayes_fm": settings["n_bayes_fm"], **({"ntm_steps": steps} if steps else {})}, "rows": []}
     results["rows"] = previous_results(out, results["config"], "data", data_sets)[0]
     for data in data_sets:
         if run is None:
@@ -392,6 +394,21 @@ def run_bayes_bench(out: str | Path | None = None, quick: bool = False, progress
                                 "ece": calibration_error(logp, ty), "n": len(ty), "note": info["name"]})
         write_results(out, results)
     return results
+
+
+def run_recipe(run: str | Path) -> dict | None:
+    """The training settings a run's newest checkpoint (or a saved model folder) records: steps, batch
+    size, peak lr, objective and hybrid weight, and the step it was saved at; None when it records
+    none (a model saved without its training state, or no model at all)."""
+    run = Path(run)
+    folder = run if (run / "config.json").is_file() else latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
+    if folder is None:
+        return None
+    meta = read_meta(folder)
+    if "train" not in meta:
+        return None
+    return {**{k: meta["train"][k] for k in ("steps", "batch_size", "lr", "objective", "hybrid_weight")},
+            "saved_at_step": meta.get("step")}
 
 
 def bayes_row(data: str, method: str, log_likelihoods: torch.Tensor, y: torch.Tensor, seconds: float) -> dict:

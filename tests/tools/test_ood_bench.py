@@ -82,7 +82,12 @@ def test_ood_and_bayes_benches_end_to_end(tmp_path, monkeypatch):
     mine = run_bayes_bench(tmp_path / "results" / "bayes-ntm.json", quick=True, progress=False, settings=TINY,
                            data_sets=("mnist",), run=run)
     assert [r["method"] for r in mine["rows"]] == ["ntm-bayes", "ntm-bayes-noisy", "ntm-bayes-levels", "cnn"]
-    assert mine["config"]["run"] == str(run)
+    assert mine["config"]["run"] == str(run) and "preset" not in mine["config"]
+    saved = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "config.json").read_text())
+    assert mine["config"]["run_train"] == {"steps": saved["train"]["steps"], "batch_size": saved["train"]["batch_size"],
+                                           "lr": saved["train"]["lr"], "objective": saved["train"]["objective"],
+                                           "hybrid_weight": saved["train"]["hybrid_weight"], "saved_at_step": saved["step"]}
+    assert res["config"]["preset"] == TINY["preset"] and "run_train" not in res["config"]
     assert _untimed(mine["rows"]) == _untimed(res["rows"][:3] + [res["rows"][4]])
     with pytest.raises(ConfigError, match="one model"):
         run_bayes_bench(tmp_path / "results" / "bayes-two.json", quick=True, progress=False, settings=TINY,
