@@ -51,7 +51,7 @@ from tqdm import tqdm
 from ..config import get_preset
 from ..errors import CheckpointError, ConfigError
 from ..hub import load_model
-from ..io import latest_checkpoint, read_meta
+from ..io import read_meta, resolve
 from ..images import dequantize, load_named
 from ..likelihood import bits_per_dim, coupling_gap
 from ..scoring import (StepTypicality, bayes_posterior, class_log_likelihoods, level_mean, noisy_level_bound,
@@ -400,11 +400,10 @@ def run_recipe(run: str | Path) -> dict | None:
     """The training settings a run's newest checkpoint (or a saved model folder) records: steps, batch
     size, peak lr, objective and hybrid weight, and the step it was saved at; None when it records
     none (a model saved without its training state, or no model at all)."""
-    run = Path(run)
-    folder = run if (run / "config.json").is_file() else latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    if folder is None:
+    try:
+        meta = read_meta(resolve(run))
+    except CheckpointError:  # no model there: `bench_run_model` says so in the bench's own words
         return None
-    meta = read_meta(folder)
     if "train" not in meta:
         return None
     return {**{k: meta["train"][k] for k in ("steps", "batch_size", "lr", "objective", "hybrid_weight")},
